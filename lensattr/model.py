@@ -1,0 +1,340 @@
+"""The model adapter: the ONLY module that knows TransformerLens hook names and weights.
+
+Everything else in lensattr talks to a model through :class:`Adapter`, naming hook sites by
+the :class:`Site` enum and heads by :class:`~lensattr.types.HeadId`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .types import HeadId
+
+__all__ = [
+    "Site",
+    "Adapter",
+    "load_model",
+    "boot_bridge",
+    "register_model",
+    "list_models",
+    "ModelInfo",
+    "ModelError",
+]
+
+
+class ModelError(ValueError):
+    """A model lensattr cannot handle, or a model name it cannot resolve."""
+
+
+class Site(str, Enum):
+    """Hook sites lensattr uses. Layer-indexed sites take a layer; the others take none."""
+
+    Z = "z"  # blocks.L.attn.hook_z            [batch, pos, head_index, d_head]
+    PATTERN = "pattern"  # blocks.L.attn.hook_pattern  [batch, head_index, query_pos, key_pos]
+    SCORES = "scores"  # blocks.L.attn.hook_attn_scores
+    V = "v"  # blocks.L.attn.hook_v            [batch, pos, kv_head_index, d_head]
+    RESID_PRE = "resid_pre"  # blocks.L.hook_resid_pre
+    RESID_FINAL = "resid_final"  # ln_final.hook_in   [batch, pos, d_model]
+    LN_FINAL_SCALE = "ln_final_scale"  # ln_final.hook_scale
+    LN_FINAL_OUT = "ln_final_out"  # ln_final.hook_out (the normalised final stream)
+
+
+_LAYER_SITES = {
+    Site.Z: "blocks.{layer}.attn.hook_z",
+    Site.PATTERN: "blocks.{layer}.attn.hook_pattern",
+    Site.SCORES: "blocks.{layer}.attn.hook_attn_scores",
+    Site.V: "blocks.{layer}.attn.hook_v",
+    Site.RESID_PRE: "blocks.{layer}.hook_resid_pre",
+}
+_GLOBAL_SITES = {
+    Site.RESID_FINAL: "ln_final.hook_in",
+    Site.LN_FINAL_SCALE: "ln_final.hook_scale",
+    Site.LN_FINAL_OUT: "ln_final.hook_out",
+}
+
+HookFn = Callable[[Tensor], Tensor | None]
+
+
+def hook_name(site: Site, layer: int | None = None) -> str:
+    if site in _LAYER_SITES:
+        if layer is None:
+            raise ValueError(f"site {site.value!r} needs a layer")
+        return _LAYER_SITES[site].format(layer=layer)
+    return _GLOBAL_SITES[site]
+
+
+class Adapter:
+    """A thin, validated view of a ``TransformerBridge`` for lensattr's stages.
+
+    It refuses models without per-head attention patterns, exposes the sizes later stages
+    need, and runs the model with hooks that are attached only inside a context.
+    """
+
+    def __init__(self, model, name: str | None = None):
+        if isinstance(model, Adapter):
+            model = model.model
+        cfg = getattr(model, "cfg", None)
+        if cfg is None or not hasattr(model, "run_with_hooks"):
+            raise ModelError(
+                "model: expected a transformer_lens TransformerBridge (from lensattr.load_model "
+                f"or TransformerBridge.boot_transformers), got {type(model).__name__}"
+            )
+        self.model = model
+        self.cfg = cfg
+        self.name = name or getattr(model, "_lensattr_name", None) or str(
+            getattr(cfg, "model_name", None) or getattr(cfg, "architecture", "model")
+        )
+        hooks = set(model.hook_dict.keys())
+        missing = [
+            hook_name(s, layer)
+            for layer in range(self.n_layers)
+            for s in (Site.Z, Site.PATTERN)
+            if hook_name(s, layer) not in hooks
+        ]
+        if missing:
+            raise ModelError(
+                f"model {self.name!r} exposes no per-head attention patterns (missing hooks such "
+                f"as {missing[:2]}); lensattr needs eager attention with hook_pattern and hook_z"
+            )
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg.n_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.cfg.n_heads)
+
+    @property
+    def d_head(self) -> int:
+        return int(self.cfg.d_head)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.cfg.d_model)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.cfg.d_vocab)
+
+    @property
+    def is_causal(self) -> bool:
+        return getattr(self.cfg, "attention_dir", "causal") == "causal"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def heads(self) -> list[HeadId]:
+        return [HeadId(layer, h) for layer in range(self.n_layers) for h in range(self.n_heads)]
+
+    def check_head(self, head, arg: str = "head") -> HeadId:
+        """Validate a head address and return it as a HeadId; clear error naming ``arg``."""
+        try:
+            layer, h = (int(head[0]), int(head[1]))
+        except (TypeError, ValueError, IndexError):
+            raise ValueError(f"{arg}: expected HeadId(layer, head), got {head!r}") from None
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"{arg}: layer {layer} out of range; model {self.name!r} has layers "
+                f"0..{self.n_layers - 1}"
+            )
+        if not 0 <= h < self.n_heads:
+            raise ValueError(
+                f"{arg}: head {h} out of range; model {self.name!r} has heads 0..{self.n_heads - 1}"
+            )
+        return HeadId(layer, h)
+
+    def config_hash(self) -> str:
+        d = {k: repr(v) for k, v in sorted(vars(self.cfg).items())}
+        return hashlib.sha256(json.dumps(d).encode()).hexdigest()[:16]
+
+    # ---- weights -----------------------------------------------------------------------
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Output weights of one layer: [head_index, d_head, d_model]."""
+        return self.model.W_O[layer].detach()
+
+    # ---- running -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def hooks(self, hooks: dict[tuple[Site, int | None], HookFn]) -> Iterator[None]:
+        """Attach forward hooks for the duration of the context; always removed, also on error."""
+        fwd = []
+        for (site, layer), fn in hooks.items():
+            fwd.append((hook_name(site, layer), _wrap(fn)))
+        with self.model.hooks(fwd_hooks=fwd):
+            yield
+
+    def forward(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        hooks: dict[tuple[Site, int | None], HookFn] | None = None,
+    ) -> Tensor:
+        """Logits [batch, pos, d_vocab], with optional hooks attached for this call only."""
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+        with torch.no_grad(), self.hooks(hooks or {}):
+            return self.model(tokens.to(self.device), **kw)
+
+    def run_with_cache(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        sites: tuple[Site, ...] = (Site.PATTERN, Site.Z),
+        hooks: dict[tuple[Site, int | None], HookFn] | None = None,
+    ) -> tuple[Tensor, dict[tuple[Site, int | None], Tensor]]:
+        """Logits plus the activations at ``sites`` (every layer for layer sites), detached."""
+        store: dict[tuple[Site, int | None], Tensor] = {}
+        all_hooks = dict(hooks or {})
+        for site in sites:
+            layers = range(self.n_layers) if site in _LAYER_SITES else [None]
+            for layer in layers:
+                key = (site, layer)
+                inner = all_hooks.get(key)
+
+                def save(x, _key=key, _inner=inner):
+                    if _inner is not None:
+                        out = _inner(x)
+                        x = x if out is None else out
+                    store[_key] = x.detach().clone()
+                    return x
+
+                all_hooks[key] = save
+        logits = self.forward(tokens, attention_mask, all_hooks)
+        return logits, store
+
+
+def _wrap(fn: HookFn):
+    def hook(tensor, hook=None):  # TransformerLens passes the HookPoint as ``hook``
+        return fn(tensor)
+
+    return hook
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    description: str
+    size: str
+    recipe: str
+    contains: str
+    builder: Callable[[], tuple[object, object]]  # -> (hf_model, tokenizer)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(info: ModelInfo) -> ModelInfo:
+    """Register a bundled model; refuses duplicates."""
+    if info.name in _REGISTRY:
+        raise ValueError(f"model {info.name!r} is already registered")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def list_models() -> list[ModelInfo]:
+    _ensure_zoo()
+    return list(_REGISTRY.values())
+
+
+def _ensure_zoo() -> None:
+    from . import zoo  # noqa: F401  (registers the bundled models)
+
+
+def boot_bridge(hf_model, tokenizer, name: str, device: str | None = None):
+    """Boot a ``TransformerBridge`` around an in-memory HF model and tokenizer (offline)."""
+    from transformer_lens import TransformerBridge
+
+    init = getattr(tokenizer, "init_kwargs", None)
+    if isinstance(init, dict):  # avoids KeyError / hub fall-back in get_tokenizer_with_bos
+        init.setdefault("name_or_path", name)
+        if getattr(tokenizer, "bos_token", None) is not None:
+            init.setdefault("add_bos_token", True)
+    hf_model.eval()
+    arch = (getattr(hf_model.config, "architectures", None) or [None])[0]
+    boot_name = _ARCH_BOOT_NAME.get(arch or type(hf_model).__name__, name)
+    bridge = TransformerBridge.boot_transformers(
+        boot_name, hf_model=hf_model, tokenizer=tokenizer, device=device or "cpu"
+    )
+    bridge._lensattr_name = name
+    return bridge
+
+
+# A public name of the same architecture, used only so TransformerLens picks the right adapter
+# when it is handed an in-memory model; no download happens because hf_model is given.
+_ARCH_BOOT_NAME = {"GPT2LMHeadModel": "gpt2"}
+
+
+def load_model(name_or_path: str, *, device: str | None = None, **boot_kwargs):
+    """Load a model as a ``TransformerBridge``.
+
+    ``name_or_path`` is, in this order: a bundled model name (``lensattr models`` lists them;
+    built offline), a local folder holding an HF checkpoint as ``*.safetensors`` (never a
+    pickled ``.bin``), or a hub name (needs a reachable hub or a warm HF cache).
+    """
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ModelError(f"name_or_path: expected a model name or folder, got {name_or_path!r}")
+    _ensure_zoo()
+    if name_or_path in _REGISTRY:
+        hf_model, tok = _REGISTRY[name_or_path].builder()
+        return boot_bridge(hf_model, tok, name_or_path, device=device)
+    path = Path(name_or_path)
+    if path.exists():
+        return _load_folder(path, device, boot_kwargs)
+    if name_or_path.startswith((".", "/")) or os.sep in name_or_path and path.suffix:
+        raise ModelError(f"name_or_path: no such folder {name_or_path!r}")
+    return _load_hub(name_or_path, device, boot_kwargs)
+
+
+def _load_folder(path: Path, device, boot_kwargs):
+    if not path.is_dir():
+        raise ModelError(f"name_or_path: {str(path)!r} is a file; expected a model folder")
+    if not (path / "config.json").exists():
+        raise ModelError(f"name_or_path: folder {str(path)!r} has no config.json")
+    if not list(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        extra = (
+            f" (found pickled checkpoint(s) {pickled}; lensattr never unpickles weights: "
+            "convert them to safetensors)"
+            if pickled
+            else ""
+        )
+        raise ModelError(f"name_or_path: folder {str(path)!r} has no *.safetensors weights{extra}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+    except ValueError:
+        from transformers import AutoModel
+
+        hf_model = AutoModel.from_pretrained(str(path), use_safetensors=True)
+    return boot_bridge(hf_model, tok, path.name, device=device)
+
+
+def _load_hub(name: str, device, boot_kwargs):
+    from transformer_lens import TransformerBridge
+
+    try:
+        bridge = TransformerBridge.boot_transformers(name, device=device or "cpu", **boot_kwargs)
+    except Exception as err:  # hub unreachable, unknown name, unsupported architecture
+        known = ", ".join(m.name for m in _REGISTRY.values())
+        raise ModelError(
+            f"name_or_path: could not load {name!r}: not a bundled model ({known}), not a local "
+            f"folder, and loading it from the hub failed ({type(err).__name__}: {err})"
+        ) from err
+    bridge._lensattr_name = name
+    return bridge

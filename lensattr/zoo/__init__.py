@@ -1,0 +1,3 @@
+"""Bundled models, registered with :func:`lensattr.model.register_model` on import."""
+
+from . import planted  # noqa: F401
