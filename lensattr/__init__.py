@@ -1,3 +1,39 @@
-"""lensattr: does this attention head really do what its attention map says?"""
+"""lensattr: does this attention head really do what its attention map says?
+
+The front door::
+
+    import lensattr
+    model = lensattr.load_model("planted")
+    result = lensattr.audit(model, "planted-copy")
+    result.heads, result.edges, result.save("out/")
+"""
 
 __version__ = "0.1.0"
+
+from . import tasks
+from .audit import audit
+from .audit_result import Audit
+from .compare.verdicts import Thresholds
+from .metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric, Metric
+from .model import Adapter, list_models, load_model
+from .prompts import PromptSet
+from .types import AblationMethod, HeadId
+
+__all__ = [
+    "__version__",
+    "audit",
+    "Audit",
+    "tasks",
+    "load_model",
+    "list_models",
+    "Adapter",
+    "PromptSet",
+    "Metric",
+    "LogitDiff",
+    "AnswerLogProb",
+    "KLToClean",
+    "LogitsMetric",
+    "Thresholds",
+    "HeadId",
+    "AblationMethod",
+]

@@ -94,6 +94,7 @@ class Adapter:
         self.name = name or getattr(model, "_lensattr_name", None) or str(
             getattr(cfg, "model_name", None) or getattr(cfg, "architecture", "model")
         )
+        self._fast_ok: bool | None = None
         hooks = set(model.hook_dict.keys())
         missing = [
             hook_name(s, layer)
@@ -165,6 +166,19 @@ class Adapter:
         """Output weights of one layer: [head_index, d_head, d_model]."""
         return self.model.W_O[layer].detach()
 
+    def patterns_from_cache(self, cache) -> list[Tensor]:
+        """Attention patterns [batch, head_index, query_pos, key_pos] per layer from a TL
+        ``ActivationCache`` (or a dict with the same keys)."""
+        out = []
+        for layer in range(self.n_layers):
+            name = hook_name(Site.PATTERN, layer)
+            try:
+                out.append(cache[name].detach())
+            except KeyError:
+                raise ValueError(f"cache: has no attention pattern {name!r}; run the model with "
+                                 "run_with_cache on the audit's prompts") from None
+        return out
+
     # ---- running -----------------------------------------------------------------------
     @contextlib.contextmanager
     def hooks(self, hooks: dict[tuple[Site, int | None], HookFn]) -> Iterator[None]:
@@ -212,6 +226,78 @@ class Adapter:
                 all_hooks[key] = save
         logits = self.forward(tokens, attention_mask, all_hooks)
         return logits, store
+
+    def read(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        readout,
+        hooks: dict[tuple[Site, int | None], HookFn] | None = None,
+    ) -> Tensor:
+        """Compute only what a metric's :class:`~lensattr.metrics.Readout` asks for.
+
+        ``columns``: the final residual is captured before the final norm and the forward is
+        stopped there; the norm is applied at the read positions only and just the requested
+        unembedding columns are computed ([batch, k]). ``logits``: the full vocabulary at the
+        read positions ([batch, d_vocab]). ``all_logits``: the ordinary forward.
+        Falls back to the ordinary forward when this model's unembedding is not the plain
+        ``ln_final -> W_U`` (checked once against a full forward).
+        """
+        final_hooked = any(site in _GLOBAL_SITES for site, _ in (hooks or {}))
+        slow = final_hooked or readout.kind == "all_logits"
+        if slow or not self._fast_readout_ok(tokens, attention_mask):
+            logits = self.forward(tokens, attention_mask, hooks)
+            if readout.kind == "all_logits":
+                return logits
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            at = logits[rows, readout.positions.to(logits.device)]  # [batch, d_vocab]
+            if readout.kind == "columns":
+                return at.gather(1, readout.columns.to(at.device))
+            return at
+        resid = self._final_resid(tokens, attention_mask, hooks)  # [batch, pos, d_model]
+        rows = torch.arange(resid.shape[0], device=resid.device)
+        at = resid[rows, readout.positions.to(resid.device)][:, None]  # [batch, 1, d_model]
+        with torch.no_grad():
+            normed = self.model.ln_final(at)[:, 0]  # [batch, d_model]
+            W_U, b_U = self.model.W_U, self.model.b_U  # [d_model, d_vocab], [d_vocab]
+            if readout.kind == "columns":
+                cols = readout.columns.to(resid.device)  # [batch, k]
+                w = W_U.T[cols]  # [batch, k, d_model]
+                return torch.einsum("bkd,bd->bk", w, normed) + b_U[cols]
+            return normed @ W_U + b_U
+
+    def _final_resid(self, tokens, attention_mask, hooks) -> Tensor:
+        store = {}
+
+        def grab(x):
+            store["resid"] = x.detach()
+            raise _StopForward
+
+        all_hooks = dict(hooks or {})
+        all_hooks[(Site.RESID_FINAL, None)] = grab
+        try:
+            self.forward(tokens, attention_mask, all_hooks)
+        except _StopForward:
+            pass
+        return store["resid"]
+
+    def _fast_readout_ok(self, tokens, attention_mask) -> bool:
+        if self._fast_ok is None:
+            t = tokens[:1]
+            m = None if attention_mask is None else attention_mask[:1]
+            full = self.forward(t, m)[0]  # [pos, d_vocab]
+            try:
+                resid = self._final_resid(t, m, None)
+                with torch.no_grad():
+                    fast = self.model.ln_final(resid) @ self.model.W_U + self.model.b_U
+                self._fast_ok = bool(torch.allclose(fast[0], full, atol=1e-4, rtol=1e-4))
+            except Exception:  # no ln_final / W_U of the plain kind
+                self._fast_ok = False
+        return self._fast_ok
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (hooks are removed by the context)."""
 
 
 def _wrap(fn: HookFn):

@@ -1,0 +1,308 @@
+"""The batched intervention engine.
+
+Many interventions run in one forward pass by stacking copies of the prompt batch along the
+batch dimension (row ``r = k * n_prompts + i`` is intervention ``k`` on prompt ``i``) and letting
+each hook edit only its own rows, with masks. Hooks live only inside the adapter's context.
+Results can be checkpointed to a safetensors file after every chunk, so an interrupted sweep
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..metrics import Metric, MetricError, as_metric, check_metric_output
+from ..model import Adapter, Site
+from ..prompts import PromptSet
+from ..types import AblationMethod
+from .interventions import Intervention
+
+__all__ = ["Engine", "EngineResult"]
+
+_METHOD_CODE = {AblationMethod.ZERO: 1, AblationMethod.MEAN: 2, AblationMethod.RESAMPLE: 3}
+
+
+@dataclass
+class EngineResult:
+    """Per-prompt metric values of each intervention.
+
+    values: ``[intervention, batch]`` metric on each prompt (NaN where an intervention was not
+        computable, e.g. renormalised knockout with no mass left).
+    head_delta: ``[intervention, batch, layer, head_index]`` norm of the change of every head's
+        output (z @ W_O) at the metric's read position, or None when not tracked.
+    """
+
+    labels: list[str]
+    values: Float[Tensor, "intervention batch"]
+    head_delta: Float[Tensor, "intervention batch layer head_index"] | None = None
+
+    def __getitem__(self, label: str) -> Tensor:
+        return self.values[self.labels.index(label)]
+
+
+class Engine:
+    """Clean and corrupted reference runs plus batched interventions for one prompt set."""
+
+    def __init__(self, model, prompts: PromptSet, metric, *, batch_size: int = 256,
+                 progress: bool = True, checkpoint: str | Path | None = None):
+        self.adapter = model if isinstance(model, Adapter) else Adapter(model)
+        self.prompts = prompts
+        self.metric: Metric = as_metric(metric)
+        prompts.validate_vocab(self.adapter.d_vocab)
+        self.readout = self.metric.readout(prompts)
+        self.batch_size = int(batch_size)
+        self.progress = progress
+        a, n = self.adapter, len(prompts)
+        self.final_scale: Tensor | None = None
+        self.W_O = [a.W_O(layer) for layer in range(a.n_layers)]  # [head, d_head, d_model]
+        self.clean_values, self.z, self.patterns = self._reference(prompts.tokens)
+        self.clean = self._metric(self.clean_values, prompts, self.clean_values)
+        self.z_mean = [self._masked_mean(z) for z in self.z]  # [pos, head, d_head]
+        if prompts.corrupted is not None:
+            cv, self.z_corr, _ = self._reference(prompts.corrupted)
+            self.corrupted = self._metric(cv, prompts, self.clean_values)
+        else:
+            self.z_corr, self.corrupted = None, None
+        rows = torch.arange(n)
+        pos = self._read_pos(self.readout)
+        self.out_clean = [  # [batch, head, d_model] each head's output at the read position
+            torch.einsum("bhd,hdm->bhm", z[rows, pos], w) for z, w in zip(self.z, self.W_O)
+        ]
+        self._ckpt_path = Path(checkpoint) if checkpoint else None
+        self._ckpt: dict[str, Tensor] = {}
+        key = json.dumps([a.config_hash(), prompts.hash(), self.metric.describe()], default=str)
+        self.run_key = hashlib.sha256(key.encode()).hexdigest()[:16]
+        if self._ckpt_path is not None and self._ckpt_path.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(self._ckpt_path), "pt") as f:
+                same = (f.metadata() or {}).get("run_key") == self.run_key
+            self._ckpt = load_file(str(self._ckpt_path)) if same else {}
+
+    # ---- reference runs ----------------------------------------------------------------
+    def _reference(self, tokens):
+        a, store = self.adapter, {}
+        hooks = {}
+        for layer in range(a.n_layers):
+            for site in (Site.Z, Site.PATTERN):
+                def save(x, _k=(site, layer)):
+                    store[_k] = x.detach().clone()
+
+                hooks[(site, layer)] = save
+        if tokens is self.prompts.tokens:
+            def save_scale(x):
+                store["scale"] = x.detach().clone()
+
+            hooks[(Site.LN_FINAL_SCALE, None)] = save_scale
+        values = a.read(tokens, self.prompts.attention_mask, self.readout, hooks)
+        if "scale" in store:
+            self.final_scale = store["scale"]  # [batch, pos, 1]
+        z = [store[(Site.Z, layer)] for layer in range(a.n_layers)]
+        pat = [store[(Site.PATTERN, layer)] for layer in range(a.n_layers)]
+        return values, z, pat
+
+    def _masked_mean(self, z: Tensor) -> Tensor:
+        v = self.prompts.valid.to(z.dtype)[:, :, None, None]  # [batch, pos, 1, 1]
+        return (z * v).sum(0) / v.sum(0).clamp(min=1)
+
+    def _read_pos(self, readout) -> Tensor:
+        if readout.positions is not None:
+            return readout.positions
+        return self.prompts.roles["END"]
+
+    def _metric(self, values, prompts: PromptSet, clean) -> Tensor:
+        if not torch.isfinite(values).all():
+            raise MetricError(
+                "model output: NaN or inf in the logits read by the metric; check the model's "
+                "weights and inputs"
+            )
+        out = check_metric_output(self.metric.compute(values, prompts, clean), len(prompts),
+                                  self.metric.name)
+        if not torch.isfinite(out).all():
+            raise MetricError(f"metric {self.metric.name!r}: returned NaN or inf")
+        return out
+
+    # ---- interventions -----------------------------------------------------------------
+    def validate(self, iv: Intervention) -> None:
+        n, p = len(self.prompts), self.prompts.n_pos
+        for h in iv.direct:
+            self.adapter.check_head(h, "head")
+            if self.final_scale is None:
+                raise ValueError("direct: this model's final norm exposes no scale to freeze")
+        for ab in iv.ablations:
+            self.adapter.check_head(ab.head, "head")
+            if ab.method == AblationMethod.RESAMPLE and self.z_corr is None:
+                raise ValueError("method: resample ablation needs corrupted prompts in the task")
+        for e in iv.edges:
+            self.adapter.check_head(e.head, "head")
+            if e.remove.shape != (n, p, p):
+                raise ValueError(
+                    f"remove: expected shape {(n, p, p)} [batch, query_pos, key_pos], got "
+                    f"{tuple(e.remove.shape)}"
+                )
+
+    def run(self, interventions: list[Intervention], *, track_heads: bool = False,
+            desc: str = "interventions") -> EngineResult:
+        for iv in interventions:
+            self.validate(iv)
+        labels = [iv.label for iv in interventions]
+        if len(set(labels)) != len(labels):
+            raise ValueError("interventions: labels must be unique")
+        n = len(self.prompts)
+        a = self.adapter
+        values = torch.full((len(interventions), n), float("nan"))
+        delta = torch.zeros(len(interventions), n, a.n_layers, a.n_heads) if track_heads else None
+        todo = []
+        for k, iv in enumerate(interventions):
+            key = self._ckpt_key(iv.label)
+            if key in self._ckpt and (not track_heads or "d" + key in self._ckpt):
+                values[k] = self._ckpt[key]
+                if track_heads:
+                    delta[k] = self._ckpt["d" + key]
+            else:
+                todo.append(k)
+        per_chunk = max(1, self.batch_size // n)
+        bar = tqdm(total=len(todo), desc=desc, disable=not self.progress or not todo, leave=False)
+        for start in range(0, len(todo), per_chunk):
+            ks = todo[start:start + per_chunk]
+            v, d = self._run_chunk([interventions[k] for k in ks], track_heads)
+            for j, k in enumerate(ks):
+                values[k] = v[j]
+                self._ckpt[self._ckpt_key(interventions[k].label)] = v[j].contiguous()
+                if track_heads:
+                    delta[k] = d[j]
+                    self._ckpt["d" + self._ckpt_key(interventions[k].label)] = d[j].contiguous()
+            self._save_ckpt()
+            bar.update(len(ks))
+        bar.close()
+        return EngineResult(labels, values, delta)
+
+    def _ckpt_key(self, label: str) -> str:
+        return hashlib.sha256(label.encode()).hexdigest()[:24]
+
+    def _save_ckpt(self) -> None:
+        if self._ckpt_path is None:
+            return
+        self._ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._ckpt_path.with_suffix(".tmp")
+        save_file(self._ckpt, str(tmp), metadata={"run_key": self.run_key})
+        tmp.replace(self._ckpt_path)
+
+    def _run_chunk(self, ivs: list[Intervention], track: bool):
+        a, n = self.adapter, len(self.prompts)
+        idx = torch.arange(n).repeat(len(ivs))  # row r -> prompt r % n
+        R = idx.shape[0]
+        hooks, invalid = {}, torch.zeros(R, dtype=torch.bool)
+        for layer in sorted(set().union(*(iv.layers() for iv in ivs))):
+            codes = torch.zeros(R, a.n_heads, dtype=torch.long)
+            remove = None
+            renorm = torch.zeros(R, a.n_heads, dtype=torch.bool)
+            for k, iv in enumerate(ivs):
+                rows = slice(k * n, (k + 1) * n)
+                for ab in iv.ablations:
+                    if ab.head.layer == layer:
+                        codes[rows, ab.head.head] = _METHOD_CODE[ab.method]
+                for e in iv.edges:
+                    if e.head.layer == layer:
+                        if remove is None:
+                            p = self.prompts.n_pos
+                            remove = torch.zeros(R, a.n_heads, p, p, dtype=torch.bool)
+                        remove[rows, e.head.head] |= e.remove
+                        renorm[rows, e.head.head] |= e.renormalise
+            if (codes > 0).any():
+                hooks[(Site.Z, layer)] = self._z_hook(layer, codes, idx)
+            if remove is not None:
+                hooks[(Site.PATTERN, layer)] = _pattern_hook(remove, renorm, invalid)
+        if any(iv.direct for iv in ivs):
+            self._direct_hooks(ivs, idx, hooks)
+        if track:
+            deltas = torch.zeros(R, a.n_layers, a.n_heads)
+            pos = self._read_pos(self.readout)[idx]
+            for layer in range(a.n_layers):
+                inner = hooks.get((Site.Z, layer))
+                hooks[(Site.Z, layer)] = self._track_hook(layer, inner, idx, pos, deltas)
+        prompts = self.prompts.take(idx)
+        vals = a.read(prompts.tokens, prompts.attention_mask, self.readout.take(idx), hooks)
+        vals = vals.float()
+        bad = ~torch.isfinite(vals.reshape(R, -1)).all(1)
+        if (bad & ~invalid).any():
+            raise MetricError("model output: NaN or inf in the logits under an intervention")
+        vals[invalid] = 0.0
+        out = self.metric.compute(vals, prompts, self.clean_values[idx])
+        out = check_metric_output(out, R, self.metric.name).clone()
+        out[invalid] = float("nan")
+        d = deltas.reshape(len(ivs), n, a.n_layers, a.n_heads) if track else None
+        return out.reshape(len(ivs), n), d
+
+    def _direct_hooks(self, ivs, idx, hooks) -> None:
+        n, a = len(self.prompts), self.adapter
+        R = idx.shape[0]
+        sub = torch.zeros(R, self.prompts.n_pos, a.d_model)  # [rows, pos, d_model]
+        frozen = torch.zeros(R, dtype=torch.bool)
+        for k, iv in enumerate(ivs):
+            rows = slice(k * n, (k + 1) * n)
+            for h in iv.direct:
+                z = self.z[h.layer][:, :, h.head]  # [batch, pos, d_head]
+                sub[rows] += z @ self.W_O[h.layer][h.head]  # [batch, pos, d_model]
+            frozen[rows] = bool(iv.direct)
+        scale = self.final_scale[idx]
+
+        def resid(x):
+            return x - sub.to(x.device, x.dtype)
+
+        def freeze(s):
+            return torch.where(frozen.to(s.device)[:, None, None], scale.to(s.dtype), s)
+
+        hooks[(Site.RESID_FINAL, None)] = resid
+        hooks[(Site.LN_FINAL_SCALE, None)] = freeze
+
+    def _z_hook(self, layer: int, codes: Tensor, idx: Tensor):
+        mean = self.z_mean[layer]
+        corr = None if self.z_corr is None else self.z_corr[layer]
+
+        def hook(z):  # z: [rows, pos, head, d_head]
+            c = codes.to(z.device)[:, None, :, None]  # [rows, 1, head, 1]
+            z = torch.where(c == 1, torch.zeros_like(z), z)
+            z = torch.where(c == 2, mean.to(z.dtype)[None], z)
+            if corr is not None and (codes == 3).any():
+                z = torch.where(c == 3, corr[idx].to(z.dtype), z)
+            return z
+
+        return hook
+
+    def _track_hook(self, layer, inner, idx, pos, deltas):
+        W_O, clean = self.W_O[layer], self.out_clean[layer]
+
+        def hook(z):
+            if inner is not None:
+                z = inner(z)
+            rows = torch.arange(z.shape[0])
+            out = torch.einsum("bhd,hdm->bhm", z[rows, pos], W_O)  # [rows, head, d_model]
+            deltas[:, layer] = (out - clean[idx]).norm(dim=-1).cpu()
+            return z
+
+        return hook
+
+
+def _pattern_hook(remove: Tensor, renorm: Tensor, invalid: Tensor):
+    def hook(pattern):  # [rows, head, query_pos, key_pos]
+        rm = remove.to(pattern.device)
+        new = pattern.masked_fill(rm, 0.0)
+        if renorm.any():
+            mass = new.sum(-1, keepdim=True)  # [rows, head, query_pos, 1]
+            edited = rm.any(-1, keepdim=True) & renorm.to(pattern.device)[:, :, None, None]
+            empty = edited & (mass < 1e-6)
+            invalid.logical_or_(empty.flatten(1).any(1).cpu())
+            new = torch.where(edited & ~empty, new / mass.clamp(min=1e-30), new)
+        return new
+
+    return hook

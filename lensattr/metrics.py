@@ -1,0 +1,164 @@
+"""Metrics that declare what they read, so the evidence engines compute only that.
+
+A metric says which *readout* it needs (:class:`Readout`): a few token columns of the logits at
+one position per prompt (logit difference), the whole distribution at one position (answer
+log-probability, KL to the clean output), or all logits (a plain callable: the documented slow
+path). ``compute`` turns that readout into one number per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .prompts import PromptSet
+
+__all__ = ["Readout", "Metric", "LogitDiff", "AnswerLogProb", "KLToClean", "LogitsMetric",
+           "as_metric", "MetricError"]
+
+
+class MetricError(ValueError):
+    """A metric that cannot be computed, or returned something of the wrong shape."""
+
+
+@dataclass(frozen=True, eq=False)
+class Readout:
+    """What a metric reads from one forward pass.
+
+    kind: ``"columns"`` = logits at ``positions`` for token ``columns`` only ([batch, k]);
+    ``"logits"`` = the whole vocabulary at ``positions`` ([batch, d_vocab]);
+    ``"all_logits"`` = every position ([batch, pos, d_vocab]).
+    """
+
+    kind: Literal["columns", "logits", "all_logits"]
+    positions: Int[Tensor, " batch"] | None = None
+    columns: Int[Tensor, "batch k"] | None = None
+
+    def take(self, idx: Tensor) -> Readout:
+        def g(t):
+            return None if t is None else t[idx]
+
+        return Readout(self.kind, g(self.positions), g(self.columns))
+
+
+class Metric:
+    """Base class. Subclasses set ``name`` and implement ``readout`` and ``compute``."""
+
+    name: str = "metric"
+    needs_clean: bool = False  # compute() wants the clean run's readout for the same prompts
+    position_role: str | None = "END"
+
+    def readout(self, prompts: PromptSet) -> Readout:
+        raise NotImplementedError
+
+    def compute(self, values: Tensor, prompts: PromptSet, clean: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "class": type(self).__name__, "position": self.position_role}
+
+    def _positions(self, prompts: PromptSet) -> Tensor:
+        if self.position_role not in prompts.roles:
+            raise MetricError(
+                f"metric {self.name!r}: reads role {self.position_role!r}, but the prompts have "
+                f"roles {sorted(prompts.roles)}"
+            )
+        return prompts.roles[self.position_role]
+
+
+class LogitDiff(Metric):
+    """logit(answer) - logit(wrong) at one position (default the last real token)."""
+
+    def __init__(self, position: str = "END"):
+        self.position_role = position
+        self.name = "logit_diff"
+
+    def readout(self, prompts: PromptSet) -> Readout:
+        if prompts.answers is None or prompts.wrong is None:
+            raise MetricError("metric 'logit_diff': the prompts need answers and wrong answers")
+        cols = torch.stack([prompts.answers, prompts.wrong], dim=1)  # [batch, 2]
+        return Readout("columns", self._positions(prompts), cols)
+
+    def compute(self, values: Float[Tensor, "batch 2"], prompts, clean=None) -> Tensor:
+        return values[:, 0] - values[:, 1]
+
+
+class AnswerLogProb(Metric):
+    """log p(answer) at one position."""
+
+    def __init__(self, position: str = "END"):
+        self.position_role = position
+        self.name = "answer_logprob"
+
+    def readout(self, prompts: PromptSet) -> Readout:
+        if prompts.answers is None:
+            raise MetricError("metric 'answer_logprob': the prompts need answers")
+        return Readout("logits", self._positions(prompts), prompts.answers[:, None])
+
+    def compute(self, values: Float[Tensor, "batch vocab"], prompts, clean=None) -> Tensor:
+        logp = values.log_softmax(-1)
+        return logp.gather(1, prompts.answers[:, None].to(values.device))[:, 0]
+
+
+class KLToClean(Metric):
+    """KL(clean || intervened) of the next-token distribution at one position (0 on clean)."""
+
+    needs_clean = True
+
+    def __init__(self, position: str = "END"):
+        self.position_role = position
+        self.name = "kl_to_clean"
+
+    def readout(self, prompts: PromptSet) -> Readout:
+        return Readout("logits", self._positions(prompts))
+
+    def compute(self, values, prompts, clean=None) -> Tensor:
+        if clean is None:
+            raise MetricError("metric 'kl_to_clean' needs the clean run's logits")
+        p = clean.log_softmax(-1)
+        q = values.log_softmax(-1)
+        return (p.exp() * (p - q)).sum(-1)
+
+
+class LogitsMetric(Metric):
+    """Wraps a plain callable ``fn(logits [batch, pos, d_vocab], prompts) -> [batch]``.
+
+    This is the slow path: the engine must compute every logit at every position.
+    """
+
+    position_role = None
+
+    def __init__(self, fn: Callable[[Tensor, PromptSet], Tensor], name: str | None = None):
+        if not callable(fn):
+            raise MetricError(f"metric: expected a Metric or a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "callable")
+
+    def readout(self, prompts: PromptSet) -> Readout:
+        return Readout("all_logits")
+
+    def compute(self, values, prompts, clean=None) -> Tensor:
+        return self.fn(values, prompts)
+
+
+def as_metric(metric) -> Metric:
+    if isinstance(metric, Metric):
+        return metric
+    return LogitsMetric(metric)
+
+
+def check_metric_output(out, n: int, name: str) -> Tensor:
+    """A metric must return a finite float tensor of shape [batch]."""
+    if not isinstance(out, Tensor):
+        raise MetricError(f"metric {name!r}: returned {type(out).__name__}, expected a tensor")
+    if out.shape != (n,):
+        raise MetricError(
+            f"metric {name!r}: returned shape {tuple(out.shape)}, expected ({n},) = one value "
+            "per prompt"
+        )
+    return out.float()

@@ -1,0 +1,309 @@
+"""A hand-wired 2-layer GPT-2 whose attention heads have planted, known roles.
+
+Task ("planted-copy"), every prompt 7 tokens so positions are roles::
+
+    <bos> A filler then B filler ?        metric: logit(A) - logit(B) at "?"
+
+The corrupted prompt replaces A (S1) by a third name C, so its metric is ~0. Every weight is
+set in code (no training, no randomness); :data:`PLANTED_TRUTH` says what each head really does.
+
+Residual stream: one-hot coordinate subspaces. Dims 0/1 hold +C/-C at every position, so the
+LayerNorm scale is ~constant (relative error ~|rest|^2 / C^2); dim 2 ("balance") makes every
+written vector sum to zero, so the LayerNorm mean subtraction is a no-op. The LayerNorm gain
+then undoes the scale, and LN(x) ~= x on every dimension a head reads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from ..model import ModelInfo, register_model
+
+__all__ = ["NAMES", "FILLERS", "ROLES", "PLANTED_TRUTH", "build_planted", "planted_copy_data"]
+
+NAMES: tuple[str, ...] = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
+FILLERS: tuple[str, ...] = ("went", "to", "the", "park", "and", "home")
+BOS, DECOY_WORD, END_WORD = "<bos>", "then", "?"
+VOCAB: tuple[str, ...] = (BOS, *NAMES, DECOY_WORD, END_WORD, *FILLERS)  # 17 tokens
+TOKEN_ID = {w: i for i, w in enumerate(VOCAB)}
+NAME_IDS = tuple(TOKEN_ID[n] for n in NAMES)
+ROLES = {"BOS": 0, "S1": 1, "DECOY": 3, "S2": 4, "END": 6}
+SEQ_LEN, END = 7, ROLES["END"]
+FILLER_POS = (2, 5)
+
+# ---- sizes and residual layout -----------------------------------------------------------
+D_MODEL, N_LAYERS, N_HEADS, D_HEAD, N_POS = 64, 2, 4, 16, 8
+N_NAMES = len(NAMES)
+BIG = 1000.0  # the +C / -C constant dims 0 and 1
+BAL = 2  # balance dim: keeps every written vector zero-mean
+E0 = 3  # token one-hot E(t), 17 dims
+P0 = E0 + len(VOCAB)  # position one-hot P(i), 8 dims
+U0 = P0 + N_POS  # answer direction U(k) per name: W_U reads it, nothing else does
+T0 = U0 + N_NAMES  # tag T(k) per name: written by L0H3, read by L1H0's query
+J0 = T0 + N_NAMES  # junk J(m): written by the inert layer-1 heads, read by nothing
+assert J0 + 8 <= D_MODEL
+
+# ---- planted constants -------------------------------------------------------------------
+A_F, A_D, A_B = 4.0, 3.0, 5.0  # contributions of faithful, decoy, backup to logit diff
+OFF = math.log(1e-9)  # attention score of an "off" source
+SINK_GAIN = 5.0  # L0H2 writes names -> U but never attends a name at END
+TAG = 1.0  # size of L0H3's tag T(k)
+BETA, GAMMA = 14.0, 7.0  # L1H0 END-query score for S1 and BOS (before tag suppression)
+LAMBDA = (BETA + 5.0) / (0.9 * TAG)  # tag suppression: S1 score 14 - 19 = -5 with B1 present
+G2 = A_B  # L1H0's gain: when it takes over it restores B1's contribution
+
+# Target attention per query position: {source: probability}; unlisted sources get OFF.
+_BOS_ONLY = {0: 1.0}
+
+
+def _faithful(i):  # L0H0: END reads S1 (and sink-like fillers / BOS with zero value)
+    return {1: 0.7, 0: 0.1, 2: 0.1, 5: 0.1} if i == END else _BOS_ONLY
+
+
+def _decoy(i):  # L0H1: END looks at DECOY, whose value is zero; S1 carries its effect
+    return {3: 0.82, 1: 0.15, 0: 0.03} if i == END else _BOS_ONLY
+
+
+def _sink(i):  # L0H2: BOS 0.95, the rest over earlier filler positions (BOS 1.0 if none)
+    earlier = [j for j in FILLER_POS if j < i]
+    return {0: 0.95, **{j: 0.05 / len(earlier) for j in earlier}} if earlier else _BOS_ONLY
+
+
+def _backup1(i):  # L0H3: END reads S1
+    return {1: 0.9, 0: 0.1} if i == END else _BOS_ONLY
+
+
+def _prev(i):  # L1H1: previous token 0.95, itself 0.05
+    return {i - 1: 0.95, i: 0.05} if i > 0 else {0: 1.0}
+
+
+def _uniform(i):  # L1H2: uniform over all causal positions
+    return {j: 1.0 / (i + 1) for j in range(i + 1)}
+
+
+def _self(i):  # L1H3: itself 0.9, BOS 0.1
+    return {i: 0.9, 0: 0.1} if i > 0 else {0: 1.0}
+
+
+def _score_row(target: dict[int, float]) -> list[float]:
+    """Scores ln(p) that make softmax hit ``target`` (up to the ~e^OFF mass of off sources)."""
+    return [math.log(target[j]) if j in target else OFF for j in range(N_POS)]
+
+
+def _position_qk(scores_at) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_Q, W_K [d_model, d_head] giving score ``scores_at(i)[j]`` for query i, key j.
+
+    W_K maps position one-hot P(j) to key dim j; W_Q maps P(i) to query i's score row, times
+    sqrt(d_head) because GPT-2 divides q.k by sqrt(d_head).
+    """
+    wq, wk = torch.zeros(D_MODEL, D_HEAD), torch.zeros(D_MODEL, D_HEAD)
+    for j in range(N_POS):
+        wk[P0 + j, j] = 1.0
+    for i in range(N_POS):
+        wq[P0 + i, :N_POS] = math.sqrt(D_HEAD) * torch.tensor(scores_at(i))
+    return wq, wk
+
+
+def _name_ov(gain: float, tag: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_V, W_O: name k -> gain * U(k) + tag * T(k); every other token has a zero value."""
+    wv, wo = torch.zeros(D_MODEL, D_HEAD), torch.zeros(D_HEAD, D_MODEL)
+    for k, t in enumerate(NAME_IDS):
+        wv[E0 + t, k] = 1.0
+        wo[k, U0 + k] = gain
+        wo[k, T0 + k] = tag
+    return wv, wo
+
+
+def _junk_ov() -> tuple[torch.Tensor, torch.Tensor]:
+    """W_V, W_O: token t -> J(t mod 8), a direction nothing downstream reads."""
+    wv, wo = torch.zeros(D_MODEL, D_HEAD), torch.zeros(D_HEAD, D_MODEL)
+    for t in range(len(VOCAB)):
+        wv[E0 + t, t % 8] = 1.0
+    for m in range(8):
+        wo[m, J0 + m] = 1.0
+    return wv, wo
+
+
+def _backup2_qk() -> tuple[torch.Tensor, torch.Tensor]:
+    """L1H0: END attends S1 unless L0H3's tag T(name at S1) is present; else BOS."""
+
+    # Position part: END query scores BOS gamma, S1 beta, the rest OFF; other queries -> BOS.
+    def scores_at(i):
+        return [GAMMA, BETA] + [OFF] * (N_POS - 2) if i == END else _score_row(_BOS_ONLY)
+
+    wq, wk = _position_qk(scores_at)
+    # Name identity: key dim 8+k marks "this source is name k"; the query's tag T(k)
+    # (written only at END, by L0H3) pushes name-k sources down by LAMBDA * T_k.
+    for k, t in enumerate(NAME_IDS):
+        wk[E0 + t, N_POS + k] = 1.0
+        wq[T0 + k, N_POS + k] = -math.sqrt(D_HEAD) * LAMBDA
+    return wq, wk
+
+
+def _heads() -> list[list[tuple[torch.Tensor, ...]]]:
+    """Per layer, per head: (W_Q, W_K, W_V, W_O)."""
+    layer0 = [
+        (*_position_qk(lambda i: _score_row(_faithful(i))), *_name_ov(A_F / 0.7)),  # faithful
+        (*_position_qk(lambda i: _score_row(_decoy(i))), *_name_ov(A_D / 0.15)),  # decoy
+        (*_position_qk(lambda i: _score_row(_sink(i))), *_name_ov(SINK_GAIN)),  # sink
+        (*_position_qk(lambda i: _score_row(_backup1(i))), *_name_ov(A_B / 0.9, TAG)),  # B1
+    ]
+    layer1 = [
+        (*_backup2_qk(), *_name_ov(G2)),  # B2: real backup of L0H3
+        (*_position_qk(lambda i: _score_row(_prev(i))), *_junk_ov()),  # inert previous-token
+        (*_position_qk(lambda i: _score_row(_uniform(i))), *_junk_ov()),  # diffuse, negligible
+        (*_position_qk(lambda i: _score_row(_self(i))), *_junk_ov()),  # inert self
+    ]
+    return [layer0, layer1]
+
+
+def _balance(rows: torch.Tensor) -> torch.Tensor:
+    """Make every row (a vector written into the residual stream) sum to zero via dim BAL."""
+    rows = rows.clone()
+    rows[:, BAL] -= rows.sum(dim=1)
+    return rows
+
+
+def _one_hot(n: int, start: int) -> torch.Tensor:
+    """n residual vectors, row r the one-hot of dim start + r."""
+    rows = torch.zeros(n, D_MODEL)
+    rows[torch.arange(n), start + torch.arange(n)] = 1.0
+    return rows
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Whitespace word-level tokenizer over :data:`VOCAB`; <bos> (id 0) is bos/eos/pad/unk."""
+    core = Tokenizer(models.WordLevel(vocab=dict(TOKEN_ID), unk_token=BOS))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=BOS, pad_token=BOS, unk_token=BOS
+    )
+    tok.init_kwargs["name_or_path"] = "planted"
+    tok.init_kwargs["add_bos_token"] = True
+    return tok
+
+
+def build_planted() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """The planted model and its tokenizer; deterministic, leaves the global RNG untouched."""
+    cfg = GPT2Config(
+        vocab_size=len(VOCAB), n_positions=N_POS, n_embd=D_MODEL, n_layer=N_LAYERS,
+        n_head=N_HEADS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        model = GPT2LMHeadModel(cfg)
+    ln_gain = torch.full((D_MODEL,), BIG * math.sqrt(2.0 / D_MODEL))
+    ln_gain[:2] = 0.0  # the constant dims are dropped after normalisation
+    tr = model.transformer
+    with torch.no_grad():
+        for p in model.parameters():  # every bias, the MLPs and anything not set below: zero
+            p.zero_()
+        # Token embedding: E(t) one-hot.
+        tr.wte.weight.copy_(_balance(_one_hot(len(VOCAB), E0)))
+        # Position embedding: +C/-C constant dims and P(i) one-hot.
+        wpe = _one_hot(N_POS, P0)
+        wpe[:, 0], wpe[:, 1] = BIG, -BIG
+        tr.wpe.weight.copy_(_balance(wpe))
+        for layer, heads in enumerate(_heads()):
+            block = tr.h[layer]
+            # Attention: c_attn is Conv1D [d_model, 3 * d_model] = [Q heads | K heads | V heads].
+            for h, (wq, wk, wv, wo) in enumerate(heads):
+                for part, w in enumerate((wq, wk, wv)):
+                    col = part * D_MODEL + h * D_HEAD
+                    block.attn.c_attn.weight[:, col : col + D_HEAD] = w
+                block.attn.c_proj.weight[h * D_HEAD : (h + 1) * D_HEAD] = _balance(wo)
+            # LayerNorms: LN(x) ~= x off the constant dims (ln_2 feeds the all-zero MLP).
+            block.ln_1.weight.copy_(ln_gain)
+            block.ln_2.weight.copy_(ln_gain)
+        tr.ln_f.weight.copy_(ln_gain)
+        # Unembedding: logit of name k = its answer coordinate U(k); other tokens get 0.
+        for k, t in enumerate(NAME_IDS):
+            model.lm_head.weight[t, U0 + k] = 1.0
+    model.eval()
+    return model, build_tokenizer()
+
+
+def planted_copy_data(n_prompts: int = 32, seed: int = 0) -> dict:
+    """Clean/corrupted prompts for the planted-copy task, drawn with ``torch.Generator(seed)``.
+
+    Returns tokens ``clean`` / ``corrupted`` [n, 7] (BOS included), ``answer`` (A) and ``wrong``
+    (B) token ids [n], ``roles`` (role -> position) and ``text`` / ``corrupted_text`` (without
+    the BOS, which ``to_tokens`` prepends).
+    """
+    if n_prompts < 1:
+        raise ValueError(f"n_prompts: expected >= 1, got {n_prompts}")
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, N_NAMES, (n_prompts,), generator=g)
+    b = (a + torch.randint(1, N_NAMES, (n_prompts,), generator=g)) % N_NAMES  # B != A
+    r = torch.randint(0, N_NAMES - 2, (n_prompts,), generator=g)  # C: r-th name not in {A, B}
+    fill = torch.randint(0, len(FILLERS), (n_prompts, 2), generator=g)
+    clean, corrupted, texts, ctexts = [], [], [], []
+    for ai, bi, ri, (f1, f2) in zip(a.tolist(), b.tolist(), r.tolist(), fill.tolist(), strict=True):
+        ci = [k for k in range(N_NAMES) if k not in (ai, bi)][ri]
+        words = [NAMES[ai], FILLERS[f1], DECOY_WORD, NAMES[bi], FILLERS[f2], END_WORD]
+        cwords = [NAMES[ci], *words[1:]]
+        clean.append([TOKEN_ID[w] for w in (BOS, *words)])
+        corrupted.append([TOKEN_ID[w] for w in (BOS, *cwords)])
+        texts.append(" ".join(words))
+        ctexts.append(" ".join(cwords))
+    return {
+        "clean": torch.tensor(clean, dtype=torch.long),
+        "corrupted": torch.tensor(corrupted, dtype=torch.long),
+        "answer": torch.tensor([NAME_IDS[k] for k in a.tolist()], dtype=torch.long),
+        "wrong": torch.tensor([NAME_IDS[k] for k in b.tolist()], dtype=torch.long),
+        "roles": dict(ROLES),
+        "text": texts,
+        "corrupted_text": ctexts,
+    }
+
+
+def _head(layer, head, verdict, role, claimed, carrier, head_type=None, partner=None, note=""):
+    return {
+        "layer": layer, "head": head, "role": role, "verdict": verdict, "head_type": head_type,
+        "partner": partner, "claimed_source_role": claimed, "carrier_role": carrier,
+        "diffuse": role == "diffuse", "note": note,
+    }  # fmt: skip
+
+
+# fmt: off
+PLANTED_TRUTH: dict = {
+    "model": "planted",
+    "task": "planted-copy",
+    "heads": [
+        _head(0, 0, "faithful", "faithful", "S1", "S1",
+              note="END attends S1 0.7 (BOS/fillers 0.3, zero value); writes 4 * U(A)"),
+        _head(0, 1, "misleading", "decoy", "DECOY", "S1",
+              note="END attends DECOY 0.82 whose value is zero; S1 (0.15 x gain 20) carries 3"),
+        _head(0, 2, "inert", "sink", "BOS", None, head_type="sink",
+              note="BOS >= 0.95 everywhere, never a name at END; nonzero W_O, no effect"),
+        _head(0, 3, "compensated", "backup_primary", "S1", "S1", partner=[1, 0],
+              note="END attends S1 0.9; writes 5 * U(A) and a tag T(A) that silences L1H0"),
+        _head(1, 0, "compensated", "backup_secondary", "BOS", "S1", partner=[0, 3],
+              note="END attends BOS while L0H3's tag matches S1; without it attends S1 "
+              "and restores ~5"),
+        _head(1, 1, "inert", "previous_token", None, None, head_type="previous_token",
+              note="attends the previous token 0.95 (END -> pos 5); writes junk J nobody reads"),
+        _head(1, 2, "negligible", "diffuse", None, None,
+              note="uniform attention over causal positions; writes junk J nobody reads"),
+        _head(1, 3, "inert", "self", "END", None, head_type="self",
+              note="attends itself 0.9, BOS 0.1; writes junk J nobody reads"),
+    ],
+    "contributions": {"faithful": A_F, "decoy": A_D, "backup": A_B},
+}
+# fmt: on
+
+register_model(
+    ModelInfo(
+        name="planted",
+        description="hand-wired GPT-2 with planted head roles for the planted-copy task "
+        "(<bos> A filler then B filler ? -> A)",
+        size="2 layers x 4 heads, d_model 64, 17-token vocab",
+        recipe="hand-wired in code (lensattr/zoo/planted.py)",
+        contains="faithful, decoy, sink, backup pair, inert heads; see PLANTED_TRUTH",
+        builder=build_planted,
+    )
+)

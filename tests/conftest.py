@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models built offline."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from lensattr.model import boot_bridge
+
+
+def word_tokenizer(n_vocab: int) -> PreTrainedTokenizerFast:
+    vocab = {"<bos>": 0, **{f"w{i}": i for i in range(1, n_vocab)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<bos>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<bos>",
+                                   unk_token="<bos>", pad_token="<bos>")
+
+
+@pytest.fixture(scope="session")
+def random_gpt2():
+    """A randomly initialised 2-layer, 4-head GPT-2 with a 50-token vocabulary."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    return boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), "random-gpt2")
+
+
+@pytest.fixture(scope="session")
+def random_prompts():
+    from lensattr.prompts import PromptSet
+
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(1, 50, (6, 9), generator=g)
+    toks[:, 0] = 0
+    corr = toks.clone()
+    corr[:, 2] = torch.randint(1, 50, (6,), generator=g)
+    ans = torch.randint(1, 50, (6,), generator=g)
+    wrong = torch.randint(1, 50, (6,), generator=g)
+    return PromptSet(tokens=toks, corrupted=corr, answers=ans, wrong=wrong, roles={"S": 2})
