@@ -19,15 +19,27 @@ from .metrics import as_metric
 from .model import Adapter
 from .prompts import PromptSet
 from .tables import edge_rows, head_row, source_positions
-from .types import AblationMethod, HeadId
+from .types import AblationMethod
 
 __all__ = ["audit", "Audit"]
 
 
-def audit(model, task, metric=None, *, cache=None, ablation: str | None = None,
-          n_prompts: int | None = None, seed: int = 0, thresholds: Thresholds | None = None,
-          n_boot: int = 1000, batch_size: int = 256, progress: bool = True,
-          checkpoint: str | None = None, max_edge_sources: int = 24) -> Audit:
+def audit(
+    model,
+    task,
+    metric=None,
+    *,
+    cache=None,
+    ablation: str | None = None,
+    n_prompts: int | None = None,
+    seed: int = 0,
+    thresholds: Thresholds | None = None,
+    n_boot: int = 1000,
+    batch_size: int = 256,
+    progress: bool = True,
+    checkpoint: str | None = None,
+    max_edge_sources: int = 24,
+) -> Audit:
     """Audit every head of ``model`` on ``task``.
 
     Args:
@@ -47,8 +59,9 @@ def audit(model, task, metric=None, *, cache=None, ablation: str | None = None,
     adapter = model if isinstance(model, Adapter) else Adapter(model)
     prompts, metric, task_name = _resolve_task(task, metric, n_prompts, seed)
     n = len(prompts)
-    engine = Engine(adapter, prompts, metric, batch_size=batch_size, progress=progress,
-                    checkpoint=checkpoint)
+    engine = Engine(
+        adapter, prompts, metric, batch_size=batch_size, progress=progress, checkpoint=checkpoint
+    )
     patterns = engine.patterns if cache is None else _patterns_from_cache(adapter, cache, prompts)
     read_pos = engine._read_pos(engine.readout)
     claims = compute_claims(patterns, prompts, read_pos, causal=adapter.is_causal)
@@ -63,7 +76,7 @@ def audit(model, task, metric=None, *, cache=None, ablation: str | None = None,
     # ---- evidence ------------------------------------------------------------------------
     m0 = engine.clean
     res = engine.run(ablation_sweep(heads, primary), track_heads=True, desc="ablate heads")
-    values = dict(zip(res.labels, res.values))
+    values = dict(zip(res.labels, res.values, strict=True))
     other = [iv for m in methods if m != primary for iv in ablation_sweep(heads, m)]
     direct = engine.final_scale is not None
     other += claim_sweep(heads, claims.claimed, claims.allowed, direct)
@@ -74,7 +87,7 @@ def audit(model, task, metric=None, *, cache=None, ablation: str | None = None,
     sources, source_names = source_positions(prompts, claims, read_pos, max_edge_sources)
     other += edge_sweep(heads, read_pos, sources, prompts.n_pos)
     res2 = engine.run(other, desc="claims and edges")
-    values.update(zip(res2.labels, res2.values))
+    values.update(zip(res2.labels, res2.values, strict=True))
     if prompts.corrupted is not None:
         den, reference = engine.corrupted - m0, "corrupted prompts (m_c - m0)"
     else:
@@ -88,14 +101,15 @@ def audit(model, task, metric=None, *, cache=None, ablation: str | None = None,
     q = bh_qvalues(p)
 
     # ---- compensation partners ---------------------------------------------------------
-    rows = torch.arange(n)
     clean_norm = torch.stack([o.norm(dim=-1).mean(0) for o in engine.out_clean])  # [L, H]
     cands = candidate_partners(res.head_delta, clean_norm, heads)
-    weak = {h for h, e in zip(heads, prim) if not math.isnan(e.value) and e.hi < th.tau}
+    weak = {
+        h for h, e in zip(heads, prim, strict=True) if not math.isnan(e.value) and e.hi < th.tau
+    }
     pairs = sorted({tuple(sorted((h, c))) for h in weak for c in cands[h]})
     jres = engine.run(joint_sweep(pairs, primary), desc="partner pairs") if pairs else None
     if jres is not None:
-        values.update(zip(jres.labels, jres.values))
+        values.update(zip(jres.labels, jres.values, strict=True))
 
     # ---- verdicts ------------------------------------------------------------------------
     thr = th.to_dict()
@@ -103,10 +117,16 @@ def audit(model, task, metric=None, *, cache=None, ablation: str | None = None,
     for i, h in enumerate(heads):
         est = {m.value: effect(label(m.value, h)) for m in methods}
         zero = values[label("zero", h)]
-        rho = ratio_of_means(values[label("keep", h)] - zero, m0 - zero, n_boot=n_boot,
-                             seed=seed, label=label("rho", h))
-        comp, partner_e = _compensation(h, cands[h], values, m0, den, direct, primary, n_boot,
-                                        seed, th, prim[i])
+        rho = ratio_of_means(
+            values[label("keep", h)] - zero,
+            m0 - zero,
+            n_boot=n_boot,
+            seed=seed,
+            label=label("rho", h),
+        )
+        comp, partner_e = _compensation(
+            h, cands[h], values, m0, den, direct, primary, n_boot, seed, th, prim[i]
+        )
         striking = bool(claims.claim_score[h.layer, h.head] >= th.striking)
         verdict, rel, rout, reason = decide(prim[i], float(q[i]), rho, striking, comp, th)
         holds = prompt_holds(verdict, prim[i].per_prompt, rho.per_prompt, comp, partner_e, th)
@@ -114,29 +134,71 @@ def audit(model, task, metric=None, *, cache=None, ablation: str | None = None,
         ko = {k: effect(label(k, h)) for k in ("remove", "keep", "renorm")}
         dir_e = effect(label("direct", h)) if direct else Estimate.nan(n)
         carriers = _carriers(h, source_names, values, m0, den, prim[i], n_boot, seed)
-        head_rows.append(head_row(h, claims, prompts, est, ko, rho, dir_e, comp, verdict, share,
-                                  rel, rout, reason, float(p[i]), float(q[i]), carriers))
+        head_rows.append(
+            head_row(
+                h,
+                claims,
+                prompts,
+                est,
+                ko,
+                rho,
+                dir_e,
+                comp,
+                verdict,
+                share,
+                rel,
+                rout,
+                reason,
+                float(p[i]),
+                float(q[i]),
+                carriers,
+            )
+        )
         per_prompt[h] = (est, rho)
-    edges = edge_rows(heads, claims, engine, prompts, read_pos, sources, source_names, values,
-                      m0, den, n_boot, seed)
+    edges = edge_rows(
+        heads,
+        claims,
+        engine,
+        prompts,
+        read_pos,
+        sources,
+        source_names,
+        values,
+        m0,
+        den,
+        n_boot,
+        seed,
+    )
 
     tensors = {
         "clean_metric": m0,
         "pattern_example": claims.patterns[0],
         "example_tokens": prompts.tokens[0],
         "routing_per_prompt": torch.stack([per_prompt[h][1].per_prompt for h in heads]).reshape(
-            adapter.n_layers, adapter.n_heads, n),
+            adapter.n_layers, adapter.n_heads, n
+        ),
     }
     if prompts.corrupted is not None:
         tensors["corrupted_metric"] = engine.corrupted
     for m in methods:
         tensors[f"effect_{m.value}_per_prompt"] = torch.stack(
-            [per_prompt[h][0][m.value].per_prompt for h in heads]).reshape(
-            adapter.n_layers, adapter.n_heads, n)
+            [per_prompt[h][0][m.value].per_prompt for h in heads]
+        ).reshape(adapter.n_layers, adapter.n_heads, n)
     if prompts.aligned:
         tensors["pattern_mean"] = claims.patterns.mean(0)
-    meta = _meta(adapter, prompts, metric, task_name, primary, methods, reference, thr, seed,
-                 n_boot, time.time() - t0)
+    meta = _meta(
+        adapter,
+        prompts,
+        metric,
+        task_name,
+        primary,
+        methods,
+        reference,
+        thr,
+        seed,
+        n_boot,
+        time.time() - t0,
+    )
     return Audit(heads=_frame(head_rows), edges=edges, tensors=tensors, meta=meta)
 
 
@@ -156,8 +218,9 @@ def _patterns_from_cache(adapter: Adapter, cache, prompts: PromptSet) -> list[to
     pats = adapter.patterns_from_cache(cache)
     want = (len(prompts), adapter.n_heads, prompts.n_pos, prompts.n_pos)
     if tuple(pats[0].shape) != want:
-        raise ValueError(f"cache: patterns of shape {tuple(pats[0].shape)}, expected {want} "
-                         "for these prompts")
+        raise ValueError(
+            f"cache: patterns of shape {tuple(pats[0].shape)}, expected {want} for these prompts"
+        )
     return pats
 
 
@@ -169,16 +232,26 @@ def _compensation(h, cands, values, m0, den, direct, primary, n_boot, seed, th, 
             continue
         solo_c = values[label(primary.value, c)]
         joint = ratio_of_means(values[lbl] - m0, den, n_boot=n_boot, seed=seed, label=lbl)
-        inter = ratio_of_means(values[lbl] - values[label(primary.value, h)] - solo_c + m0, den,
-                               n_boot=n_boot, seed=seed, label="i" + lbl)
+        inter = ratio_of_means(
+            values[lbl] - values[label(primary.value, h)] - solo_c + m0,
+            den,
+            n_boot=n_boot,
+            seed=seed,
+            label="i" + lbl,
+        )
         cand = Compensation(tuple(c), joint, inter, None)
         if best is None or joint.value > best.joint.value:
             best = cand
             best_e = ratio_of_means(solo_c - m0, den, n_boot=10, seed=seed).per_prompt
     d = None
     if direct:
-        d = ratio_of_means(values[label("direct", h)] - values[label("zero", h)], den,
-                           n_boot=n_boot, seed=seed, label=label("dmt", h))
+        d = ratio_of_means(
+            values[label("direct", h)] - values[label("zero", h)],
+            den,
+            n_boot=n_boot,
+            seed=seed,
+            label=label("dmt", h),
+        )
     if best is None:
         return (Compensation(None, None, None, d) if d is not None else None), None
     return Compensation(best.partner, best.joint, best.interaction, d), best_e
@@ -203,8 +276,9 @@ def _frame(rows):
     return pd.DataFrame(rows)
 
 
-def _meta(adapter, prompts, metric, task_name, primary, methods, reference, thr, seed, n_boot,
-          seconds):
+def _meta(
+    adapter, prompts, metric, task_name, primary, methods, reference, thr, seed, n_boot, seconds
+):
     import transformer_lens
 
     from . import __version__
@@ -222,19 +296,23 @@ def _meta(adapter, prompts, metric, task_name, primary, methods, reference, thr,
         "ablation_methods": [m.value for m in methods],
         "effect_reference": reference,
         "effect_definition": "e = mean(m_int - m0) / mean(m_ref - m0); 0 = no change, "
-                             "1 = as far as the reference run",
+        "1 = as far as the reference run",
         "routing_definition": "rho = mean(m(keep only C) - m(zero)) / mean(m0 - m(zero))",
-        "claimed_set": "fewest non-sink sources covering >= 50% of the row; sink if they "
-                       "cannot",
+        "claimed_set": "fewest non-sink sources covering >= 50% of the row; sink if they cannot",
         "thresholds": thr,
         "seed": seed,
         "n_boot": n_boot,
         "seconds": round(seconds, 3),
-        "versions": {"lensattr": __version__, "transformer_lens": transformer_lens.__version__
-                     if hasattr(transformer_lens, "__version__") else "?",
-                     "torch": torch.__version__},
+        "versions": {
+            "lensattr": __version__,
+            "transformer_lens": transformer_lens.__version__
+            if hasattr(transformer_lens, "__version__")
+            else "?",
+            "torch": torch.__version__,
+        },
         "tensor_axes": {
-            "clean_metric": "[batch]", "corrupted_metric": "[batch]",
+            "clean_metric": "[batch]",
+            "corrupted_metric": "[batch]",
             "pattern_example": "[layer, head_index, query_pos, key_pos] (prompt 0)",
             "example_tokens": "[pos] (prompt 0)",
             "pattern_mean": "[layer, head_index, query_pos, key_pos] mean over prompts",
@@ -242,5 +320,3 @@ def _meta(adapter, prompts, metric, task_name, primary, methods, reference, thr,
             "effect_<method>_per_prompt": "[layer, head_index, batch]",
         },
     }
-
-

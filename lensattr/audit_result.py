@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -38,11 +37,15 @@ class Audit:
         d.mkdir(parents=True, exist_ok=True)
         self.heads.to_csv(d / "heads.csv", index=False)
         self.edges.to_csv(d / "edges.csv", index=False)
-        doc = {"meta": self.meta,
-               "dtypes": {"heads": _dtypes(self.heads), "edges": _dtypes(self.edges)}}
+        doc = {
+            "meta": self.meta,
+            "dtypes": {"heads": _dtypes(self.heads), "edges": _dtypes(self.edges)},
+        }
         (d / "audit.json").write_text(json.dumps(doc, indent=2, default=str))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
-                  str(d / "tensors.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
+            str(d / "tensors.safetensors"),
+        )
         return d
 
     @classmethod
@@ -61,12 +64,23 @@ class Audit:
     # ---- display -----------------------------------------------------------------------
     def summary(self) -> str:
         m = self.meta
-        lines = [f"lensattr audit: model {m.get('model')} | task {m.get('task')} | "
-                 f"{m.get('n_prompts')} prompts | metric {m.get('metric', {}).get('name')} | "
-                 f"primary ablation {m.get('primary_ablation')}"]
-        cols = ["layer", "head", "head_type", "top_source", "top_mass",
-                f"ablation_{m.get('primary_ablation', 'zero')}", "routing", "verdict",
-                "verdict_share", "partner"]
+        lines = [
+            f"lensattr audit: model {m.get('model')} | task {m.get('task')} | "
+            f"{m.get('n_prompts')} prompts | metric {m.get('metric', {}).get('name')} | "
+            f"primary ablation {m.get('primary_ablation')}"
+        ]
+        cols = [
+            "layer",
+            "head",
+            "head_type",
+            "top_source",
+            "top_mass",
+            f"ablation_{m.get('primary_ablation', 'zero')}",
+            "routing",
+            "verdict",
+            "verdict_share",
+            "partner",
+        ]
         cols = [c for c in cols if c in self.heads.columns]
         lines.append(self.heads[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
         counts = self.heads["verdict"].value_counts().to_dict() if len(self.heads) else {}
@@ -75,13 +89,16 @@ class Audit:
 
     def __repr__(self) -> str:
         m = self.meta
-        return (f"Audit(model={m.get('model')!r}, task={m.get('task')!r}, "
-                f"heads={len(self.heads)}, edges={len(self.edges)})")
+        return (
+            f"Audit(model={m.get('model')!r}, task={m.get('task')!r}, "
+            f"heads={len(self.heads)}, edges={len(self.edges)})"
+        )
 
     def _repr_html_(self) -> str:
         m = self.meta
-        head = html.escape(f"Audit of {m.get('model')} on {m.get('task')} "
-                           f"({m.get('n_prompts')} prompts)")
+        head = html.escape(
+            f"Audit of {m.get('model')} on {m.get('task')} ({m.get('n_prompts')} prompts)"
+        )
         return f"<h4>{head}</h4>" + self.heads.to_html(index=False, float_format="%.3f")
 
     def report(self, path: str | Path) -> Path:
@@ -92,12 +109,18 @@ class Audit:
 
     def report_inputs(self) -> dict:
         pat = self.tensors.get("pattern_example")
-        patterns = {} if pat is None else {
-            (int(r.layer), int(r.head)): pat[int(r.layer), int(r.head)].numpy()
-            for r in self.heads.itertuples()}
+        patterns = (
+            {}
+            if pat is None
+            else {
+                (int(r.layer), int(r.head)): pat[int(r.layer), int(r.head)].numpy()
+                for r in self.heads.itertuples()
+            }
+        )
         toks = self.tensors.get("example_tokens")
         tokens = self.meta.get("example_text_tokens") or (
-            [str(int(t)) for t in toks] if toks is not None else [])
+            [str(int(t)) for t in toks] if toks is not None else []
+        )
         return {"heads": self.heads, "patterns": patterns, "tokens": tokens, "meta": self.meta}
 
 
@@ -118,5 +141,3 @@ def _read(path: Path, dtypes: dict) -> pd.DataFrame:
         else:
             df[c] = df[c].astype(t)
     return df
-
-

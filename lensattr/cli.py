@@ -21,8 +21,14 @@ def _audit(args) -> int:
     model = load_model(model_name)
     out = Path(args.out)
     ckpt = out / "evidence.ckpt.safetensors"
-    result = audit(model, task, n_prompts=args.n_prompts, seed=args.seed,
-                   progress=not args.quiet, checkpoint=str(ckpt))
+    result = audit(
+        model,
+        task,
+        n_prompts=args.n_prompts,
+        seed=args.seed,
+        progress=not args.quiet,
+        checkpoint=str(ckpt),
+    )
     tok = getattr(model, "tokenizer", None)
     if tok is not None and "example_tokens" in result.tensors:
         ids = result.tensors["example_tokens"].tolist()
@@ -31,8 +37,10 @@ def _audit(args) -> int:
     result.report(out / "report.html")
     ckpt.unlink(missing_ok=True)
     print(result.summary())
-    print(f"wrote {out / 'heads.csv'}, {out / 'edges.csv'}, {out / 'audit.json'}, "
-          f"{out / 'report.html'} in {time.time() - t0:.1f} s")
+    print(
+        f"wrote {out / 'heads.csv'}, {out / 'edges.csv'}, {out / 'audit.json'}, "
+        f"{out / 'report.html'} in {time.time() - t0:.1f} s"
+    )
     return 0
 
 
@@ -40,8 +48,10 @@ def _models(args) -> int:
     from .model import list_models
 
     for m in list_models():
-        print(f"{m.name}\n  {m.description}\n  size: {m.size}\n  recipe: {m.recipe}\n"
-              f"  contains: {m.contains}")
+        print(
+            f"{m.name}\n  {m.description}\n  size: {m.size}\n  recipe: {m.recipe}\n"
+            f"  contains: {m.contains}"
+        )
     return 0
 
 
@@ -56,12 +66,16 @@ def _tasks(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lensattr",
-                                description="Audit attention claims against causal evidence.")
+    p = argparse.ArgumentParser(
+        prog="lensattr", description="Audit attention claims against causal evidence."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("audit", help="audit every head of a model on a task")
-    a.add_argument("--model", default=None, help="bundled name, local folder or hub name "
-                   "(default: the task's model)")
+    a.add_argument(
+        "--model",
+        default=None,
+        help="bundled name, local folder or hub name (default: the task's model)",
+    )
     a.add_argument("--task", default="planted-copy", help="task name (see `lensattr tasks`)")
     a.add_argument("--out", default="lensattr-out", help="output folder")
     a.add_argument("--n-prompts", type=int, default=None, help="number of prompts")

@@ -18,8 +18,16 @@ from torch import Tensor
 
 from .prompts import PromptSet
 
-__all__ = ["Readout", "Metric", "LogitDiff", "AnswerLogProb", "KLToClean", "LogitsMetric",
-           "as_metric", "MetricError"]
+__all__ = [
+    "Readout",
+    "Metric",
+    "LogitDiff",
+    "AnswerLogProb",
+    "KLToClean",
+    "LogitsMetric",
+    "as_metric",
+    "MetricError",
+]
 
 
 class MetricError(ValueError):

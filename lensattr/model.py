@@ -91,8 +91,10 @@ class Adapter:
             )
         self.model = model
         self.cfg = cfg
-        self.name = name or getattr(model, "_lensattr_name", None) or str(
-            getattr(cfg, "model_name", None) or getattr(cfg, "architecture", "model")
+        self.name = (
+            name
+            or getattr(model, "_lensattr_name", None)
+            or str(getattr(cfg, "model_name", None) or getattr(cfg, "architecture", "model"))
         )
         self._fast_ok: bool | None = None
         hooks = set(model.hook_dict.keys())
@@ -128,6 +130,15 @@ class Adapter:
     @property
     def d_vocab(self) -> int:
         return int(self.cfg.d_vocab)
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads (fewer than n_heads under grouped-query attention)."""
+        return int(getattr(self.cfg, "n_key_value_heads", None) or self.n_heads)
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head that query head ``head`` reads (grouped-query attention)."""
+        return head // (self.n_heads // self.n_kv_heads)
 
     @property
     def is_causal(self) -> bool:
@@ -175,8 +186,10 @@ class Adapter:
             try:
                 out.append(cache[name].detach())
             except KeyError:
-                raise ValueError(f"cache: has no attention pattern {name!r}; run the model with "
-                                 "run_with_cache on the audit's prompts") from None
+                raise ValueError(
+                    f"cache: has no attention pattern {name!r}; run the model with "
+                    "run_with_cache on the audit's prompts"
+                ) from None
         return out
 
     # ---- running -----------------------------------------------------------------------

@@ -91,7 +91,9 @@ class PromptSet:
             if v is not None:
                 v = torch.as_tensor(v).long().reshape(-1)
                 if v.shape[0] != n:
-                    raise PromptError(f"{arg}: expected one token id per prompt ({n}), got {v.shape[0]}")
+                    raise PromptError(
+                        f"{arg}: expected one token id per prompt ({n}), got {v.shape[0]}"
+                    )
                 set_(self, arg, v)
         roles = {k: torch.as_tensor(v).long().reshape(-1) for k, v in self.roles.items()}
         for k, v in roles.items():
@@ -151,6 +153,7 @@ class PromptSet:
 
     def take(self, idx: Tensor) -> PromptSet:
         """Rows ``idx`` (may repeat): used to replicate prompts across a batch of interventions."""
+
         def g(t):
             return None if t is None else t[idx]
 

@@ -38,8 +38,11 @@ def source_positions(prompts: PromptSet, claims: Claims, read_pos, max_sources: 
     n = len(prompts)
     if prompts.aligned:
         last = int(read_pos.max())
-        cand = list(range(last + 1)) if claims.allowed[0, last].all() else [
-            int(k) for k in claims.allowed[0, last].nonzero()[:, 0]]
+        cand = (
+            list(range(last + 1))
+            if claims.allowed[0, last].all()
+            else [int(k) for k in claims.allowed[0, last].nonzero()[:, 0]]
+        )
         if len(cand) > max_sources:
             att = claims.patterns[:, :, :, last].mean((0, 1, 2))  # [k]
             keep = {int(claims.sink[0])} | {int(v[0]) for v in prompts.roles.values()}
@@ -57,11 +60,31 @@ def _ci(prefix: str, e: Estimate) -> dict:
     return {prefix: e.value, f"{prefix}_lo": e.lo, f"{prefix}_hi": e.hi}
 
 
-def head_row(h, claims: Claims, prompts: PromptSet, est: dict, ko: dict, rho: Estimate,
-             direct: Estimate, comp, verdict, share, rel, rout, reason, p, q, carriers) -> dict:
+def head_row(
+    h,
+    claims: Claims,
+    prompts: PromptSet,
+    est: dict,
+    ko: dict,
+    rho: Estimate,
+    direct: Estimate,
+    comp,
+    verdict,
+    share,
+    rel,
+    rout,
+    reason,
+    p,
+    q,
+    carriers,
+) -> dict:
     L, H = h.layer, h.head
-    row = {"layer": L, "head": H, "head_type": claims.head_type[L][H],
-           "claim_score": float(claims.claim_score[L, H])}
+    row = {
+        "layer": L,
+        "head": H,
+        "head_type": claims.head_type[L][H],
+        "claim_score": float(claims.claim_score[L, H]),
+    }
     for name, s in claims.scores.items():
         row[f"score_{name}"] = float(s[L, H])
     row["top_source"] = _mode_name(prompts, claims.top_source[:, L, H])
@@ -91,8 +114,20 @@ def head_row(h, claims: Claims, prompts: PromptSet, est: dict, ko: dict, rho: Es
     return row
 
 
-def edge_rows(heads, claims: Claims, engine, prompts: PromptSet, read_pos, sources, names,
-              values, m0, den, n_boot, seed) -> pd.DataFrame:
+def edge_rows(
+    heads,
+    claims: Claims,
+    engine,
+    prompts: PromptSet,
+    read_pos,
+    sources,
+    names,
+    values,
+    m0,
+    den,
+    n_boot,
+    seed,
+) -> pd.DataFrame:
     n = len(prompts)
     rows_idx = torch.arange(n)
     out = []
@@ -100,20 +135,32 @@ def edge_rows(heads, claims: Claims, engine, prompts: PromptSet, read_pos, sourc
         L, H = h.layer, h.head
         alpha = claims.patterns[rows_idx, L, H, read_pos]  # [batch, k]
         claimed = claims.claimed[rows_idx, L, H, read_pos]  # [batch, k]
-        for j, (src, name) in enumerate(zip(sources, names)):
+        for j, (src, name) in enumerate(zip(sources, names, strict=True)):
             ok = src >= 0
             s = src.clamp(min=0)
             a = torch.where(ok, alpha[rows_idx, s], torch.nan)
-            e = ratio_of_means(values[label("edge", h, extra=f"@{j}")] - m0, den,
-                               n_boot=n_boot, seed=seed, label=f"edge{L}.{H}@{j}")
+            e = ratio_of_means(
+                values[label("edge", h, extra=f"@{j}")] - m0,
+                den,
+                n_boot=n_boot,
+                seed=seed,
+                label=f"edge{L}.{H}@{j}",
+            )
             src_pos = int(src[0]) if prompts.aligned else math.nan
-            out.append({
-                "layer": L, "head": H, "query_role": "END" if "END" in prompts.roles else "read",
-                "query_pos": int(read_pos[0]) if prompts.aligned else math.nan,
-                "source_role": name, "source_pos": src_pos,
-                "is_sink": bool((s == claims.sink).all()),
-                "attention": float(a.nanmean()),
-                "claimed_share": float(claimed[rows_idx, s][ok].float().mean()),
-                "effect_remove": e.value, "effect_remove_lo": e.lo, "effect_remove_hi": e.hi,
-            })
+            out.append(
+                {
+                    "layer": L,
+                    "head": H,
+                    "query_role": "END" if "END" in prompts.roles else "read",
+                    "query_pos": int(read_pos[0]) if prompts.aligned else math.nan,
+                    "source_role": name,
+                    "source_pos": src_pos,
+                    "is_sink": bool((s == claims.sink).all()),
+                    "attention": float(a.nanmean()),
+                    "claimed_share": float(claimed[rows_idx, s][ok].float().mean()),
+                    "effect_remove": e.value,
+                    "effect_remove_lo": e.lo,
+                    "effect_remove_hi": e.hi,
+                }
+            )
     return pd.DataFrame(out)

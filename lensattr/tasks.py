@@ -56,20 +56,28 @@ def _planted_copy(n: int, seed: int) -> PromptSet:
     from .zoo.planted import planted_copy_data
 
     d = planted_copy_data(n_prompts=n, seed=seed)
-    return PromptSet(tokens=d["clean"], corrupted=d["corrupted"], answers=d["answer"],
-                     wrong=d["wrong"], roles=d["roles"], text=tuple(d["text"]),
-                     name="planted-copy")
+    return PromptSet(
+        tokens=d["clean"],
+        corrupted=d["corrupted"],
+        answers=d["answer"],
+        wrong=d["wrong"],
+        roles=d["roles"],
+        text=tuple(d["text"]),
+        name="planted-copy",
+    )
 
 
-register_task(Task(
-    name="planted-copy",
-    description="Copy the first name (S1) at '?' over the second name (S2); corrupted prompts "
-                "replace S1 by a third name.",
-    model="planted",
-    mechanism="L0H0 copies S1 (faithful); L0H1 attends a zero-value token but copies S1 through "
-              "15% attention (misleading); L0H3 copies S1 and L1H0 backs it up only when it is "
-              "absent (compensated pair); L0H2 sink, L1H1 previous-token and L1H3 self heads are "
-              "inert; L1H2 is diffuse and negligible.",
-    make_prompts=_planted_copy,
-    make_metric=lambda: LogitDiff("END"),
-))
+register_task(
+    Task(
+        name="planted-copy",
+        description="Copy the first name (S1) at '?' over the second name (S2); corrupted prompts "
+        "replace S1 by a third name.",
+        model="planted",
+        mechanism="L0H0 copies S1 (faithful); L0H1 attends a zero-value token but copies S1 "
+        "through 15% attention (misleading); L0H3 copies S1 and L1H0 backs it up only when it is "
+        "absent (compensated pair); L0H2 sink, L1H1 previous-token and L1H3 self heads are "
+        "inert; L1H2 is diffuse and negligible.",
+        make_prompts=_planted_copy,
+        make_metric=lambda: LogitDiff("END"),
+    )
+)

@@ -12,16 +12,29 @@ def word_tokenizer(n_vocab: int) -> PreTrainedTokenizerFast:
     vocab = {"<bos>": 0, **{f"w{i}": i for i in range(1, n_vocab)}}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<bos>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<bos>",
-                                   unk_token="<bos>", pad_token="<bos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<bos>",
+        eos_token="<bos>",
+        unk_token="<bos>",
+        pad_token="<bos>",
+    )
 
 
 @pytest.fixture(scope="session")
 def random_gpt2():
     """A randomly initialised 2-layer, 4-head GPT-2 with a 50-token vocabulary."""
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    cfg = GPT2Config(
+        vocab_size=50,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
     return boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), "random-gpt2")
 
 

@@ -20,8 +20,15 @@ from .head_types import (
     type_scores,
 )
 
-__all__ = ["Claims", "compute_claims", "claimed_sets", "type_scores", "TYPE_NAMES", "STRIKING",
-           "DIFFUSE"]
+__all__ = [
+    "Claims",
+    "compute_claims",
+    "claimed_sets",
+    "type_scores",
+    "TYPE_NAMES",
+    "STRIKING",
+    "DIFFUSE",
+]
 
 DIFFUSE = 0.8  # normalised entropy at the read position at or above which a head is "diffuse"
 
@@ -48,8 +55,13 @@ class Claims:
         return self.entropy_read >= DIFFUSE
 
 
-def compute_claims(patterns: list[Tensor], prompts: PromptSet, read_pos: Tensor,
-                   causal: bool = True, coverage: float = 0.5) -> Claims:
+def compute_claims(
+    patterns: list[Tensor],
+    prompts: PromptSet,
+    read_pos: Tensor,
+    causal: bool = True,
+    coverage: float = 0.5,
+) -> Claims:
     """``patterns``: one ``[batch, head_index, query_pos, key_pos]`` tensor per layer."""
     P = torch.stack([p.float().cpu() for p in patterns], 1)  # [batch, layer, head, q, k]
     allowed = allowed_keys(prompts, causal)

@@ -14,9 +14,12 @@ from torch import Tensor
 __all__ = ["claimed_sets"]
 
 
-def claimed_sets(patterns: Float[Tensor, "batch layer head_index query_pos key_pos"],
-                 sink: Tensor, allowed: Bool[Tensor, "batch query_pos key_pos"],
-                 coverage: float = 0.5) -> Bool[Tensor, "batch layer head_index query_pos key_pos"]:
+def claimed_sets(
+    patterns: Float[Tensor, "batch layer head_index query_pos key_pos"],
+    sink: Tensor,
+    allowed: Bool[Tensor, "batch query_pos key_pos"],
+    coverage: float = 0.5,
+) -> Bool[Tensor, "batch layer head_index query_pos key_pos"]:
     P = patterns.float() * allowed[:, None, None].float()
     n, _, _, q, k = P.shape
     is_sink = torch.zeros(n, k, dtype=torch.bool)
@@ -31,6 +34,6 @@ def claimed_sets(patterns: Float[Tensor, "batch layer head_index query_pos key_p
     take_sorted &= vals > 0
     claimed = torch.zeros_like(take_sorted).scatter(-1, order, take_sorted)
     claimed &= ~sink_b
-    sink_claim = (non_sink_total < coverage)  # [batch, L, H, q, 1]
+    sink_claim = non_sink_total < coverage  # [batch, L, H, q, 1]
     claimed = torch.where(sink_claim, sink_b, claimed)
     return claimed & allowed[:, None, None]

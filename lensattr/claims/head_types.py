@@ -23,8 +23,15 @@ from torch import Tensor
 
 from ..prompts import PromptSet
 
-__all__ = ["TYPE_NAMES", "type_scores", "entropy", "sink_positions", "allowed_keys",
-           "label_types", "STRIKING"]
+__all__ = [
+    "TYPE_NAMES",
+    "type_scores",
+    "entropy",
+    "sink_positions",
+    "allowed_keys",
+    "label_types",
+    "STRIKING",
+]
 
 TYPE_NAMES = ("previous_token", "self", "duplicate_token", "induction", "sink")
 STRIKING = 0.5  # a head "looks like" a type when its score reaches this
@@ -54,8 +61,9 @@ def _masked_mean(x: Tensor, w: Tensor) -> Tensor:
     return torch.where(den > 0, (x * w).sum((0, 3)) / den.clamp(min=1e-12), float("nan"))
 
 
-def type_scores(patterns: Float[Tensor, "batch layer head_index query_pos key_pos"],
-                prompts: PromptSet) -> dict[str, Float[Tensor, "layer head_index"]]:
+def type_scores(
+    patterns: Float[Tensor, "batch layer head_index query_pos key_pos"], prompts: PromptSet
+) -> dict[str, Float[Tensor, "layer head_index"]]:
     P = patterns.float()
     tok, valid = prompts.tokens, prompts.valid
     n, p = tok.shape
@@ -73,7 +81,9 @@ def type_scores(patterns: Float[Tensor, "batch layer head_index query_pos key_po
     real = valid[:, None, :] & valid[:, :, None]
     same = (tok[:, :, None] == tok[:, None, :]) & earlier & real  # [batch, q, k]
     after_copy = torch.zeros_like(same)
-    after_copy[:, :, 1:] = (tok[:, :, None] == tok[:, None, :-1]) & earlier[:, :, 1:] & real[:, :, 1:]
+    after_copy[:, :, 1:] = (
+        (tok[:, :, None] == tok[:, None, :-1]) & earlier[:, :, 1:] & real[:, :, 1:]
+    )
     dup = (P * same[:, None, None].to(P.dtype)).sum(-1)
     ind = (P * after_copy[:, None, None].to(P.dtype)).sum(-1)
     return {
@@ -85,9 +95,10 @@ def type_scores(patterns: Float[Tensor, "batch layer head_index query_pos key_po
     }
 
 
-def entropy(patterns: Float[Tensor, "batch layer head_index query_pos key_pos"],
-            allowed: Bool[Tensor, "batch query_pos key_pos"]
-            ) -> Float[Tensor, "batch layer head_index query_pos"]:
+def entropy(
+    patterns: Float[Tensor, "batch layer head_index query_pos key_pos"],
+    allowed: Bool[Tensor, "batch query_pos key_pos"],
+) -> Float[Tensor, "batch layer head_index query_pos"]:
     """Attention entropy per query divided by log(#allowed keys) (1 = uniform; NaN if 1 key)."""
     P = patterns.float().clamp(min=0)
     h = -(P * torch.log(P.clamp(min=1e-12))).sum(-1)
@@ -99,6 +110,8 @@ def label_types(scores: dict[str, Tensor]) -> tuple[list[list[str]], Tensor]:
     """Best type per head and its score; ``"none"`` when no score reaches STRIKING."""
     stacked = torch.stack([scores[k] for k in TYPE_NAMES], -1)  # [L, H, type]
     best = torch.nan_to_num(stacked, nan=-math.inf).max(-1)
-    labels = [[TYPE_NAMES[i] if v >= STRIKING else "none" for i, v in zip(row_i, row_v)]
-              for row_i, row_v in zip(best.indices.tolist(), best.values.tolist())]
+    labels = [
+        [TYPE_NAMES[i] if v >= STRIKING else "none" for i, v in zip(row_i, row_v, strict=True)]
+        for row_i, row_v in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+    ]
     return labels, best.values

@@ -19,9 +19,13 @@ CANDIDATE_MIN = 0.1  # scaled output change that makes a head a candidate partne
 MAX_CANDIDATES = 3
 
 
-def candidate_partners(head_delta: Tensor, clean_norm: Tensor, heads: list[HeadId],
-                       min_change: float = CANDIDATE_MIN, k: int = MAX_CANDIDATES
-                       ) -> dict[HeadId, list[HeadId]]:
+def candidate_partners(
+    head_delta: Tensor,
+    clean_norm: Tensor,
+    heads: list[HeadId],
+    min_change: float = CANDIDATE_MIN,
+    k: int = MAX_CANDIDATES,
+) -> dict[HeadId, list[HeadId]]:
     """``head_delta``: [ablated head, batch, layer, head_index] from the solo ablations, in the
     order of ``heads``; ``clean_norm``: [layer, head_index] mean clean output norm."""
     n_heads = clean_norm.shape[1]
@@ -34,5 +38,9 @@ def candidate_partners(head_delta: Tensor, clean_norm: Tensor, heads: list[HeadI
     out: dict[HeadId, list[HeadId]] = {}
     for i, h in enumerate(heads):
         vals, order = sym[i].sort(descending=True)
-        out[h] = [heads[j] for v, j in zip(vals.tolist()[:k], order.tolist()[:k]) if v >= min_change]
+        out[h] = [
+            heads[j]
+            for v, j in zip(vals.tolist()[:k], order.tolist()[:k], strict=True)
+            if v >= min_change
+        ]
     return out

@@ -31,9 +31,15 @@ class Estimate:
         return cls(float("nan"), float("nan"), float("nan"), torch.full((n,), float("nan")))
 
 
-def ratio_of_means(num: Float[Tensor, "... batch"], den: Float[Tensor, "... batch"], *,
-                   n_boot: int = 1000, seed: int = 0, label: str = "", min_den: float = 1e-6
-                   ) -> list[Estimate] | Estimate:
+def ratio_of_means(
+    num: Float[Tensor, "... batch"],
+    den: Float[Tensor, "... batch"],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    label: str = "",
+    min_den: float = 1e-6,
+) -> list[Estimate] | Estimate:
     """mean(num) / mean(den) with a bootstrap CI resampling prompts jointly.
 
     Accepts ``[batch]`` (returns one Estimate) or ``[cells, batch]`` (returns a list). Prompts
@@ -47,7 +53,7 @@ def ratio_of_means(num: Float[Tensor, "... batch"], den: Float[Tensor, "... batc
     out = []
     n = num2.shape[-1]
     idx = torch.randint(0, n, (n_boot, n), generator=gen)  # same resamples for every cell
-    for a, b in zip(num2.double(), den2.double()):
+    for a, b in zip(num2.double(), den2.double(), strict=True):
         ok = torch.isfinite(a) & torch.isfinite(b)
         per = torch.where(b.abs() > min_den, a / b, torch.full_like(a, float("nan")))
         if ok.sum() == 0 or b[ok].mean().abs() < min_den:
@@ -67,8 +73,9 @@ def ratio_of_means(num: Float[Tensor, "... batch"], den: Float[Tensor, "... batc
 def signflip_p(x: Float[Tensor, "cells batch"], *, seed: int = 0, n_perm: int = 2000) -> Tensor:
     """Two-sided paired sign-flip permutation p-value that each row's mean is zero."""
     x = torch.nan_to_num(x.double(), nan=0.0)
-    return sign_flip_permutation_pvalue(x, n_permutations=n_perm,
-                                        generator=derive_generator(seed, "signflip")).float()
+    return sign_flip_permutation_pvalue(
+        x, n_permutations=n_perm, generator=derive_generator(seed, "signflip")
+    ).float()
 
 
 def bh_qvalues(p: Tensor) -> Tensor:

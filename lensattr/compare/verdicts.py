@@ -36,8 +36,15 @@ from .stats import Estimate
 
 __all__ = ["Thresholds", "relevance", "routing_class", "decide", "prompt_holds", "VERDICTS"]
 
-VERDICTS = ("compensated", "faithful", "misleading", "partial", "inert", "negligible",
-            "undetermined")
+VERDICTS = (
+    "compensated",
+    "faithful",
+    "misleading",
+    "partial",
+    "inert",
+    "negligible",
+    "undetermined",
+)
 
 
 @dataclass(frozen=True)
@@ -93,24 +100,28 @@ def is_compensated(e: Estimate, rel: str, comp: Compensation | None, th: Thresho
         return None
     if comp.joint is not None and comp.interaction is not None:
         if comp.joint.lo >= th.tau and comp.interaction.lo > th.delta:
-            return (f"solo effect {e.value:.3f} but {comp.joint.value:.3f} together with partner "
-                    f"(interaction {comp.interaction.value:.3f})")
+            return (
+                f"solo effect {e.value:.3f} but {comp.joint.value:.3f} together with partner "
+                f"(interaction {comp.interaction.value:.3f})"
+            )
     d = comp.direct_minus_total
     if d is not None and not math.isnan(d.lo) and d.lo > th.tau:
         return f"direct effect exceeds total effect by {d.value:.3f}"
     return None
 
 
-def decide(e: Estimate, q: float, rho: Estimate, striking: bool, comp: Compensation | None,
-           th: Thresholds) -> tuple[str, str, str, str]:
+def decide(
+    e: Estimate, q: float, rho: Estimate, striking: bool, comp: Compensation | None, th: Thresholds
+) -> tuple[str, str, str, str]:
     """Return (verdict, relevance, routing, reason)."""
     rel, rout = relevance(e, q, th), routing_class(rho, th)
     why = is_compensated(e, rel, comp, th)
     if why is not None:
         return "compensated", rel, rout, why
     if rel == "relevant":
-        label = {"through_claim": "faithful", "elsewhere": "misleading",
-                 "partial": "partial"}.get(rout)
+        label = {"through_claim": "faithful", "elsewhere": "misleading", "partial": "partial"}.get(
+            rout
+        )
         if label is not None:
             return label, rel, rout, f"effect {e.value:.3f}, routing {rho.value:.3f}"
         return "undetermined", rel, rout, f"relevant, but routing CI [{rho.lo:.2f}, {rho.hi:.2f}]"
@@ -121,8 +132,14 @@ def decide(e: Estimate, q: float, rho: Estimate, striking: bool, comp: Compensat
     return "undetermined", rel, rout, f"effect CI [{e.lo:.3f}, {e.hi:.3f}] straddles a margin"
 
 
-def prompt_holds(verdict: str, e: torch.Tensor, rho: torch.Tensor, comp: Compensation | None,
-                 partner_e: torch.Tensor | None, th: Thresholds) -> torch.Tensor:
+def prompt_holds(
+    verdict: str,
+    e: torch.Tensor,
+    rho: torch.Tensor,
+    comp: Compensation | None,
+    partner_e: torch.Tensor | None,
+    th: Thresholds,
+) -> torch.Tensor:
     """Per prompt, does the verdict's rule hold on that prompt's own values? (NaN = undefined)"""
     big = e.abs() > th.delta
     small = e.abs() <= th.delta

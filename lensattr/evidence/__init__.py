@@ -11,5 +11,14 @@ from .interventions import (
     remove_sources,
 )
 
-__all__ = ["Engine", "EngineResult", "EdgeEdit", "HeadAblation", "Intervention", "ablate",
-           "keep_only", "remove_sources", "remove_direct"]
+__all__ = [
+    "Engine",
+    "EngineResult",
+    "EdgeEdit",
+    "HeadAblation",
+    "Intervention",
+    "ablate",
+    "keep_only",
+    "remove_sources",
+    "remove_direct",
+]

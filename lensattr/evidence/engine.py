@@ -52,8 +52,16 @@ class EngineResult:
 class Engine:
     """Clean and corrupted reference runs plus batched interventions for one prompt set."""
 
-    def __init__(self, model, prompts: PromptSet, metric, *, batch_size: int = 256,
-                 progress: bool = True, checkpoint: str | Path | None = None):
+    def __init__(
+        self,
+        model,
+        prompts: PromptSet,
+        metric,
+        *,
+        batch_size: int = 256,
+        progress: bool = True,
+        checkpoint: str | Path | None = None,
+    ):
         self.adapter = model if isinstance(model, Adapter) else Adapter(model)
         self.prompts = prompts
         self.metric: Metric = as_metric(metric)
@@ -75,7 +83,8 @@ class Engine:
         rows = torch.arange(n)
         pos = self._read_pos(self.readout)
         self.out_clean = [  # [batch, head, d_model] each head's output at the read position
-            torch.einsum("bhd,hdm->bhm", z[rows, pos], w) for z, w in zip(self.z, self.W_O)
+            torch.einsum("bhd,hdm->bhm", z[rows, pos], w)
+            for z, w in zip(self.z, self.W_O, strict=True)
         ]
         self._ckpt_path = Path(checkpoint) if checkpoint else None
         self._ckpt: dict[str, Tensor] = {}
@@ -94,11 +103,13 @@ class Engine:
         hooks = {}
         for layer in range(a.n_layers):
             for site in (Site.Z, Site.PATTERN):
+
                 def save(x, _k=(site, layer)):
                     store[_k] = x.detach().clone()
 
                 hooks[(site, layer)] = save
         if tokens is self.prompts.tokens:
+
             def save_scale(x):
                 store["scale"] = x.detach().clone()
 
@@ -125,8 +136,9 @@ class Engine:
                 "model output: NaN or inf in the logits read by the metric; check the model's "
                 "weights and inputs"
             )
-        out = check_metric_output(self.metric.compute(values, prompts, clean), len(prompts),
-                                  self.metric.name)
+        out = check_metric_output(
+            self.metric.compute(values, prompts, clean), len(prompts), self.metric.name
+        )
         if not torch.isfinite(out).all():
             raise MetricError(f"metric {self.metric.name!r}: returned NaN or inf")
         return out
@@ -150,8 +162,13 @@ class Engine:
                     f"{tuple(e.remove.shape)}"
                 )
 
-    def run(self, interventions: list[Intervention], *, track_heads: bool = False,
-            desc: str = "interventions") -> EngineResult:
+    def run(
+        self,
+        interventions: list[Intervention],
+        *,
+        track_heads: bool = False,
+        desc: str = "interventions",
+    ) -> EngineResult:
         for iv in interventions:
             self.validate(iv)
         labels = [iv.label for iv in interventions]
@@ -173,7 +190,7 @@ class Engine:
         per_chunk = max(1, self.batch_size // n)
         bar = tqdm(total=len(todo), desc=desc, disable=not self.progress or not todo, leave=False)
         for start in range(0, len(todo), per_chunk):
-            ks = todo[start:start + per_chunk]
+            ks = todo[start : start + per_chunk]
             v, d = self._run_chunk([interventions[k] for k in ks], track_heads)
             for j, k in enumerate(ks):
                 values[k] = v[j]

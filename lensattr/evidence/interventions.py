@@ -22,8 +22,15 @@ from torch import Tensor
 
 from ..types import AblationMethod, HeadId
 
-__all__ = ["HeadAblation", "EdgeEdit", "Intervention", "ablate", "remove_sources", "keep_only",
-           "remove_direct"]
+__all__ = [
+    "HeadAblation",
+    "EdgeEdit",
+    "Intervention",
+    "ablate",
+    "remove_sources",
+    "keep_only",
+    "remove_direct",
+]
 
 
 @dataclass(frozen=True)
@@ -66,15 +73,17 @@ class Intervention:
         return {a.head.layer for a in self.ablations} | {e.head.layer for e in self.edges}
 
 
-def ablate(*heads, method: AblationMethod | str = AblationMethod.ZERO, label: str | None = None
-           ) -> Intervention:
+def ablate(
+    *heads, method: AblationMethod | str = AblationMethod.ZERO, label: str | None = None
+) -> Intervention:
     abl = tuple(HeadAblation(HeadId(*h), AblationMethod(method)) for h in heads)
     name = label or f"ablate[{AblationMethod(method).value}]:" + ",".join(str(a.head) for a in abl)
     return Intervention(name, ablations=abl)
 
 
-def remove_sources(head, remove: Tensor, *, renormalise: bool = False, label: str | None = None
-                   ) -> Intervention:
+def remove_sources(
+    head, remove: Tensor, *, renormalise: bool = False, label: str | None = None
+) -> Intervention:
     """Set ``alpha[q, s] = 0`` where ``remove`` is True ([batch, query_pos, key_pos])."""
     head = HeadId(*head)
     tag = "renorm" if renormalise else "remove"
@@ -87,8 +96,9 @@ def remove_direct(*heads, label: str | None = None) -> Intervention:
     return Intervention(label or "direct:" + ",".join(map(str, hs)), direct=hs)
 
 
-def keep_only(head, keep: Tensor, rows: Tensor | None = None, *, label: str | None = None
-              ) -> Intervention:
+def keep_only(
+    head, keep: Tensor, rows: Tensor | None = None, *, label: str | None = None
+) -> Intervention:
     """Zero every source outside ``keep`` ([batch, query_pos, key_pos]) on the query rows
     selected by ``rows`` ([batch, query_pos]; default all rows)."""
     head = HeadId(*head)

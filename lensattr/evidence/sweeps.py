@@ -19,8 +19,9 @@ def ablation_sweep(heads: list[HeadId], method: AblationMethod) -> list[Interven
     return [ablate(h, method=method, label=label(method.value, h)) for h in heads]
 
 
-def claim_sweep(heads: list[HeadId], claimed: Tensor, rows: Tensor, direct: bool
-                ) -> list[Intervention]:
+def claim_sweep(
+    heads: list[HeadId], claimed: Tensor, rows: Tensor, direct: bool
+) -> list[Intervention]:
     """Per head: keep only the claimed set, remove it, remove it and renormalise, and (when
     ``direct``) remove the head's direct path. ``claimed``: [batch, layer, head, q, k] bool;
     ``rows``: [batch, q, k] bool, the allowed (query, key) pairs."""
@@ -35,8 +36,9 @@ def claim_sweep(heads: list[HeadId], claimed: Tensor, rows: Tensor, direct: bool
     return out
 
 
-def edge_sweep(heads: list[HeadId], read_pos: Tensor, sources: list[Tensor], n_pos: int
-               ) -> list[Intervention]:
+def edge_sweep(
+    heads: list[HeadId], read_pos: Tensor, sources: list[Tensor], n_pos: int
+) -> list[Intervention]:
     """Per head and examined source: remove the single edge (read position -> source).
     ``sources``: one [batch] tensor of source positions per examined source (−1 = absent)."""
     n = read_pos.shape[0]
@@ -52,5 +54,6 @@ def edge_sweep(heads: list[HeadId], read_pos: Tensor, sources: list[Tensor], n_p
 
 
 def joint_sweep(pairs: list[tuple[HeadId, HeadId]], method: AblationMethod) -> list[Intervention]:
-    return [ablate(a, b, method=method, label=label("joint-" + method.value, a, b))
-            for a, b in pairs]
+    return [
+        ablate(a, b, method=method, label=label("joint-" + method.value, a, b)) for a, b in pairs
+    ]

@@ -193,6 +193,7 @@ def build_planted() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
         vocab_size=len(VOCAB), n_positions=N_POS, n_embd=D_MODEL, n_layer=N_LAYERS,
         n_head=N_HEADS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+        n_inner=4,  # the MLPs are all zero; a small width keeps them cheap
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         model = GPT2LMHeadModel(cfg)

@@ -1,0 +1,149 @@
+"""The audit on the bundled planted model gives every planted head its planted verdict."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import lensattr
+from lensattr.model import Site, hook_name
+from lensattr.zoo.planted import PLANTED_TRUTH
+
+TRUTH = {(h["layer"], h["head"]): h for h in PLANTED_TRUTH["heads"]}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lensattr.load_model("planted")
+
+
+@pytest.fixture(scope="module")
+def result(model):
+    return lensattr.audit(model, "planted-copy", progress=False)
+
+
+def row(result, layer, head):
+    h = result.heads
+    r = h[(h["layer"] == layer) & (h["head"] == head)]
+    assert len(r) == 1
+    return r.iloc[0]
+
+
+@pytest.mark.parametrize("lh", sorted(TRUTH))
+def test_planted_verdict(result, lh):
+    r, t = row(result, *lh), TRUTH[lh]
+    assert r.verdict == t["verdict"], r.reason
+    assert r.verdict_share == pytest.approx(1.0)
+    if t["partner"] is not None:
+        assert (r.partner_layer, r.partner_head) == tuple(t["partner"])
+    if t["head_type"] is not None:
+        assert r.head_type == t["head_type"]
+    if t["verdict"] in ("faithful", "misleading"):
+        assert r.top_source == t["claimed_source_role"]
+        assert t["carrier_role"] in r.carriers.split(",")
+    assert bool(r.diffuse) == t["diffuse"]
+
+
+def test_axes_beside_labels(result):
+    f, d = row(result, 0, 0), row(result, 0, 1)
+    assert 0.7 <= f.routing_lo <= f.routing_hi <= 1.3
+    assert d.routing_hi < 0.3
+    # contributions 4 and 3 of a clean logit diff of 12, corrupted ~0: e = 1/3 and 1/4
+    assert f.ablation_resample == pytest.approx(4 / 12, abs=0.01)
+    assert d.ablation_resample == pytest.approx(3 / 12, abs=0.01)
+    assert d.knockout_claimed == pytest.approx(0.0, abs=0.01)  # removing DECOY does nothing
+    b1 = row(result, 0, 3)
+    assert b1.joint_effect == pytest.approx(5 / 12, abs=0.02)
+    assert b1.direct_effect == pytest.approx(5 / 12, abs=0.02)  # direct >> total (compensated)
+
+
+def test_edges_table(result):
+    e = result.edges
+    s1 = e[(e["layer"] == 0) & (e["head"] == 0) & (e.source_role == "S1")].iloc[0]
+    assert s1.attention == pytest.approx(0.7, abs=1e-3)
+    assert s1.claimed_share == 1.0
+    assert s1.effect_remove == pytest.approx(row(result, 0, 0).ablation_zero, abs=1e-3)
+    decoy = e[(e["layer"] == 0) & (e["head"] == 1) & (e.source_role == "DECOY")].iloc[0]
+    assert decoy.attention == pytest.approx(0.82, abs=1e-3) and abs(decoy.effect_remove) < 1e-3
+    assert set(e.columns) >= {
+        "layer",
+        "head",
+        "query_pos",
+        "source_pos",
+        "attention",
+        "effect_remove",
+        "effect_remove_lo",
+        "effect_remove_hi",
+    }
+
+
+def test_required_columns(result):
+    need = {
+        "layer",
+        "head",
+        "head_type",
+        "claim_score",
+        "top_source",
+        "ablation_zero",
+        "ablation_mean",
+        "ablation_resample",
+        "knockout_claimed",
+        "knockout_unclaimed",
+        "routing",
+        "verdict",
+        "verdict_share",
+    }
+    assert need <= set(result.heads.columns)
+    for c in ("ablation_zero", "knockout_claimed", "routing"):
+        assert {f"{c}_lo", f"{c}_hi"} <= set(result.heads.columns)
+
+
+def test_meta(result):
+    m = result.meta
+    assert m["model"] == "planted" and m["task"] == "planted-copy" and m["n_prompts"] == 32
+    assert m["primary_ablation"] == "resample" and m["metric"]["name"] == "logit_diff"
+    assert len(m["prompts_hash"]) == 16 and "torch" in m["versions"]
+    json.dumps(m)
+
+
+def test_save_load_round_trip(result, tmp_path):
+    result.save(tmp_path)
+    back = lensattr.Audit.load(tmp_path)
+    pd.testing.assert_frame_equal(back.heads, result.heads, check_exact=True)
+    pd.testing.assert_frame_equal(back.edges, result.edges, check_exact=True)
+    assert back.meta == json.loads(json.dumps(result.meta, default=str))
+    assert back.tensors.keys() == result.tensors.keys()
+    for k, v in result.tensors.items():
+        torch.testing.assert_close(back.tensors[k], v, atol=0, rtol=0, equal_nan=True)
+
+
+def test_user_cache_gives_same_claims(model, result):
+    task = lensattr.tasks.get("planted-copy")
+    _, cache = model.run_with_cache(task.prompts().tokens)
+    again = lensattr.audit(model, task, cache=cache, progress=False, n_boot=200)
+    pd.testing.assert_series_equal(again.heads.verdict, result.heads.verdict)
+    pd.testing.assert_series_equal(
+        again.heads.claim_score, result.heads.claim_score, atol=1e-6, rtol=0
+    )
+    assert hook_name(Site.PATTERN, 0) in cache  # the cache really is TL's
+
+
+def test_other_seed_same_verdicts(model, result):
+    other = lensattr.audit(model, "planted-copy", seed=7, n_prompts=12, progress=False, n_boot=200)
+    pd.testing.assert_series_equal(other.heads.verdict, result.heads.verdict)
+
+
+def test_without_corrupted_prompts_uses_stated_reference(model):
+    task = lensattr.tasks.get("planted-copy")
+    p = task.prompts(12)
+    bare = lensattr.PromptSet(tokens=p.tokens, answers=p.answers, wrong=p.wrong, roles=p.roles)
+    r = lensattr.audit(model, bare, lensattr.LogitDiff(), progress=False, n_boot=200)
+    assert r.meta["primary_ablation"] == "mean"
+    assert "zero-ablated" in r.meta["effect_reference"]
+    assert row(r, 0, 0).verdict == "faithful" and row(r, 0, 1).verdict == "misleading"
+
+
+def test_repr_html_and_summary(result):
+    assert "<table" in result._repr_html_()
+    assert "faithful" in result.summary()

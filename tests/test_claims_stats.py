@@ -1,0 +1,112 @@
+"""Claims and statistics against hand-computed values (and TransformerLens where it has one)."""
+
+import math
+
+import pytest
+import torch
+from transformer_lens.utilities.statistics import sign_flip_permutation_pvalue
+
+from lensattr.claims import claimed_sets, compute_claims, type_scores
+from lensattr.claims.head_types import allowed_keys
+from lensattr.compare.stats import Estimate, bh_qvalues, ratio_of_means, signflip_p
+from lensattr.compare.verdicts import Thresholds, decide, routing_class
+from lensattr.prompts import PromptSet
+
+
+def one_head(rows):
+    """A [1, 1, 1, q, k] pattern from a list of rows."""
+    return torch.tensor(rows, dtype=torch.float)[None, None, None]
+
+
+def test_type_scores_by_hand():
+    # tokens: a b a b  -> query 2 (a) has an earlier a at 0, token after it is 1;
+    #                     query 3 (b) has an earlier b at 1, token after it is 2.
+    prompts = PromptSet(tokens=torch.tensor([[5, 6, 5, 6]]))
+    P = one_head([[1, 0, 0, 0], [0.2, 0.8, 0, 0], [0.1, 0.6, 0.3, 0], [0.1, 0.2, 0.3, 0.4]])
+    s = type_scores(P, prompts)
+    assert s["previous_token"].item() == pytest.approx((0.2 + 0.6 + 0.3) / 3)
+    assert s["self"].item() == pytest.approx((0.8 + 0.3 + 0.4) / 3)
+    assert s["sink"].item() == pytest.approx((0.2 + 0.1 + 0.1) / 3)
+    assert s["duplicate_token"].item() == pytest.approx((0.1 + 0.2) / 2)
+    assert s["induction"].item() == pytest.approx((0.6 + 0.3) / 2)
+
+
+def test_type_scores_skip_padding_and_undefined():
+    prompts = PromptSet(
+        tokens=torch.tensor([[5, 6, 7, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0]])
+    )
+    P = one_head([[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    s = type_scores(P, prompts)
+    assert s["previous_token"].item() == pytest.approx(1.0)  # query 3 is padding
+    assert math.isnan(s["induction"].item())  # no repeated token: undefined, not 0
+
+
+def test_claimed_sets_by_hand():
+    P = one_head(
+        [
+            [1.0, 0, 0, 0],
+            [0.9, 0.1, 0, 0],  # non-sink mass 0.1 < 0.5: claims the sink
+            [0.1, 0.3, 0.6, 0],  # 0.6 alone covers 50%
+            [0.2, 0.3, 0.25, 0.25],
+        ]
+    )  # needs 0.3 then one 0.25 -> 2 sources
+    allowed = torch.ones(4, 4, dtype=torch.bool).tril()[None]
+    C = claimed_sets(P, torch.tensor([0]), allowed)[0, 0, 0]
+    assert C[0].tolist() == [True, False, False, False]
+    assert C[1].tolist() == [True, False, False, False]
+    assert C[2].tolist() == [False, False, True, False]
+    assert C[3].sum() == 2 and C[3, 1] and not C[3, 0]
+
+
+def test_compute_claims_entropy_and_top():
+    prompts = PromptSet(tokens=torch.tensor([[5, 6, 7]]))
+    uniform = torch.tensor([[1, 0, 0], [0.5, 0.5, 0], [1 / 3, 1 / 3, 1 / 3]])
+    c = compute_claims([uniform[None, None]], prompts, torch.tensor([2]))
+    assert c.entropy_read[0, 0].item() == pytest.approx(1.0, abs=1e-5)
+    assert bool(c.diffuse[0, 0])
+    assert allowed_keys(prompts, causal=False).all()
+
+
+def test_ratio_of_means_and_ci():
+    num = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    den = torch.tensor([2.0, 2.0, 2.0, 2.0])
+    e = ratio_of_means(num, den, n_boot=500)
+    assert e.value == pytest.approx(2.5 / 2)
+    assert e.lo <= e.value <= e.hi and e.lo < e.hi
+    assert e.per_prompt.tolist() == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    const = ratio_of_means(torch.full((5,), 3.0), torch.full((5,), 6.0))
+    assert (const.value, const.lo, const.hi) == pytest.approx((0.5, 0.5, 0.5))
+    assert math.isnan(ratio_of_means(num, torch.zeros(4)).value)
+
+
+def test_signflip_matches_transformer_lens():
+    x = torch.tensor([[0.5, 1.0, -0.2, 0.8, 0.3, 0.9], [0.1, -0.1, 0.2, -0.2, 0.05, -0.05]])
+    ref = sign_flip_permutation_pvalue(x.double())  # exact for n <= 12
+    torch.testing.assert_close(signflip_p(x), ref.float())
+
+
+def test_bh_by_hand():
+    p = torch.tensor([0.01, 0.04, 0.03, 0.5, float("nan")])
+    q = bh_qvalues(p)
+    # sorted 0.01, 0.03, 0.04, 0.5 (m=4): 0.04, 0.06, 0.0533, 0.5 -> monotone 0.04, .0533, .0533
+    assert q[:4].tolist() == pytest.approx([0.04, 4 * 0.04 / 3, 4 * 0.04 / 3, 0.5])
+    assert math.isnan(q[4].item())
+
+
+def est(v, lo, hi):
+    return Estimate(v, lo, hi, torch.tensor([v]))
+
+
+def test_verdict_rules():
+    th = Thresholds()
+    big, null = est(0.3, 0.25, 0.35), est(0.0, -0.01, 0.01)
+    assert decide(big, 0.001, est(1.0, 0.9, 1.1), False, None, th)[0] == "faithful"
+    assert decide(big, 0.001, est(0.1, 0.0, 0.2), False, None, th)[0] == "misleading"
+    assert decide(big, 0.001, est(0.5, 0.4, 0.6), False, None, th)[0] == "partial"
+    assert decide(big, 0.001, est(0.8, 0.5, 1.0), False, None, th)[0] == "undetermined"
+    assert decide(big, 0.2, est(1.0, 0.9, 1.1), False, None, th)[0] == "undetermined"  # q
+    assert decide(null, 0.9, est(math.nan, math.nan, math.nan), True, None, th)[0] == "inert"
+    assert decide(null, 0.9, est(math.nan, math.nan, math.nan), False, None, th)[0] == "negligible"
+    straddle = est(0.03, 0.01, 0.05)
+    assert decide(straddle, 0.01, est(1, 1, 1), True, None, th)[0] == "undetermined"
+    assert routing_class(est(0.25, 0.2, 0.35), th) == "unclear"
