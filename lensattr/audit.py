@@ -78,7 +78,7 @@ def audit(
     res = engine.run(ablation_sweep(heads, primary), track_heads=True, desc="ablate heads")
     values = dict(zip(res.labels, res.values, strict=True))
     other = [iv for m in methods if m != primary for iv in ablation_sweep(heads, m)]
-    direct = engine.final_scale is not None
+    direct = engine.final_scale is not None and adapter.has_direct_path
     other += claim_sweep(heads, claims.claimed, claims.allowed, direct)
     if prompts.corrupted is None:
         from .evidence.interventions import ablate
@@ -276,13 +276,23 @@ def _frame(rows):
     return pd.DataFrame(rows)
 
 
-def _meta(
-    adapter, prompts, metric, task_name, primary, methods, reference, thr, seed, n_boot, seconds
-):
-    import transformer_lens
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
 
+    out = {"lensattr": __version__, "torch": torch.__version__}
+    for dist in ("transformer-lens", "transformers"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _meta(
+    adapter, prompts, metric, task_name, primary, methods, reference, thr, seed, n_boot, seconds
+):
     return {
         "model": adapter.name,
         "model_config_hash": adapter.config_hash(),
@@ -303,13 +313,7 @@ def _meta(
         "seed": seed,
         "n_boot": n_boot,
         "seconds": round(seconds, 3),
-        "versions": {
-            "lensattr": __version__,
-            "transformer_lens": transformer_lens.__version__
-            if hasattr(transformer_lens, "__version__")
-            else "?",
-            "torch": torch.__version__,
-        },
+        "versions": _versions(),
         "tensor_axes": {
             "clean_metric": "[batch]",
             "corrupted_metric": "[batch]",

@@ -25,6 +25,9 @@ __all__ = [
     "AnswerLogProb",
     "KLToClean",
     "LogitsMetric",
+    "PairCosine",
+    "HiddenCosineToClean",
+    "mean_pool",
     "as_metric",
     "MetricError",
 ]
@@ -40,10 +43,11 @@ class Readout:
 
     kind: ``"columns"`` = logits at ``positions`` for token ``columns`` only ([batch, k]);
     ``"logits"`` = the whole vocabulary at ``positions`` ([batch, d_vocab]);
-    ``"all_logits"`` = every position ([batch, pos, d_vocab]).
+    ``"all_logits"`` = every position ([batch, pos, d_vocab]);
+    ``"hidden"`` = the final hidden states ([batch, pos, d_model]), for encoders.
     """
 
-    kind: Literal["columns", "logits", "all_logits"]
+    kind: Literal["columns", "logits", "all_logits", "hidden"]
     positions: Int[Tensor, " batch"] | None = None
     columns: Int[Tensor, "batch k"] | None = None
 
@@ -152,6 +156,61 @@ class LogitsMetric(Metric):
 
     def compute(self, values, prompts, clean=None) -> Tensor:
         return self.fn(values, prompts)
+
+
+def mean_pool(hidden: Float[Tensor, "batch pos d_model"], valid: Tensor | None
+              ) -> Float[Tensor, "batch d_model"]:
+    """Mean of the hidden states over real (non-padding) tokens."""
+    if valid is None:
+        return hidden.mean(1)
+    w = valid.to(hidden.dtype)[:, :, None]
+    return (hidden * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+class PairCosine(Metric):
+    """Cosine similarity of the prompt's mean-pooled final hidden states with a reference
+    embedding of its paired sentence (``prompts.extra[key]``, [batch, d_model]), computed once
+    on the clean model: interventions act on the prompt only. The sentence-pair similarity of
+    sentence encoders such as all-MiniLM-L6-v2."""
+
+    position_role = None
+
+    def __init__(self, key: str = "pair_embedding"):
+        self.key = key
+        self.name = "pair_cosine"
+
+    def readout(self, prompts: PromptSet) -> Readout:
+        if self.key not in prompts.extra:
+            raise MetricError(f"metric 'pair_cosine': the prompts need extra[{self.key!r}], the "
+                              "paired sentences' embeddings [batch, d_model]")
+        return Readout("hidden")
+
+    def compute(self, values, prompts, clean=None) -> Tensor:
+        valid = None if prompts.attention_mask is None else prompts.valid.to(values.device)
+        emb = mean_pool(values, valid)
+        ref = prompts.extra[self.key].to(emb)
+        return torch.nn.functional.cosine_similarity(emb, ref, dim=-1)
+
+
+class HiddenCosineToClean(Metric):
+    """Cosine similarity of one token's final hidden state (role ``position``) with its clean
+    value: 1 on the clean run; how much that token's representation depends on what is cut."""
+
+    needs_clean = True
+
+    def __init__(self, position: str = "TOK"):
+        self.position_role = position
+        self.name = "hidden_cosine_to_clean"
+
+    def readout(self, prompts: PromptSet) -> Readout:
+        return Readout("hidden", self._positions(prompts))
+
+    def compute(self, values, prompts, clean=None) -> Tensor:
+        if clean is None:
+            raise MetricError("metric 'hidden_cosine_to_clean' needs the clean run's states")
+        rows = torch.arange(values.shape[0], device=values.device)
+        pos = prompts.roles[self.position_role].to(values.device)
+        return torch.nn.functional.cosine_similarity(values[rows, pos], clean[rows, pos], dim=-1)
 
 
 def as_metric(metric) -> Metric:

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -44,6 +45,7 @@ class Site(str, Enum):
     SCORES = "scores"  # blocks.L.attn.hook_attn_scores
     V = "v"  # blocks.L.attn.hook_v            [batch, pos, kv_head_index, d_head]
     RESID_PRE = "resid_pre"  # blocks.L.hook_resid_pre
+    BLOCK_OUT = "block_out"  # blocks.L.hook_out  [batch, pos, d_model]; the last one = final hidden
     RESID_FINAL = "resid_final"  # ln_final.hook_in   [batch, pos, d_model]
     LN_FINAL_SCALE = "ln_final_scale"  # ln_final.hook_scale
     LN_FINAL_OUT = "ln_final_out"  # ln_final.hook_out (the normalised final stream)
@@ -55,6 +57,7 @@ _LAYER_SITES = {
     Site.SCORES: "blocks.{layer}.attn.hook_attn_scores",
     Site.V: "blocks.{layer}.attn.hook_v",
     Site.RESID_PRE: "blocks.{layer}.hook_resid_pre",
+    Site.BLOCK_OUT: "blocks.{layer}.hook_out",
 }
 _GLOBAL_SITES = {
     Site.RESID_FINAL: "ln_final.hook_in",
@@ -97,6 +100,7 @@ class Adapter:
             or str(getattr(cfg, "model_name", None) or getattr(cfg, "architecture", "model"))
         )
         self._fast_ok: bool | None = None
+        self._pattern_editable: bool | None = None
         hooks = set(model.hook_dict.keys())
         missing = [
             hook_name(s, layer)
@@ -143,6 +147,32 @@ class Adapter:
     @property
     def is_causal(self) -> bool:
         return getattr(self.cfg, "attention_dir", "causal") == "causal"
+
+    @property
+    def logits_meaningful(self) -> bool:
+        """False for encoders shipped without a trained output head (e.g. ``minilm``)."""
+        return bool(getattr(self.model, "_lensattr_logits_meaningful", True))
+
+    @property
+    def pattern_editable(self) -> bool:
+        """Do edits made in hook_pattern reach the output? False where the bridge delegates
+        attention to the HF module and fires hook_pattern after the fact (e.g. BERT). Probed
+        once: zeroing every pattern must change the output."""
+        if self._pattern_editable is None:
+            toks = torch.zeros(1, 2, dtype=torch.long)
+            hooks = {(Site.PATTERN, layer): torch.zeros_like for layer in range(self.n_layers)}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TL warns that the edit is discarded
+                base = self.forward(toks)
+                edited = self.forward(toks, hooks=hooks)
+            self._pattern_editable = not torch.equal(base, edited)
+        return self._pattern_editable
+
+    @property
+    def has_direct_path(self) -> bool:
+        """True when the final residual is the plain sum of every component's output, read
+        through one final norm (pre-norm decoders). Post-norm encoders (BERT) are not."""
+        return self.is_causal
 
     @property
     def device(self) -> torch.device:
@@ -249,13 +279,22 @@ class Adapter:
     ) -> Tensor:
         """Compute only what a metric's :class:`~lensattr.metrics.Readout` asks for.
 
-        ``columns``: the final residual is captured before the final norm and the forward is
-        stopped there; the norm is applied at the read positions only and just the requested
-        unembedding columns are computed ([batch, k]). ``logits``: the full vocabulary at the
-        read positions ([batch, d_vocab]). ``all_logits``: the ordinary forward.
-        Falls back to the ordinary forward when this model's unembedding is not the plain
-        ``ln_final -> W_U`` (checked once against a full forward).
+        ``hidden``: the final hidden states [batch, pos, d_model] (output of the last block;
+        the forward stops there). ``columns``: the final residual is captured before the final
+        norm and the forward stops there; the norm is applied at the read positions only and
+        just the requested unembedding columns are computed ([batch, k]). ``logits``: the full
+        vocabulary at the read positions ([batch, d_vocab]). ``all_logits``: the ordinary
+        forward. Falls back to the ordinary forward when this model's unembedding is not the
+        plain ``ln_final -> W_U`` (checked once against a full forward).
         """
+        if readout.kind == "hidden":
+            return self._capture(tokens, attention_mask, hooks, (Site.BLOCK_OUT, self.n_layers - 1))
+        if not self.logits_meaningful:
+            raise ModelError(
+                f"metric: model {self.name!r} has no trained output head (its logits mean "
+                "nothing); use a metric that reads the final hidden states, e.g. "
+                "lensattr.metrics.PairCosine or HiddenCosineToClean"
+            )
         final_hooked = any(site in _GLOBAL_SITES for site, _ in (hooks or {}))
         slow = final_hooked or readout.kind == "all_logits"
         if slow or not self._fast_readout_ok(tokens, attention_mask):
@@ -267,7 +306,7 @@ class Adapter:
             if readout.kind == "columns":
                 return at.gather(1, readout.columns.to(at.device))
             return at
-        resid = self._final_resid(tokens, attention_mask, hooks)  # [batch, pos, d_model]
+        resid = self._capture(tokens, attention_mask, hooks, (Site.RESID_FINAL, None))
         rows = torch.arange(resid.shape[0], device=resid.device)
         at = resid[rows, readout.positions.to(resid.device)][:, None]  # [batch, 1, d_model]
         with torch.no_grad():
@@ -279,20 +318,26 @@ class Adapter:
                 return torch.einsum("bkd,bd->bk", w, normed) + b_U[cols]
             return normed @ W_U + b_U
 
-    def _final_resid(self, tokens, attention_mask, hooks) -> Tensor:
+    def _capture(self, tokens, attention_mask, hooks, key) -> Tensor:
+        """Run until the hook at ``key`` fires (after any hook already there), return its
+        value and stop the forward pass."""
         store = {}
+        all_hooks = dict(hooks or {})
+        inner = all_hooks.get(key)
 
         def grab(x):
-            store["resid"] = x.detach()
+            if inner is not None:
+                out = inner(x)
+                x = x if out is None else out
+            store["x"] = x.detach()
             raise _StopForward
 
-        all_hooks = dict(hooks or {})
-        all_hooks[(Site.RESID_FINAL, None)] = grab
+        all_hooks[key] = grab
         try:
             self.forward(tokens, attention_mask, all_hooks)
         except _StopForward:
             pass
-        return store["resid"]
+        return store["x"]
 
     def _fast_readout_ok(self, tokens, attention_mask) -> bool:
         if self._fast_ok is None:
@@ -300,7 +345,7 @@ class Adapter:
             m = None if attention_mask is None else attention_mask[:1]
             full = self.forward(t, m)[0]  # [pos, d_vocab]
             try:
-                resid = self._final_resid(t, m, None)
+                resid = self._capture(t, m, None, (Site.RESID_FINAL, None))
                 with torch.no_grad():
                     fast = self.model.ln_final(resid) @ self.model.W_U + self.model.b_U
                 self._fast_ok = bool(torch.allclose(fast[0], full, atol=1e-4, rtol=1e-4))
@@ -331,6 +376,7 @@ class ModelInfo:
     recipe: str
     contains: str
     builder: Callable[[], tuple[object, object]]  # -> (hf_model, tokenizer)
+    logits_meaningful: bool = True  # False: encoder without a trained output head
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -388,8 +434,11 @@ def load_model(name_or_path: str, *, device: str | None = None, **boot_kwargs):
         raise ModelError(f"name_or_path: expected a model name or folder, got {name_or_path!r}")
     _ensure_zoo()
     if name_or_path in _REGISTRY:
-        hf_model, tok = _REGISTRY[name_or_path].builder()
-        return boot_bridge(hf_model, tok, name_or_path, device=device)
+        info = _REGISTRY[name_or_path]
+        hf_model, tok = info.builder()
+        bridge = boot_bridge(hf_model, tok, name_or_path, device=device)
+        bridge._lensattr_logits_meaningful = info.logits_meaningful
+        return bridge
     path = Path(name_or_path)
     if path.exists():
         return _load_folder(path, device, boot_kwargs)

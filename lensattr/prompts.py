@@ -50,6 +50,8 @@ class PromptSet:
         roles: role name -> ``[batch]`` position of that role in each prompt (e.g. ``S1``,
             ``END``). ``END`` defaults to the last real token of each prompt.
         text: optional prompt strings, for display.
+        extra: name -> per-prompt tensor ``[batch, ...]`` that metrics may read (e.g. the
+            reference embedding of each prompt's paired sentence); carried along by ``take``.
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -60,6 +62,7 @@ class PromptSet:
     roles: dict[str, Tensor] = field(default_factory=dict)
     text: tuple[str, ...] | None = None
     name: str = "prompts"
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -107,6 +110,11 @@ class PromptSet:
         set_(self, "roles", roles)
         if self.text is not None:
             set_(self, "text", tuple(self.text))
+        extra = {k: torch.as_tensor(v) for k, v in self.extra.items()}
+        for k, v in extra.items():
+            if v.ndim == 0 or v.shape[0] != n:
+                raise PromptError(f"extra[{k!r}]: expected a tensor with one row per prompt ({n})")
+        set_(self, "extra", extra)
 
     # ---- derived -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -166,6 +174,7 @@ class PromptSet:
             roles={k: v[idx] for k, v in self.roles.items()},
             text=None if self.text is None else tuple(self.text[i] for i in idx.tolist()),
             name=self.name,
+            extra={k: v[idx] for k, v in self.extra.items()},
         )
 
     def hash(self) -> str:
@@ -174,6 +183,8 @@ class PromptSet:
             h.update(b"-" if t is None else t.numpy().tobytes())
         for k in sorted(self.roles):
             h.update(k.encode() + self.roles[k].numpy().tobytes())
+        for k in sorted(self.extra):
+            h.update(k.encode() + self.extra[k].float().numpy().tobytes())
         return h.hexdigest()[:16]
 
     @classmethod

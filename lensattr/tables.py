@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from .claims import Claims
+from .claims.head_types import SINK_ROLES
 from .compare.stats import Estimate, ratio_of_means
 from .evidence.sweeps import label
 from .prompts import PromptSet
@@ -45,14 +46,17 @@ def source_positions(prompts: PromptSet, claims: Claims, read_pos, max_sources: 
         )
         if len(cand) > max_sources:
             att = claims.patterns[:, :, :, last].mean((0, 1, 2))  # [k]
-            keep = {int(claims.sink[0])} | {int(v[0]) for v in prompts.roles.values()}
+            keep = {int(k) for k in claims.sink[0].nonzero()[:, 0]}
+            keep |= {int(v[0]) for v in prompts.roles.values()}
             for k in att.argsort(descending=True).tolist():
                 if len(keep) >= max_sources:
                     break
                 keep.add(k)
             cand = sorted(k for k in keep if k in cand)
         return ([torch.full((n,), k) for k in cand], [position_name(prompts, k) for k in cand])
-    roles = {"BOS": claims.sink, **{k: v for k, v in prompts.roles.items() if k != "END"}}
+    roles = {k: v for k, v in prompts.roles.items() if k != "END"}
+    if not any(r in roles for r in SINK_ROLES):
+        roles = {"BOS": claims.sink.long().argmax(1), **roles}
     return list(roles.values()), list(roles.keys())
 
 
@@ -155,7 +159,7 @@ def edge_rows(
                     "query_pos": int(read_pos[0]) if prompts.aligned else math.nan,
                     "source_role": name,
                     "source_pos": src_pos,
-                    "is_sink": bool((s == claims.sink).all()),
+                    "is_sink": bool(claims.sink[rows_idx, s][ok].all()),
                     "attention": float(a.nanmean()),
                     "claimed_share": float(claimed[rows_idx, s][ok].float().mean()),
                     "effect_remove": e.value,

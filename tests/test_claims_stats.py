@@ -51,7 +51,7 @@ def test_claimed_sets_by_hand():
         ]
     )  # needs 0.3 then one 0.25 -> 2 sources
     allowed = torch.ones(4, 4, dtype=torch.bool).tril()[None]
-    C = claimed_sets(P, torch.tensor([0]), allowed)[0, 0, 0]
+    C = claimed_sets(P, torch.tensor([[True, False, False, False]]), allowed)[0, 0, 0]
     assert C[0].tolist() == [True, False, False, False]
     assert C[1].tolist() == [True, False, False, False]
     assert C[2].tolist() == [False, False, True, False]

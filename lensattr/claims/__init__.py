@@ -16,7 +16,7 @@ from .head_types import (
     allowed_keys,
     entropy,
     label_types,
-    sink_positions,
+    sink_mask,
     type_scores,
 )
 
@@ -47,7 +47,7 @@ class Claims:
     top_mass: Float[Tensor, "batch layer head_index"]
     claimed: Bool[Tensor, "batch layer head_index query_pos key_pos"]
     allowed: Bool[Tensor, "batch query_pos key_pos"]
-    sink: Int[Tensor, " batch"]
+    sink: Bool[Tensor, "batch pos"]
     read_pos: Int[Tensor, " batch"]
 
     @property
@@ -65,7 +65,7 @@ def compute_claims(
     """``patterns``: one ``[batch, head_index, query_pos, key_pos]`` tensor per layer."""
     P = torch.stack([p.float().cpu() for p in patterns], 1)  # [batch, layer, head, q, k]
     allowed = allowed_keys(prompts, causal)
-    sink = sink_positions(prompts)
+    sink = sink_mask(prompts)
     scores = type_scores(P, prompts)
     labels, best = label_types(scores)
     n = P.shape[0]
@@ -73,7 +73,7 @@ def compute_claims(
     at_read = P[rows, :, :, read_pos]  # [batch, layer, head, k]
     ent = entropy(P, allowed)[rows, :, :, read_pos]  # [batch, layer, head]
     top = at_read.max(-1)
-    sink_mass = at_read[rows, :, :, sink]
+    sink_mass = (at_read * sink[:, None, None, :].float()).sum(-1)  # [batch, layer, head]
     return Claims(
         patterns=P,
         scores=scores,

@@ -16,15 +16,12 @@ __all__ = ["claimed_sets"]
 
 def claimed_sets(
     patterns: Float[Tensor, "batch layer head_index query_pos key_pos"],
-    sink: Tensor,
+    sink: Bool[Tensor, "batch key_pos"],
     allowed: Bool[Tensor, "batch query_pos key_pos"],
     coverage: float = 0.5,
 ) -> Bool[Tensor, "batch layer head_index query_pos key_pos"]:
     P = patterns.float() * allowed[:, None, None].float()
-    n, _, _, q, k = P.shape
-    is_sink = torch.zeros(n, k, dtype=torch.bool)
-    is_sink[torch.arange(n), sink] = True
-    sink_b = is_sink[:, None, None, None, :].expand_as(P)
+    sink_b = sink[:, None, None, None, :].expand_as(P)  # sink: [batch, key_pos] bool
     ranked = P.masked_fill(sink_b, -1.0)  # sinks sort last
     vals, order = ranked.sort(-1, descending=True)
     vals = vals.clamp(min=0)

@@ -5,8 +5,8 @@ over the query positions where the score is defined, ignoring padding:
 
 * ``previous_token``: mean ``alpha[q, q-1]`` over queries ``q >= 1``.
 * ``self``: mean ``alpha[q, q]`` over queries ``q >= 1``.
-* ``sink``: mean attention on the sink position (role ``BOS`` if given, else the first real
-  token) over the queries after it.
+* ``sink``: mean attention on the sink positions (the roles ``BOS``, ``CLS``, ``SEP`` where the
+  prompts give them, else the first real token) over the queries that are not sinks.
 * ``duplicate_token``: mean attention to earlier copies of the query's token, over queries that
   have one (TransformerLens's duplicate-token idea, on token ids).
 * ``induction``: mean attention to the token *after* an earlier copy of the query's token
@@ -27,7 +27,8 @@ __all__ = [
     "TYPE_NAMES",
     "type_scores",
     "entropy",
-    "sink_positions",
+    "sink_mask",
+    "SINK_ROLES",
     "allowed_keys",
     "label_types",
     "STRIKING",
@@ -37,11 +38,20 @@ TYPE_NAMES = ("previous_token", "self", "duplicate_token", "induction", "sink")
 STRIKING = 0.5  # a head "looks like" a type when its score reaches this
 
 
-def sink_positions(prompts: PromptSet) -> Tensor:
-    """[batch] position of the sink/BOS token of each prompt."""
-    if "BOS" in prompts.roles:
-        return prompts.roles["BOS"]
-    return prompts.valid.long().argmax(1)  # first real token
+SINK_ROLES = ("BOS", "CLS", "SEP")
+
+
+def sink_mask(prompts: PromptSet) -> Bool[Tensor, "batch pos"]:
+    """Sink positions of each prompt: its BOS/CLS/SEP roles, else its first real token."""
+    n, p = prompts.tokens.shape
+    mask = torch.zeros(n, p, dtype=torch.bool)
+    rows = torch.arange(n)
+    roles = [r for r in SINK_ROLES if r in prompts.roles]
+    for r in roles:
+        mask[rows, prompts.roles[r]] = True
+    if not roles:
+        mask[rows, prompts.valid.long().argmax(1)] = True  # first real token
+    return mask
 
 
 def allowed_keys(prompts: PromptSet, causal: bool) -> Bool[Tensor, "batch query_pos key_pos"]:
@@ -68,15 +78,15 @@ def type_scores(
     tok, valid = prompts.tokens, prompts.valid
     n, p = tok.shape
     q_idx = torch.arange(p)
-    sink = sink_positions(prompts)
-    after_sink = valid & (q_idx[None] > sink[:, None])  # [batch, q]
+    sink = sink_mask(prompts)
+    not_sink = valid & ~sink  # [batch, q]: queries whose sink mass is counted
     prev_ok = valid.clone()
     prev_ok[:, 1:] &= valid[:, :-1]
     prev_ok &= q_idx[None] >= 1
     prev = torch.zeros(P.shape[:-1])
     prev[..., 1:] = torch.diagonal(P, offset=-1, dim1=-2, dim2=-1)
     selfs = torch.diagonal(P, dim1=-2, dim2=-1)
-    sink_mass = P.gather(-1, sink[:, None, None, None, None].expand(*P.shape[:-1], 1))[..., 0]
+    sink_mass = (P * sink[:, None, None, None, :].to(P.dtype)).sum(-1)
     earlier = torch.ones(p, p, dtype=torch.bool).tril(-1)[None]  # k < q
     real = valid[:, None, :] & valid[:, :, None]
     same = (tok[:, :, None] == tok[:, None, :]) & earlier & real  # [batch, q, k]
@@ -91,7 +101,7 @@ def type_scores(
         "self": _masked_mean(selfs, valid & (q_idx[None] >= 1)),
         "duplicate_token": _masked_mean(dup, same.any(-1)),
         "induction": _masked_mean(ind, after_copy.any(-1)),
-        "sink": _masked_mean(sink_mass, after_sink),
+        "sink": _masked_mean(sink_mass, not_sink),
     }
 
 

@@ -102,7 +102,7 @@ class Engine:
         a, store = self.adapter, {}
         hooks = {}
         for layer in range(a.n_layers):
-            for site in (Site.Z, Site.PATTERN):
+            for site in (Site.Z, Site.PATTERN, Site.V):
 
                 def save(x, _k=(site, layer)):
                     store[_k] = x.detach().clone()
@@ -119,6 +119,8 @@ class Engine:
             self.final_scale = store["scale"]  # [batch, pos, 1]
         z = [store[(Site.Z, layer)] for layer in range(a.n_layers)]
         pat = [store[(Site.PATTERN, layer)] for layer in range(a.n_layers)]
+        if tokens is self.prompts.tokens:
+            self.v = [store[(Site.V, layer)] for layer in range(a.n_layers)]
         return values, z, pat
 
     def _masked_mean(self, z: Tensor) -> Tensor:
@@ -154,6 +156,17 @@ class Engine:
             self.adapter.check_head(ab.head, "head")
             if ab.method == AblationMethod.RESAMPLE and self.z_corr is None:
                 raise ValueError("method: resample ablation needs corrupted prompts in the task")
+        if iv.edges and not self.adapter.pattern_editable:
+            first = min(e.head.layer for e in iv.edges)
+            upstream = [x.head.layer for x in iv.ablations if x.head.layer < first]
+            upstream += [h.layer for h in iv.direct]
+            if upstream or len({e.head.layer for e in iv.edges}) > 1:
+                raise ValueError(
+                    f"interventions: {iv.label!r} combines edge edits with edits in other "
+                    f"layers; on model {self.adapter.name!r} attention is computed inside the "
+                    "HF module (hook_pattern edits are discarded), so edge edits are applied "
+                    "through hook_z with the clean pattern and need an unchanged upstream"
+                )
         for e in iv.edges:
             self.adapter.check_head(e.head, "head")
             if e.remove.shape != (n, p, p):
@@ -235,10 +248,14 @@ class Engine:
                             remove = torch.zeros(R, a.n_heads, p, p, dtype=torch.bool)
                         remove[rows, e.head.head] |= e.remove
                         renorm[rows, e.head.head] |= e.renormalise
-            if (codes > 0).any():
-                hooks[(Site.Z, layer)] = self._z_hook(layer, codes, idx)
+            edge_z = None
             if remove is not None:
-                hooks[(Site.PATTERN, layer)] = _pattern_hook(remove, renorm, invalid)
+                if a.pattern_editable:
+                    hooks[(Site.PATTERN, layer)] = _pattern_hook(remove, renorm, invalid)
+                else:  # attention delegated to HF: edit the head outputs instead (exact)
+                    edge_z = self._edge_z_hook(layer, remove, renorm, invalid, idx)
+            if (codes > 0).any() or edge_z is not None:
+                hooks[(Site.Z, layer)] = self._z_hook(layer, codes, idx, edge_z)
         if any(iv.direct for iv in ivs):
             self._direct_hooks(ivs, idx, hooks)
         if track:
@@ -282,11 +299,37 @@ class Engine:
         hooks[(Site.RESID_FINAL, None)] = resid
         hooks[(Site.LN_FINAL_SCALE, None)] = freeze
 
-    def _z_hook(self, layer: int, codes: Tensor, idx: Tensor):
+    def _edge_z_hook(self, layer, remove, renorm, invalid, idx):
+        """Edge edits through hook_z, for models whose hook_pattern edits are discarded.
+
+        Removing sources S from a row subtracts their per-source terms alpha[q, s] * v[s]
+        from z (renormalising divides what is left by the mass left). It uses the clean
+        pattern and values of this layer, which are the in-forward ones because
+        :meth:`validate` refuses edits upstream of an edge edit on such models."""
+        pat = self.patterns[layer][idx]  # [rows, head, q, k]
+        v = self.v[layer][idx]  # [rows, k, kv_head, d_head]
+        kv = torch.tensor([self.adapter.kv_head(h) for h in range(self.adapter.n_heads)])
+        v = v[:, :, kv]  # [rows, k, head, d_head], each query head's own values
+        cut = pat * remove.to(pat.dtype)  # removed weights
+        removed = torch.einsum("rhqk,rkhd->rqhd", cut, v)  # [rows, q, head, d_head]
+        left = (pat - cut).sum(-1).transpose(1, 2)[..., None]  # [rows, q, head, 1]
+        edited = remove.any(-1).transpose(1, 2)[..., None] & renorm[:, None, :, None]
+        empty = edited & (left < 1e-6)
+        invalid.logical_or_(empty.flatten(1).any(1))
+
+        def edit(z):
+            out = z - removed.to(z.dtype)
+            return torch.where(edited & ~empty, out / left.clamp(min=1e-30).to(z.dtype), out)
+
+        return edit
+
+    def _z_hook(self, layer: int, codes: Tensor, idx: Tensor, edge_z=None):
         mean = self.z_mean[layer]
         corr = None if self.z_corr is None else self.z_corr[layer]
 
         def hook(z):  # z: [rows, pos, head, d_head]
+            if edge_z is not None:
+                z = edge_z(z)
             c = codes.to(z.device)[:, None, :, None]  # [rows, 1, head, 1]
             z = torch.where(c == 1, torch.zeros_like(z), z)
             z = torch.where(c == 2, mean.to(z.dtype)[None], z)
