@@ -93,7 +93,7 @@ def test_per_query_head_decomposition(family_model):
             return pat
 
         a.forward(p.tokens, hooks={(Site.PATTERN, h.layer): edit,
-                                   (Site.Z, h.layer): lambda z: store.update(z=z)})
+                                   (Site.Z, h.layer): lambda z, _s=store: _s.update(z=z)})
         edited = store["z"][:, :, h.head] @ a.W_O(h.layer)[h.head]
         torch.testing.assert_close(edited, out - (terms * S[..., None]).sum(2), atol=1e-5,
                                    rtol=0)
