@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import pandas as pd
 import torch
 
 from . import tasks as _tasks
@@ -13,12 +14,12 @@ from .claims import compute_claims
 from .compare.compensation import candidate_partners
 from .compare.stats import Estimate, bh_qvalues, ratio_of_means, signflip_p
 from .compare.verdicts import Compensation, Thresholds, decide, prompt_holds
-from .evidence import Engine
+from .evidence import Engine, ablate
 from .evidence.sweeps import ablation_sweep, claim_sweep, edge_sweep, joint_sweep, label
 from .metrics import as_metric
 from .model import Adapter
 from .prompts import PromptSet
-from .tables import edge_rows, head_row, source_positions
+from .tables import HeadResult, edge_rows, head_row, source_positions
 from .types import AblationMethod
 
 __all__ = ["audit", "Audit"]
@@ -81,41 +82,29 @@ def audit(
     direct = engine.final_scale is not None and adapter.has_direct_path
     other += claim_sweep(heads, claims.claimed, claims.allowed, direct)
     if prompts.corrupted is None:
-        from .evidence.interventions import ablate
-
         other.append(ablate(*heads, method=AblationMethod.ZERO, label="reference:all-zero"))
     sources, source_names = source_positions(prompts, claims, read_pos, max_edge_sources)
     other += edge_sweep(heads, read_pos, sources, prompts.n_pos)
-    res2 = engine.run(other, desc="claims and edges")
-    values.update(zip(res2.labels, res2.values, strict=True))
+    values.update(_run(engine, other, "claims and edges"))
     if prompts.corrupted is not None:
         den, reference = engine.corrupted - m0, "corrupted prompts (m_c - m0)"
     else:
         den, reference = values["reference:all-zero"] - m0, "all heads zero-ablated (no corrupted)"
-
-    def effect(lbl: str) -> Estimate:
-        return ratio_of_means(values[lbl] - m0, den, n_boot=n_boot, seed=seed, label=lbl)
-
-    prim = [effect(label(primary.value, h)) for h in heads]
+    eff = Effects(values, m0, den, n_boot, seed)
+    prim = [eff(label(primary.value, h)) for h in heads]
     p = signflip_p(torch.stack([values[label(primary.value, h)] - m0 for h in heads]), seed=seed)
     q = bh_qvalues(p)
 
-    # ---- compensation partners ---------------------------------------------------------
+    # ---- compensation partners (among candidates, not all pairs) --------------------------
     clean_norm = torch.stack([o.norm(dim=-1).mean(0) for o in engine.out_clean])  # [L, H]
     cands = candidate_partners(res.head_delta, clean_norm, heads)
-    weak = {
-        h for h, e in zip(heads, prim, strict=True) if not math.isnan(e.value) and e.hi < th.tau
-    }
+    weak = [h for h, e in zip(heads, prim, strict=True) if not e.hi >= th.tau]
     pairs = sorted({tuple(sorted((h, c))) for h in weak for c in cands[h]})
-    jres = engine.run(joint_sweep(pairs, primary), desc="partner pairs") if pairs else None
-    if jres is not None:
-        values.update(zip(jres.labels, jres.values, strict=True))
+    values.update(_run(engine, joint_sweep(pairs, primary), "partner pairs"))
 
     # ---- verdicts ------------------------------------------------------------------------
-    thr = th.to_dict()
-    head_rows, per_prompt = [], {}
+    results = []
     for i, h in enumerate(heads):
-        est = {m.value: effect(label(m.value, h)) for m in methods}
         zero = values[label("zero", h)]
         rho = ratio_of_means(
             values[label("keep", h)] - zero,
@@ -124,68 +113,28 @@ def audit(
             seed=seed,
             label=label("rho", h),
         )
-        comp, partner_e = _compensation(
-            h, cands[h], values, m0, den, direct, primary, n_boot, seed, th, prim[i]
-        )
+        comp, partner_e = _compensation(h, cands[h], eff, primary, direct)
         striking = bool(claims.claim_score[h.layer, h.head] >= th.striking)
         verdict, rel, rout, reason = decide(prim[i], float(q[i]), rho, striking, comp, th)
         holds = prompt_holds(verdict, prim[i].per_prompt, rho.per_prompt, comp, partner_e, th)
-        share = float(holds.nanmean()) if torch.isfinite(holds).any() else float("nan")
-        ko = {k: effect(label(k, h)) for k in ("remove", "keep", "renorm")}
-        dir_e = effect(label("direct", h)) if direct else Estimate.nan(n)
-        carriers = _carriers(h, source_names, values, m0, den, prim[i], n_boot, seed)
-        head_rows.append(
-            head_row(
-                h,
-                claims,
-                prompts,
-                est,
-                ko,
-                rho,
-                dir_e,
-                comp,
-                verdict,
-                share,
-                rel,
-                rout,
-                reason,
-                float(p[i]),
-                float(q[i]),
-                carriers,
-            )
-        )
-        per_prompt[h] = (est, rho)
-    edges = edge_rows(
-        heads,
-        claims,
-        engine,
-        prompts,
-        read_pos,
-        sources,
-        source_names,
-        values,
-        m0,
-        den,
-        n_boot,
-        seed,
-    )
+        edge_est = [eff(label("edge", h, extra=f"@{j}")) for j in range(len(sources))]
+        results.append(HeadResult(
+            head=h,
+            effects={m.value: eff(label(m.value, h)) for m in methods},
+            knockouts={k: eff(label(k, h)) for k in ("remove", "keep", "renorm")},
+            routing=rho,
+            direct=eff(label("direct", h)) if direct else Estimate.nan(n),
+            compensation=comp,
+            verdict=verdict, relevance=rel, routing_class=rout, reason=reason,
+            share=float(holds.nanmean()) if torch.isfinite(holds).any() else float("nan"),
+            p=float(p[i]), q=float(q[i]),
+            carriers=_carriers(edge_est, source_names, prim[i]),
+            edges=edge_est,
+        ))  # fmt: skip
 
-    tensors = {
-        "clean_metric": m0,
-        "pattern_example": claims.patterns[0],
-        "example_tokens": prompts.tokens[0],
-        "routing_per_prompt": torch.stack([per_prompt[h][1].per_prompt for h in heads]).reshape(
-            adapter.n_layers, adapter.n_heads, n
-        ),
-    }
-    if prompts.corrupted is not None:
-        tensors["corrupted_metric"] = engine.corrupted
-    for m in methods:
-        tensors[f"effect_{m.value}_per_prompt"] = torch.stack(
-            [per_prompt[h][0][m.value].per_prompt for h in heads]
-        ).reshape(adapter.n_layers, adapter.n_heads, n)
-    if prompts.aligned:
-        tensors["pattern_mean"] = claims.patterns.mean(0)
+    heads_df = pd.DataFrame([head_row(r, claims, prompts) for r in results])
+    edges_df = edge_rows(results, claims, prompts, read_pos, sources, source_names)
+    tensors = _tensors(results, claims, prompts, engine, methods, adapter)
     meta = _meta(
         adapter,
         prompts,
@@ -194,12 +143,56 @@ def audit(
         primary,
         methods,
         reference,
-        thr,
+        th,
         seed,
         n_boot,
         time.time() - t0,
     )
-    return Audit(heads=_frame(head_rows), edges=edges, tensors=tensors, meta=meta)
+    return Audit(heads=heads_df, edges=edges_df, tensors=tensors, meta=meta)
+
+
+class Effects:
+    """Normalised effects e = mean(m_int - m0) / mean(m_ref - m0), cached by label."""
+
+    def __init__(self, values, m0, den, n_boot, seed):
+        self.values, self.m0, self.den = values, m0, den
+        self.n_boot, self.seed, self._cache = n_boot, seed, {}
+
+    def __call__(self, lbl: str) -> Estimate:
+        if lbl not in self._cache:
+            self._cache[lbl] = self.ratio(self.values[lbl] - self.m0, lbl)
+        return self._cache[lbl]
+
+    def ratio(self, num, lbl: str) -> Estimate:
+        return ratio_of_means(num, self.den, n_boot=self.n_boot, seed=self.seed, label=lbl)
+
+
+def _run(engine, interventions, desc) -> dict:
+    if not interventions:
+        return {}
+    res = engine.run(interventions, desc=desc)
+    return dict(zip(res.labels, res.values, strict=True))
+
+
+def _tensors(results, claims, prompts, engine, methods, adapter) -> dict:
+    L, H, n = adapter.n_layers, adapter.n_heads, len(prompts)
+
+    def grid(get):
+        return torch.stack([get(r).per_prompt for r in results]).reshape(L, H, n)
+
+    tensors = {
+        "clean_metric": engine.clean,
+        "pattern_example": claims.patterns[0],
+        "example_tokens": prompts.tokens[0],
+        "routing_per_prompt": grid(lambda r: r.routing),
+    }
+    if prompts.corrupted is not None:
+        tensors["corrupted_metric"] = engine.corrupted
+    for m in methods:
+        tensors[f"effect_{m.value}_per_prompt"] = grid(lambda r, _m=m.value: r.effects[_m])
+    if prompts.aligned:
+        tensors["pattern_mean"] = claims.patterns.mean(0)
+    return tensors
 
 
 def _resolve_task(task, metric, n_prompts, seed) -> tuple[PromptSet, object, str]:
@@ -224,56 +217,38 @@ def _patterns_from_cache(adapter: Adapter, cache, prompts: PromptSet) -> list[to
     return pats
 
 
-def _compensation(h, cands, values, m0, den, direct, primary, n_boot, seed, th, e_h):
+def _compensation(h, cands, eff: Effects, primary, direct):
+    """The best partner among the candidates (largest joint effect), and direct - total."""
     best, best_e = None, None
+    v = eff.values
     for c in cands:
         lbl = label("joint-" + primary.value, *sorted((h, c)))
-        if lbl not in values:
+        if lbl not in v:
             continue
-        solo_c = values[label(primary.value, c)]
-        joint = ratio_of_means(values[lbl] - m0, den, n_boot=n_boot, seed=seed, label=lbl)
-        inter = ratio_of_means(
-            values[lbl] - values[label(primary.value, h)] - solo_c + m0,
-            den,
-            n_boot=n_boot,
-            seed=seed,
-            label="i" + lbl,
-        )
-        cand = Compensation(tuple(c), joint, inter, None)
+        joint = eff(lbl)
         if best is None or joint.value > best.joint.value:
-            best = cand
-            best_e = ratio_of_means(solo_c - m0, den, n_boot=10, seed=seed).per_prompt
+            inter = eff.ratio(
+                v[lbl] - v[label(primary.value, h)] - v[label(primary.value, c)] + eff.m0, "i" + lbl
+            )
+            best = Compensation(tuple(c), joint, inter, None)
+            best_e = eff(label(primary.value, c)).per_prompt
     d = None
     if direct:
-        d = ratio_of_means(
-            values[label("direct", h)] - values[label("zero", h)],
-            den,
-            n_boot=n_boot,
-            seed=seed,
-            label=label("dmt", h),
-        )
+        d = eff.ratio(v[label("direct", h)] - v[label("zero", h)], label("dmt", h))
     if best is None:
         return (Compensation(None, None, None, d) if d is not None else None), None
     return Compensation(best.partner, best.joint, best.interaction, d), best_e
 
 
-def _carriers(h, names, values, m0, den, e_h, n_boot, seed) -> str:
+def _carriers(edge_est: list[Estimate], names: list[str], e_h: Estimate) -> str:
     """Sources whose single-edge removal carries at least half of the head's effect."""
     if math.isnan(e_h.value) or abs(e_h.value) < 1e-9:
         return ""
-    out = []
-    for j, name in enumerate(names):
-        lbl = label("edge", h, extra=f"@{j}")
-        e = ratio_of_means(values[lbl] - m0, den, n_boot=10, seed=seed).value
-        if not math.isnan(e) and e / e_h.value >= 0.5:
-            out.append(name)
-    return ",".join(out)
-
-
-def _frame(rows):
-    import pandas as pd
-
-    return pd.DataFrame(rows)
+    return ",".join(
+        n
+        for n, e in zip(names, edge_est, strict=True)
+        if not math.isnan(e.value) and e.value / e_h.value >= 0.5
+    )
 
 
 def _versions() -> dict:
@@ -291,7 +266,7 @@ def _versions() -> dict:
 
 
 def _meta(
-    adapter, prompts, metric, task_name, primary, methods, reference, thr, seed, n_boot, seconds
+    adapter, prompts, metric, task_name, primary, methods, reference, th, seed, n_boot, seconds
 ):
     return {
         "model": adapter.name,
@@ -308,8 +283,9 @@ def _meta(
         "effect_definition": "e = mean(m_int - m0) / mean(m_ref - m0); 0 = no change, "
         "1 = as far as the reference run",
         "routing_definition": "rho = mean(m(keep only C) - m(zero)) / mean(m0 - m(zero))",
+        "edge_edit": "alpha[q, s] = 0 without renormalising (= subtracting alpha*v*W_O terms)",
         "claimed_set": "fewest non-sink sources covering >= 50% of the row; sink if they cannot",
-        "thresholds": thr,
+        "thresholds": th.to_dict(),
         "seed": seed,
         "n_boot": n_boot,
         "seconds": round(seconds, 3),

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
 from .claims import Claims
 from .claims.head_types import SINK_ROLES
-from .compare.stats import Estimate, ratio_of_means
-from .evidence.sweeps import label
+from .compare.stats import Estimate
+from .compare.verdicts import Compensation
 from .prompts import PromptSet
+from .types import HeadId
 
-__all__ = ["head_row", "edge_rows", "source_positions", "position_name"]
+__all__ = ["HeadResult", "head_row", "edge_rows", "source_positions", "position_name"]
 
 
 def position_name(prompts: PromptSet, pos: int) -> str:
@@ -60,29 +62,36 @@ def source_positions(prompts: PromptSet, claims: Claims, read_pos, max_sources: 
     return list(roles.values()), list(roles.keys())
 
 
+_NAN = Estimate.nan(1)
+
+
 def _ci(prefix: str, e: Estimate) -> dict:
     return {prefix: e.value, f"{prefix}_lo": e.lo, f"{prefix}_hi": e.hi}
 
 
-def head_row(
-    h,
-    claims: Claims,
-    prompts: PromptSet,
-    est: dict,
-    ko: dict,
-    rho: Estimate,
-    direct: Estimate,
-    comp,
-    verdict,
-    share,
-    rel,
-    rout,
-    reason,
-    p,
-    q,
-    carriers,
-) -> dict:
-    L, H = h.layer, h.head
+@dataclass
+class HeadResult:
+    """Everything the audit measured and decided for one head."""
+
+    head: HeadId
+    effects: dict[str, Estimate]  # ablation method -> normalised effect
+    knockouts: dict[str, Estimate]  # remove / keep / renorm of the claimed set
+    routing: Estimate
+    direct: Estimate
+    compensation: Compensation | None
+    verdict: str
+    relevance: str
+    routing_class: str
+    reason: str
+    share: float
+    p: float
+    q: float
+    carriers: str
+    edges: list[Estimate]  # per examined source: effect of removing that one edge
+
+
+def head_row(r: HeadResult, claims: Claims, prompts: PromptSet) -> dict:
+    L, H = r.head.layer, r.head.head
     row = {
         "layer": L,
         "head": H,
@@ -97,74 +106,49 @@ def head_row(
     row["entropy"] = float(claims.entropy_read[L, H])
     row["diffuse"] = bool(claims.diffuse[L, H])
     for m in ("zero", "mean", "resample"):
-        row.update(_ci(f"ablation_{m}", est.get(m, Estimate.nan(1))))
-    row.update(_ci("knockout_claimed", ko["remove"]))
-    row.update(_ci("knockout_unclaimed", ko["keep"]))
-    row.update(_ci("knockout_claimed_renorm", ko["renorm"]))
-    row.update(_ci("routing", rho))
-    row.update(_ci("direct_effect", direct))
-    row["p_value"], row["q_value"] = p, q
-    row["relevance"], row["routing_class"] = rel, rout
-    partner = getattr(comp, "partner", None) if verdict == "compensated" else None
+        row.update(_ci(f"ablation_{m}", r.effects.get(m, _NAN)))
+    row.update(_ci("knockout_claimed", r.knockouts["remove"]))
+    row.update(_ci("knockout_unclaimed", r.knockouts["keep"]))
+    row.update(_ci("knockout_claimed_renorm", r.knockouts["renorm"]))
+    row.update(_ci("routing", r.routing))
+    row.update(_ci("direct_effect", r.direct))
+    row["p_value"], row["q_value"] = r.p, r.q
+    row["relevance"], row["routing_class"] = r.relevance, r.routing_class
+    comp = r.compensation
+    partner = comp.partner if comp is not None and r.verdict == "compensated" else None
     row["partner_layer"] = partner[0] if partner else None
     row["partner_head"] = partner[1] if partner else None
     row["partner"] = f"L{partner[0]}H{partner[1]}" if partner else ""
-    j = getattr(comp, "joint", None) if comp is not None else None
-    row.update(_ci("joint_effect", j if j is not None else Estimate.nan(1)))
-    row["carriers"] = carriers
-    row["verdict"] = verdict
-    row["verdict_share"] = share
-    row["reason"] = reason
-    return row
+    joint = comp.joint if comp is not None and comp.joint is not None else _NAN
+    row.update(_ci("joint_effect", joint))
+    row["carriers"] = r.carriers
+    row["verdict"] = r.verdict
+    row["verdict_share"] = r.share
+    row["reason"] = r.reason
+    return row  # fmt: skip
 
 
 def edge_rows(
-    heads,
-    claims: Claims,
-    engine,
-    prompts: PromptSet,
-    read_pos,
-    sources,
-    names,
-    values,
-    m0,
-    den,
-    n_boot,
-    seed,
+    results: list[HeadResult], claims: Claims, prompts: PromptSet, read_pos, sources, names
 ) -> pd.DataFrame:
-    n = len(prompts)
-    rows_idx = torch.arange(n)
+    rows_idx = torch.arange(len(prompts))
     out = []
-    for h in heads:
-        L, H = h.layer, h.head
+    for r in results:
+        L, H = r.head.layer, r.head.head
         alpha = claims.patterns[rows_idx, L, H, read_pos]  # [batch, k]
         claimed = claims.claimed[rows_idx, L, H, read_pos]  # [batch, k]
-        for j, (src, name) in enumerate(zip(sources, names, strict=True)):
+        for src, name, e in zip(sources, names, r.edges, strict=True):
             ok = src >= 0
             s = src.clamp(min=0)
-            a = torch.where(ok, alpha[rows_idx, s], torch.nan)
-            e = ratio_of_means(
-                values[label("edge", h, extra=f"@{j}")] - m0,
-                den,
-                n_boot=n_boot,
-                seed=seed,
-                label=f"edge{L}.{H}@{j}",
-            )
-            src_pos = int(src[0]) if prompts.aligned else math.nan
-            out.append(
-                {
-                    "layer": L,
-                    "head": H,
-                    "query_role": "END" if "END" in prompts.roles else "read",
-                    "query_pos": int(read_pos[0]) if prompts.aligned else math.nan,
-                    "source_role": name,
-                    "source_pos": src_pos,
-                    "is_sink": bool(claims.sink[rows_idx, s][ok].all()),
-                    "attention": float(a.nanmean()),
-                    "claimed_share": float(claimed[rows_idx, s][ok].float().mean()),
-                    "effect_remove": e.value,
-                    "effect_remove_lo": e.lo,
-                    "effect_remove_hi": e.hi,
-                }
-            )
+            out.append({
+                "layer": L, "head": H,
+                "query_role": "END" if "END" in prompts.roles else "read",
+                "query_pos": int(read_pos[0]) if prompts.aligned else math.nan,
+                "source_role": name,
+                "source_pos": int(src[0]) if prompts.aligned else math.nan,
+                "is_sink": bool(claims.sink[rows_idx, s][ok].all()),
+                "attention": float(torch.where(ok, alpha[rows_idx, s], torch.nan).nanmean()),
+                "claimed_share": float(claimed[rows_idx, s][ok].float().mean()),
+                **_ci("effect_remove", e),
+            })  # fmt: skip
     return pd.DataFrame(out)
