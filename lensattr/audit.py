@@ -58,7 +58,7 @@ def audit(
     t0 = time.time()
     th = thresholds or Thresholds()
     adapter = model if isinstance(model, Adapter) else Adapter(model)
-    prompts, metric, task_name = _resolve_task(task, metric, n_prompts, seed)
+    prompts, metric, task_name = _resolve_task(task, metric, n_prompts, seed, adapter.model)
     n = len(prompts)
     engine = Engine(
         adapter, prompts, metric, batch_size=batch_size, progress=progress, checkpoint=checkpoint
@@ -105,14 +105,7 @@ def audit(
     # ---- verdicts ------------------------------------------------------------------------
     results = []
     for i, h in enumerate(heads):
-        zero = values[label("zero", h)]
-        rho = ratio_of_means(
-            values[label("keep", h)] - zero,
-            m0 - zero,
-            n_boot=n_boot,
-            seed=seed,
-            label=label("rho", h),
-        )
+        rho = _routing(values, h, m0, eff, th, n_boot, seed)
         comp, partner_e = _compensation(h, cands[h], eff, primary, direct)
         striking = bool(claims.claim_score[h.layer, h.head] >= th.striking)
         verdict, rel, rout, reason = decide(prim[i], float(q[i]), rho, striking, comp, th)
@@ -167,6 +160,16 @@ class Effects:
         return ratio_of_means(num, self.den, n_boot=self.n_boot, seed=self.seed, label=lbl)
 
 
+def _routing(values, h, m0, eff: Effects, th: Thresholds, n_boot: int, seed: int) -> Estimate:
+    """rho = mean(m(keep only C) - m(zero)) / mean(m0 - m(zero)); undefined (NaN) when zero-
+    ablating the head moves the metric by less than the null margin: nothing to route."""
+    if not abs(eff(label("zero", h)).value) >= th.delta:
+        return Estimate.nan(len(m0))
+    zero = values[label("zero", h)]
+    return ratio_of_means(values[label("keep", h)] - zero, m0 - zero, n_boot=n_boot, seed=seed,
+                          label=label("rho", h))
+
+
 def _run(engine, interventions, desc) -> dict:
     if not interventions:
         return {}
@@ -195,11 +198,12 @@ def _tensors(results, claims, prompts, engine, methods, adapter) -> dict:
     return tensors
 
 
-def _resolve_task(task, metric, n_prompts, seed) -> tuple[PromptSet, object, str]:
+def _resolve_task(task, metric, n_prompts, seed, model) -> tuple[PromptSet, object, str]:
     if isinstance(task, str):
         task = _tasks.get(task)
     if isinstance(task, _tasks.Task):
-        return task.prompts(n_prompts, seed), as_metric(metric or task.metric()), task.name
+        prompts = task.prompts(n_prompts, seed, model)
+        return prompts, as_metric(metric or task.metric()), task.name
     if isinstance(task, PromptSet):
         if metric is None:
             raise ValueError("metric: required when auditing a bare PromptSet")

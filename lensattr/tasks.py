@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .metrics import LogitDiff, Metric
+from .metrics import HiddenCosineToClean, LogitDiff, Metric, PairCosine
 from .prompts import PromptSet
 
 __all__ = ["Task", "register_task", "get", "list_tasks"]
@@ -17,15 +17,17 @@ class Task:
     description: str
     model: str  # the bundled model the task is made for
     mechanism: str  # the expected mechanism, in words
-    make_prompts: Callable[[int, int], PromptSet]  # (n_prompts, seed) -> PromptSet
+    make_prompts: Callable[[int, int, object], PromptSet]  # (n_prompts, seed, model)
     make_metric: Callable[[], Metric]
     default_n: int = 32
 
-    def prompts(self, n_prompts: int | None = None, seed: int = 0) -> PromptSet:
+    def prompts(self, n_prompts: int | None = None, seed: int = 0, model=None) -> PromptSet:
+        """The task's prompts; tasks whose prompts need the model (e.g. reference embeddings)
+        load their default model when ``model`` is None."""
         n = self.default_n if n_prompts is None else int(n_prompts)
         if n < 1:
             raise ValueError(f"n_prompts: expected at least 1, got {n}")
-        return self.make_prompts(n, seed)
+        return self.make_prompts(n, seed, model)
 
     def metric(self) -> Metric:
         return self.make_metric()
@@ -52,7 +54,7 @@ def list_tasks() -> list[Task]:
     return list(_TASKS.values())
 
 
-def _planted_copy(n: int, seed: int) -> PromptSet:
+def _planted_copy(n: int, seed: int, model=None) -> PromptSet:
     from .zoo.planted import planted_copy_data
 
     d = planted_copy_data(n_prompts=n, seed=seed)
@@ -81,3 +83,49 @@ register_task(
         make_metric=lambda: LogitDiff("END"),
     )
 )
+
+
+def _minilm_prompts(kind: str):
+    def make(n: int, seed: int, model=None) -> PromptSet:
+        from .zoo import minilm
+
+        if kind == "similarity":
+            if model is None:
+                from .model import load_model
+
+                model = load_model("minilm")
+            d = minilm.similarity_data(model, n=n, seed=seed)
+            extra = {"pair_embedding": d["pair_embedding"]}
+        else:
+            d, extra = minilm.token_data(n=n, seed=seed), {}
+        return PromptSet(tokens=d["tokens"], attention_mask=d["attention_mask"],
+                         corrupted=d["corrupted"], roles=d["roles"], text=tuple(d["text"]),
+                         name=f"minilm-{kind}", extra=extra)
+
+    return make
+
+
+register_task(Task(
+    name="minilm-similarity",
+    description="Sentence-pair similarity with all-MiniLM-L6-v2: cosine of the first sentence's "
+                "mean-pooled embedding with the paired sentence's clean embedding; corrupted "
+                "first sentences swap one key word (same token count).",
+    model="minilm",
+    mechanism="Not planted: a real pretrained encoder. Expect [CLS]/[SEP] sink heads that are "
+              "inert, and heads whose routing runs through the swapped KEY word.",
+    make_prompts=_minilm_prompts("similarity"),
+    make_metric=lambda: PairCosine(),
+    default_n=24,
+))
+register_task(Task(
+    name="minilm-token",
+    description="How much an ambiguous word's final representation (role TOK) depends on each "
+                "source: cosine with its clean final hidden state; corrupted sentences swap the "
+                "context word that decides its meaning.",
+    model="minilm",
+    mechanism="Not planted. Heads that carry the disambiguating context word into TOK should "
+              "have effects routed through that source.",
+    make_prompts=_minilm_prompts("token"),
+    make_metric=lambda: HiddenCosineToClean("TOK"),
+    default_n=14,
+))

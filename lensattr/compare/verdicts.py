@@ -9,7 +9,8 @@ Two axes, then a label (``Thresholds`` holds every margin):
 * **routing** rho = (m(keep only C) - m(zero head)) / (m0 - m(zero head)):
   ``through_claim`` when rho's CI lies inside [0.7, 1.3]; ``elsewhere`` when its CI lies below
   0.3; ``partial`` when the CI lies in neither band nor straddles a band edge; ``unclear`` when
-  it straddles; ``n/a`` when undefined (the head does nothing to route).
+  it straddles; ``n/a`` when undefined (zero-ablating the head moves the metric by less than
+  delta: nothing to route).
 
 Labels, in precedence order:
 

