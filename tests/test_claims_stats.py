@@ -110,3 +110,24 @@ def test_verdict_rules():
     straddle = est(0.03, 0.01, 0.05)
     assert decide(straddle, 0.01, est(1, 1, 1), True, None, th)[0] == "undetermined"
     assert routing_class(est(0.25, 0.2, 0.35), th) == "unclear"
+
+
+def test_type_scores_match_transformer_lens_head_detector(random_gpt2):
+    """TL's "mul" score divides by every query row; ours averages over the rows where the
+    score is defined, so TL = ours * (#defined rows / #rows)."""
+    from transformer_lens.head_detector import detect_head
+
+    words = ["w3", "w9", "w4", "w17", "w30"]
+    seq = " ".join(words + words)  # repeated: duplicate and induction rows exist
+    toks = random_gpt2.to_tokens(seq)  # BOS + 10 tokens
+    _, cache = random_gpt2.run_with_cache(toks)
+    P = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(2)], 1)
+    ours = type_scores(P, PromptSet(tokens=toks))
+    T = toks.shape[1]
+    defined = {"previous_token": T - 1, "duplicate_token": 5, "induction": 5}
+    names = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
+             "induction": "induction_head"}
+    for ours_name, tl_name in names.items():
+        tl = detect_head(random_gpt2, seq, tl_name)
+        torch.testing.assert_close(ours[ours_name] * defined[ours_name] / T, tl.float(),
+                                   atol=1e-5, rtol=0)
