@@ -36,7 +36,7 @@ def audit(
     seed: int = 0,
     thresholds: Thresholds | None = None,
     n_boot: int = 1000,
-    batch_size: int = 256,
+    batch_size: int = 64,
     progress: bool = True,
     checkpoint: str | None = None,
     max_edge_sources: int = 24,

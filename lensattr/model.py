@@ -101,6 +101,10 @@ class Adapter:
         )
         self._fast_ok: bool | None = None
         self._pattern_editable: bool | None = None
+        # probe results are kept on the model, so each new Adapter does not re-run them
+        if not isinstance(getattr(model, "_lensattr_probes", None), dict):
+            model._lensattr_probes = {}
+        self._probes: dict = model._lensattr_probes
         hooks = set(model.hook_dict.keys())
         missing = [
             hook_name(s, layer)
@@ -159,6 +163,8 @@ class Adapter:
         attention to the HF module and fires hook_pattern after the fact (e.g. BERT). Probed
         once: zeroing every pattern must change the output."""
         if self._pattern_editable is None:
+            self._pattern_editable = self._probes.get("pattern_editable")
+        if self._pattern_editable is None:
             toks = torch.zeros(1, 2, dtype=torch.long)
             hooks = {(Site.PATTERN, layer): torch.zeros_like for layer in range(self.n_layers)}
             with warnings.catch_warnings():
@@ -166,6 +172,7 @@ class Adapter:
                 base = self.forward(toks)
                 edited = self.forward(toks, hooks=hooks)
             self._pattern_editable = not torch.equal(base, edited)
+            self._probes["pattern_editable"] = self._pattern_editable
         return self._pattern_editable
 
     @property
@@ -295,9 +302,7 @@ class Adapter:
                 "nothing); use a metric that reads the final hidden states, e.g. "
                 "lensattr.metrics.PairCosine or HiddenCosineToClean"
             )
-        final_hooked = any(site in _GLOBAL_SITES for site, _ in (hooks or {}))
-        slow = final_hooked or readout.kind == "all_logits"
-        if slow or not self._fast_readout_ok(tokens, attention_mask):
+        if readout.kind == "all_logits" or not self._fast_readout_ok(tokens, attention_mask):
             logits = self.forward(tokens, attention_mask, hooks)
             if readout.kind == "all_logits":
                 return logits
@@ -307,10 +312,14 @@ class Adapter:
                 return at.gather(1, readout.columns.to(at.device))
             return at
         resid = self._capture(tokens, attention_mask, hooks, (Site.RESID_FINAL, None))
+        # the final norm runs outside the forward, with the caller's hooks on the norm itself
+        # (e.g. a frozen scale); the residual's own hooks already ran during the capture
+        norm_hooks = {k: f for k, f in (hooks or {}).items()
+                      if k[0] in (Site.LN_FINAL_SCALE, Site.LN_FINAL_OUT)}
         rows = torch.arange(resid.shape[0], device=resid.device)
-        at = resid[rows, readout.positions.to(resid.device)][:, None]  # [batch, 1, d_model]
-        with torch.no_grad():
-            normed = self.model.ln_final(at)[:, 0]  # [batch, d_model]
+        with torch.no_grad(), self.hooks(norm_hooks):
+            normed = self.model.ln_final(resid)  # [batch, pos, d_model]; cheap next to W_U
+            normed = normed[rows, readout.positions.to(resid.device)]  # [batch, d_model]
             W_U, b_U = self.model.W_U, self.model.b_U  # [d_model, d_vocab], [d_vocab]
             if readout.kind == "columns":
                 cols = readout.columns.to(resid.device)  # [batch, k]
@@ -341,6 +350,8 @@ class Adapter:
 
     def _fast_readout_ok(self, tokens, attention_mask) -> bool:
         if self._fast_ok is None:
+            self._fast_ok = self._probes.get("fast_readout")
+        if self._fast_ok is None:
             t = tokens[:1]
             m = None if attention_mask is None else attention_mask[:1]
             full = self.forward(t, m)[0]  # [pos, d_vocab]
@@ -351,6 +362,7 @@ class Adapter:
                 self._fast_ok = bool(torch.allclose(fast[0], full, atol=1e-4, rtol=1e-4))
             except Exception:  # no ln_final / W_U of the plain kind
                 self._fast_ok = False
+            self._probes["fast_readout"] = self._fast_ok
         return self._fast_ok
 
 

@@ -58,7 +58,7 @@ class Engine:
         prompts: PromptSet,
         metric,
         *,
-        batch_size: int = 256,
+        batch_size: int = 64,
         progress: bool = True,
         checkpoint: str | Path | None = None,
     ):

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from lensattr.model import Adapter, ModelInfo, Site, register_model
+from lensattr.types import HeadId, Int
 
-__all__ = ["WEIGHTS", "load", "repeated_tokens", "heldout_text", "measure_facts"]
+__all__ = ["WEIGHTS", "load", "repeated_tokens", "text_windows", "heldout_text", "measure_facts"]
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -37,7 +38,9 @@ def load(folder: Path | str):
     return model.eval(), tok
 
 
-def repeated_tokens(tokenizer, n_seq: int = 32, half: int = 40, seed: int = 0) -> Tensor:
+def repeated_tokens(
+    tokenizer, n_seq: int = 32, half: int = 40, seed: int = 0
+) -> Int[Tensor, "batch pos"]:
     """[n_seq, 1 + 2*half]: BOS, then ``half`` random non-special tokens, repeated once."""
     special = set(tokenizer.all_special_ids)
     allowed = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
@@ -62,7 +65,7 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def text_windows(tokenizer, text: str, n: int = 64, length: int = 127) -> Tensor:
+def text_windows(tokenizer, text: str, n: int = 64, length: int = 127) -> Int[Tensor, "batch pos"]:
     """[n, 1 + length]: BOS + ``length`` characters at ``n`` evenly spaced offsets of ``text``."""
     starts = torch.linspace(0, len(text) - length, n).long().tolist()
     ids = tokenizer([text[s : s + length] for s in starts])["input_ids"]
@@ -87,7 +90,8 @@ def measure_facts(bridge, tokenizer, heldout: str | None = None, half: int = 40)
     * ``loss_first_half``: mean NLL of the tokens at 1..T; ``loss_second_half``: of the
       tokens at T+2..2T (the ones induction can predict);
     * ``ablate_top_induction``: second-half loss with that head's ``hook_z`` zeroed (likewise
-      for the top previous-token head); ``heldout_loss``: on 64 held-out stdlib windows.
+      for the top previous-token head); ``ablate_all_induction``: with every head of induction
+      score > 0.3 zeroed at once; ``heldout_loss``: on 64 held-out stdlib windows.
     """
     ad = Adapter(bridge)
     T = half
@@ -114,25 +118,40 @@ def measure_facts(bridge, tokenizer, heldout: str | None = None, half: int = 40)
         "loss_first_half": first,
         "loss_second_half": second,
     }
-    for kind, scores in (("induction", ind), ("prev_token", prev)):
-        layer, h = max(ad.heads(), key=lambda hd: scores[hd[0]][hd[1]])
 
-        def zero(z: Tensor, _h: int = h) -> Tensor:  # [batch, pos, head_index, d_head]
-            z = z.clone()
-            z[:, :, _h] = 0.0
-            return z
-
-        ablated = halves(ad.forward(toks, hooks={(Site.Z, layer): zero}))[1]
-        facts[f"top_{kind}_head"] = [layer, h]
-        facts[f"top_{kind}_score"] = scores[layer][h]
-        facts[f"ablate_top_{kind}"] = {
-            "loss_second_half": ablated,
-            "increase": ablated - second,
+    def ablated(heads: list[HeadId]) -> dict:
+        loss = halves(ad.forward(toks, hooks=_zero_heads(heads)))[1]
+        return {
+            "heads": [list(hd) for hd in heads],
+            "loss_second_half": loss,
+            "increase": loss - second,
         }
+
+    for kind, scores in (("induction", ind), ("prev_token", prev)):
+        top = max(ad.heads(), key=lambda hd: scores[hd[0]][hd[1]])
+        facts[f"top_{kind}_head"] = list(top)
+        facts[f"top_{kind}_score"] = scores[top[0]][top[1]]
+        facts[f"ablate_top_{kind}"] = ablated([top])
+    facts["ablate_all_induction"] = ablated([hd for hd in ad.heads() if ind[hd[0]][hd[1]] > 0.3])
     if heldout is not None:
         win = text_windows(tokenizer, heldout)
         facts["heldout_loss"] = _nll(ad.forward(win), win).mean().item()
     return facts
+
+
+def _zero_heads(heads: list[HeadId]) -> dict:
+    """Hooks that zero the given heads' ``hook_z`` (one hook per layer)."""
+    hooks = {}
+    for layer in sorted({hd[0] for hd in heads}):
+        idx = [hd[1] for hd in heads if hd[0] == layer]
+
+        def zero(z: Tensor, _idx: list[int] = idx) -> Tensor:  # [batch, pos, head_index, d_head]
+            z = z.clone()
+            z[:, :, _idx] = 0.0
+            return z
+
+        hooks[(Site.Z, layer)] = zero
+    return hooks
 
 
 def _contains(facts: dict) -> str:
@@ -141,11 +160,13 @@ def _contains(facts: dict) -> str:
         found = sorted((x for x in found if x[0] > floor), reverse=True)
         return ", ".join(f"L{layer}H{h} (score {s:.2f})" for s, layer, h in found) or "none"
 
-    abl = facts["ablate_top_induction"]["increase"]
+    top, every = facts["ablate_top_induction"], facts["ablate_all_induction"]
     return (
         f"induction heads {heads(facts['induction_score'], 0.3)}; "
         f"previous-token heads {heads(facts['prev_token_score'], 0.5)}; "
-        f"zeroing the top induction head raises the repeated-half loss by {abl:.2f} nats"
+        f"repeated-half loss {facts['loss_second_half']:.2f} vs first half "
+        f"{facts['loss_first_half']:.2f} nats; zeroing the top induction head raises it by "
+        f"{top['increase']:.2f}, zeroing all {len(every['heads'])} by {every['increase']:.2f}"
     )
 
 
