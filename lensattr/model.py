@@ -159,19 +159,18 @@ class Adapter:
 
     @property
     def pattern_editable(self) -> bool:
-        """Do edits made in hook_pattern reach the output? False where the bridge delegates
-        attention to the HF module and fires hook_pattern after the fact (e.g. BERT). Probed
-        once: zeroing every pattern must change the output."""
+        """Do edits made in hook_pattern reach the head outputs? False where the bridge
+        delegates attention to the HF module and fires hook_pattern after the fact (e.g. BERT).
+        Probed once per model: with every pattern of layer 0 zeroed, hook_z must be zero."""
         if self._pattern_editable is None:
             self._pattern_editable = self._probes.get("pattern_editable")
         if self._pattern_editable is None:
-            toks = torch.zeros(1, 2, dtype=torch.long)
-            hooks = {(Site.PATTERN, layer): torch.zeros_like for layer in range(self.n_layers)}
+            seen = {}
+            hooks = {(Site.PATTERN, 0): torch.zeros_like, (Site.Z, 0): lambda z: seen.update(z=z)}
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TL warns that the edit is discarded
-                base = self.forward(toks)
-                edited = self.forward(toks, hooks=hooks)
-            self._pattern_editable = not torch.equal(base, edited)
+                warnings.simplefilter("ignore")  # TL warns when the edit is discarded
+                self.forward(torch.zeros(1, 2, dtype=torch.long), hooks=hooks)
+            self._pattern_editable = bool((seen["z"] == 0).all())
             self._probes["pattern_editable"] = self._pattern_editable
         return self._pattern_editable
 

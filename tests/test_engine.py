@@ -206,3 +206,23 @@ def test_checkpoint_resumes_without_recomputing(random_gpt2, random_prompts, tmp
     )
     fresh = Engine(random_gpt2, other, LogitDiff(), checkpoint=ck, progress=False)
     assert fresh._ckpt == {}  # a checkpoint of another run is not reused
+
+
+def test_edge_edits_through_z_equal_pattern_edits(random_gpt2, random_prompts):
+    """The hook_z route (used where the bridge discards pattern edits, e.g. BERT) gives the
+    same numbers as editing hook_pattern, on a model where both are possible."""
+    assert Adapter(random_gpt2).pattern_editable
+    g = torch.Generator().manual_seed(7)
+    S = torch.rand(6, 9, 9, generator=g) < 0.5
+    ivs = [remove_sources(h, S, label=f"r{h}") for h in HEADS]
+    ivs += [remove_sources(h, S, renormalise=True, label=f"n{h}") for h in HEADS]
+    via_pattern = Engine(random_gpt2, random_prompts, LogitDiff(), progress=False).run(ivs)
+    probes = random_gpt2._lensattr_probes
+    probes["pattern_editable"] = False
+    try:
+        via_z = Engine(random_gpt2, random_prompts, LogitDiff(), progress=False).run(ivs)
+    finally:
+        probes["pattern_editable"] = True
+    torch.testing.assert_close(via_z.values, via_pattern.values, atol=1e-5, rtol=0,
+                               equal_nan=True)
+    assert not torch.allclose(via_pattern.values[0], via_pattern.values[3], equal_nan=True)
