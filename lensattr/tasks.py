@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .metrics import HiddenCosineToClean, LogitDiff, Metric, PairCosine
+from .metrics import AnswerLogProb, HiddenCosineToClean, LogitDiff, Metric, PairCosine
 from .prompts import PromptSet
 
 __all__ = ["Task", "register_task", "get", "list_tasks"]
@@ -128,4 +128,64 @@ register_task(Task(
     make_prompts=_minilm_prompts("token"),
     make_metric=lambda: HiddenCosineToClean("TOK"),
     default_n=14,
+))
+
+
+def _char_task(kind: str, default_model: str):
+    def make(n: int, seed: int, model=None) -> PromptSet:
+        from .zoo import char_tasks
+
+        if model is None:
+            from .model import load_model
+
+            model = load_model(default_model)
+        build = getattr(char_tasks, f"{kind}_prompts")
+        return build(model.tokenizer, n, seed)
+
+    return make
+
+
+register_task(Task(
+    name="induction",
+    description="Repeated random characters: BOS + R + R[:10]; predict R[10] (logit difference "
+                "against a character not in R). Corrupted: the first copy of R replaced.",
+    model="attn2",
+    mechanism="Layer-1 induction heads attend from END to NEXT (the token after the earlier copy "
+              "of the END token) and copy it; the layer-0 previous-token head (L0H3 in attn2) "
+              "writes at NEXT which token preceded it, which the induction heads' keys read.",
+    make_prompts=_char_task("induction", "attn2"),
+    make_metric=lambda: LogitDiff("END"),
+))
+register_task(Task(
+    name="duplicate-token",
+    description="Distinct random characters, the last one repeating the one at DUP; predict the "
+                "character after DUP. Corrupted: the character at DUP replaced.",
+    model="attn2",
+    mechanism="Heads that attend from END to DUP (duplicate-token pattern) or to NEXT "
+              "(induction) carry the answer; NEXT is where the copied token sits.",
+    make_prompts=_char_task("duplicate", "attn2"),
+    make_metric=lambda: LogitDiff("END"),
+))
+register_task(Task(
+    name="previous-token",
+    description="Held-out stdlib text: log-probability of the true next character; corrupted "
+                "prompts replace the character before END (PREV).",
+    model="attn2",
+    mechanism="The layer-0 previous-token head moves PREV's identity to END, where it combines "
+              "with END's own token (skip-bigram statistics).",
+    make_prompts=_char_task("previous_token", "attn2"),
+    make_metric=lambda: AnswerLogProb("END"),
+    default_n=96,  # natural text is heterogeneous: fewer prompts leave most verdicts open
+))
+register_task(Task(
+    name="natural-text",
+    description="Held-out stdlib text windows whose next character continues a bigram seen "
+                "earlier in the window; log-probability of the true next character. Corrupted: "
+                "the first half replaced by another window's.",
+    model="gpt3l",
+    mechanism="Induction heads (L1 in gpt3l) copy the character that followed the earlier "
+              "occurrence; other heads add local n-gram statistics.",
+    make_prompts=_char_task("natural_text", "gpt3l"),
+    make_metric=lambda: AnswerLogProb("END"),
+    default_n=96,
 ))

@@ -130,6 +130,9 @@ def decide(
         if striking:
             return "inert", rel, rout, "striking pattern, effect within the null margin"
         return "negligible", rel, rout, "no striking pattern, effect within the null margin"
+    if e.lo > th.delta or e.hi < -th.delta:
+        why = f"effect CI clears the margin but q = {q:.3f} >= {th.alpha}"
+        return "undetermined", rel, rout, why
     return "undetermined", rel, rout, f"effect CI [{e.lo:.3f}, {e.hi:.3f}] straddles a margin"
 
 

