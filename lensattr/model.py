@@ -490,7 +490,7 @@ def _load_hub(name: str, device, boot_kwargs):
     try:
         bridge = TransformerBridge.boot_transformers(name, device=device or "cpu", **boot_kwargs)
     except Exception as err:  # hub unreachable, unknown name, unsupported architecture
-        known = ", ".join(m.name for m in _REGISTRY.values())
+        known = ", ".join(sorted(_REGISTRY))
         raise ModelError(
             f"name_or_path: could not load {name!r}: not a bundled model ({known}), not a local "
             f"folder, and loading it from the hub failed ({type(err).__name__}: {err})"
