@@ -32,15 +32,15 @@ from collections.abc import Callable
 os.environ.setdefault("TQDM_DISABLE", "1")  # TL's patching loop draws a tqdm bar per call
 
 import torch  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformer_lens import patching  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import lensattr  # noqa: E402
 from lensattr import LogitDiff, PromptSet  # noqa: E402
 from lensattr.evidence import Engine  # noqa: E402
 from lensattr.evidence.interventions import ablate  # noqa: E402
 from lensattr.model import boot_bridge  # noqa: E402
+from lensattr.zoo.word_vocab import word_tokenizer as _words  # noqa: E402
 
 # Configuration of DESIGN.md, "Where the time goes".
 N_LAYERS, N_HEADS, D_MODEL, D_VOCAB = 4, 8, 256, 30_522
@@ -50,19 +50,10 @@ TOLERANCE = 1e-4
 
 
 # ---- set-up ------------------------------------------------------------------------------
-def word_tokenizer(n_vocab: int) -> PreTrainedTokenizerFast:
-    """An in-memory WordLevel tokenizer (``<bos>`` = 0, ``w1`` ... ``w{n-1}``); the benchmark
-    feeds token ids directly, the tokenizer only lets the bridge boot offline."""
-    vocab = {"<bos>": 0, **{f"w{i}": i for i in range(1, n_vocab)}}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<bos>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<bos>",
-        eos_token="<bos>",
-        unk_token="<bos>",
-        pad_token="<bos>",
-    )
+def word_tokenizer(n_vocab: int):
+    """In-memory tokenizer (``<bos>`` = 0, ``w1`` ... ``w{n-1}``); the benchmark feeds token
+    ids directly, the tokenizer only lets the bridge boot offline."""
+    return _words(["<bos>"] + [f"w{i}" for i in range(1, n_vocab)], "bench-words")
 
 
 def build_model(seed: int = 0):

@@ -2,23 +2,14 @@
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from lensattr.model import boot_bridge
+from lensattr.zoo.word_vocab import word_tokenizer as _words
 
 
-def word_tokenizer(n_vocab: int) -> PreTrainedTokenizerFast:
-    vocab = {"<bos>": 0, **{f"w{i}": i for i in range(1, n_vocab)}}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<bos>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<bos>",
-        eos_token="<bos>",
-        unk_token="<bos>",
-        pad_token="<bos>",
-    )
+def word_tokenizer(n_vocab: int):
+    return _words(["<bos>"] + [f"w{i}" for i in range(1, n_vocab)], "test-words")
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,10 @@ from __future__ import annotations
 import math
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from ..model import ModelInfo, register_model
+from .word_vocab import word_tokenizer
 
 __all__ = ["NAMES", "FILLERS", "ROLES", "PLANTED_TRUTH", "build_planted", "planted_copy_data"]
 
@@ -177,14 +177,7 @@ def _one_hot(n: int, start: int) -> torch.Tensor:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Whitespace word-level tokenizer over :data:`VOCAB`; <bos> (id 0) is bos/eos/pad/unk."""
-    core = Tokenizer(models.WordLevel(vocab=dict(TOKEN_ID), unk_token=BOS))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=BOS, eos_token=BOS, pad_token=BOS, unk_token=BOS
-    )
-    tok.init_kwargs["name_or_path"] = "planted"
-    tok.init_kwargs["add_bos_token"] = True
-    return tok
+    return word_tokenizer(VOCAB, "planted")
 
 
 def build_planted() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
