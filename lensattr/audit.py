@@ -275,6 +275,7 @@ def _meta(
     return {
         "model": adapter.name,
         "model_config_hash": adapter.config_hash(),
+        "model_weights_hash": adapter.weights_hash(),
         "n_layers": adapter.n_layers,
         "n_heads": adapter.n_heads,
         "task": task_name,
@@ -283,6 +284,8 @@ def _meta(
         "metric": as_metric(metric).describe(),
         "primary_ablation": primary.value,
         "ablation_methods": [m.value for m in methods],
+        "mean_ablation": "mean of the head's hook_z over the prompt set at each position",
+        "resample_pairing": "each prompt with its own corrupted prompt (one draw)",
         "effect_reference": reference,
         "effect_definition": "e = mean(m_int - m0) / mean(m_ref - m0); 0 = no change, "
         "1 = as far as the reference run",

@@ -204,6 +204,19 @@ class Adapter:
             )
         return HeadId(layer, h)
 
+    def weights_hash(self) -> str:
+        """A fingerprint of the weights (every parameter's shape, sum and first values): two
+        models with one config but other weights never share a checkpoint."""
+        if "weights_hash" not in self._probes:
+            h = hashlib.sha256()
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    flat = p.detach().flatten().float().cpu()
+                    h.update(name.encode() + str(tuple(p.shape)).encode())
+                    h.update(flat[:64].numpy().tobytes() + flat.sum().numpy().tobytes())
+            self._probes["weights_hash"] = h.hexdigest()[:16]
+        return self._probes["weights_hash"]
+
     def config_hash(self) -> str:
         d = {k: repr(v) for k, v in sorted(vars(self.cfg).items())}
         return hashlib.sha256(json.dumps(d).encode()).hexdigest()[:16]

@@ -226,3 +226,22 @@ def test_edge_edits_through_z_equal_pattern_edits(random_gpt2, random_prompts):
     torch.testing.assert_close(via_z.values, via_pattern.values, atol=1e-5, rtol=0,
                                equal_nan=True)
     assert not torch.allclose(via_pattern.values[0], via_pattern.values[3], equal_nan=True)
+
+
+def test_checkpoint_not_shared_across_weights(random_gpt2, random_prompts, tmp_path):
+    """Same config, other weights: the checkpoint of one must not be reused by the other."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lensattr.model import boot_bridge
+
+    from .conftest import word_tokenizer
+
+    ck = tmp_path / "ev.safetensors"
+    Engine(random_gpt2, random_prompts, LogitDiff(), checkpoint=ck, progress=False).run(
+        [ablate(HEADS[0])])
+    torch.manual_seed(123)
+    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    other = boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), "random-gpt2")
+    assert Adapter(other).config_hash() == Adapter(random_gpt2).config_hash()
+    assert Engine(other, random_prompts, LogitDiff(), checkpoint=ck, progress=False)._ckpt == {}

@@ -88,7 +88,8 @@ class Engine:
         ]
         self._ckpt_path = Path(checkpoint) if checkpoint else None
         self._ckpt: dict[str, Tensor] = {}
-        key = json.dumps([a.config_hash(), prompts.hash(), self.metric.describe()], default=str)
+        key = json.dumps([a.config_hash(), a.weights_hash(), prompts.hash(),
+                          self.metric.describe()], default=str)
         self.run_key = hashlib.sha256(key.encode()).hexdigest()[:16]
         if self._ckpt_path is not None and self._ckpt_path.exists():
             from safetensors import safe_open
