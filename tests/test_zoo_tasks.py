@@ -32,16 +32,18 @@ def test_prompt_builders_are_what_they_say(attn2):
     assert tok.decode(prev.tokens[0, 1:]) == prev.text[0]
 
 
-def test_lensattr_finds_the_induction_heads(attn2):
+@pytest.mark.parametrize("name", ["attn2", "gpt3l"])
+def test_lensattr_finds_the_induction_heads(name):
     """lensattr's claims find the induction and previous-token heads that facts.json records,
     and lensattr's ablation of the top induction head lowers the in-context logit."""
     import json
 
     from lensattr.zoo.trained import WEIGHTS
 
-    facts = json.loads((WEIGHTS / "attn2" / "facts.json").read_text())
-    toks = repeated_tokens(attn2.tokenizer, n_seq=16, half=40)
-    a = lensattr.Adapter(attn2)
+    model = lensattr.load_model(name)
+    facts = json.loads((WEIGHTS / name / "facts.json").read_text())
+    toks = repeated_tokens(model.tokenizer, n_seq=16, half=40)
+    a = lensattr.Adapter(model)
     _, store = a.run_with_cache(toks)
     pats = [store[(lensattr.model.Site.PATTERN, layer)] for layer in range(a.n_layers)]
     claims = compute_claims(pats, lensattr.PromptSet(tokens=toks), torch.tensor([80] * 16))
@@ -52,11 +54,15 @@ def test_lensattr_finds_the_induction_heads(attn2):
     assert claims.head_type[prev[0]][prev[1]] == "previous_token"
 
     task = lensattr.tasks.get("induction")
-    p = task.prompts(16, model=attn2)
-    e = Engine(attn2, p, task.metric(), progress=False)
-    res = e.run([ablate(top), ablate(*[(1, h) for h in range(4)], label="all")])
+    p = task.prompts(16, model=model)
+    e = Engine(model, p, task.metric(), progress=False)
+    all_ind = [h for h in a.heads() if ind[h] > 0.3]
+    res = e.run([ablate(top), ablate(*all_ind, label="all")])
     assert (res.values[0] < e.clean).float().mean() > 0.8  # ablating it hurts on most prompts
-    assert (e.clean - res.values[1]).mean() > 3 * (e.clean - res.values[0]).mean()
+    drop_top, drop_all = (e.clean - res.values[0]).mean(), (e.clean - res.values[1]).mean()
+    assert drop_all > drop_top > 0
+    if name == "attn2":  # four redundant induction heads: one alone matters far less
+        assert drop_all > 3 * drop_top
 
 
 def test_induction_audit_verdicts(attn2):
