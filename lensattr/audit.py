@@ -141,6 +141,9 @@ def audit(
         n_boot,
         time.time() - t0,
     )
+    tok = getattr(adapter.model, "tokenizer", None)
+    if tok is not None:  # the example prompt as text, for the report
+        meta["example_text_tokens"] = [tok.decode([i]) for i in prompts.tokens[0].tolist()]
     return Audit(heads=heads_df, edges=edges_df, tensors=tensors, meta=meta)
 
 

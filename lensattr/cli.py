@@ -29,10 +29,6 @@ def _audit(args) -> int:
         progress=not args.quiet,
         checkpoint=str(ckpt),
     )
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None and "example_tokens" in result.tensors:
-        ids = result.tensors["example_tokens"].tolist()
-        result.meta["example_text_tokens"] = [tok.decode([i]) for i in ids]
     result.save(out)
     result.report(out / "report.html")
     ckpt.unlink(missing_ok=True)
