@@ -465,13 +465,13 @@ def load_model(name_or_path: str, *, device: str | None = None, **boot_kwargs):
         return bridge
     path = Path(name_or_path)
     if path.exists():
-        return _load_folder(path, device, boot_kwargs)
+        return _load_folder(path, device)
     if name_or_path.startswith((".", "/")) or os.sep in name_or_path and path.suffix:
         raise ModelError(f"name_or_path: no such folder {name_or_path!r}")
     return _load_hub(name_or_path, device, boot_kwargs)
 
 
-def _load_folder(path: Path, device, boot_kwargs):
+def _load_folder(path: Path, device):
     if not path.is_dir():
         raise ModelError(f"name_or_path: {str(path)!r} is a file; expected a model folder")
     if not (path / "config.json").exists():

@@ -140,3 +140,22 @@ def test_hooks_removed_on_error(random_gpt2, random_prompts):
         a.forward(random_prompts.tokens, hooks={(Site.Z, 0): boom})
     clean = a.forward(random_prompts.tokens)  # no hook left behind
     assert torch.isfinite(clean).all()
+
+
+def test_local_folder_loads(random_prompts, tmp_path):
+    """The real folder path: an HF checkpoint saved as safetensors loads and gives the HF
+    model's own logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .conftest import word_tokenizer
+
+    torch.manual_seed(5)
+    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    word_tokenizer(50).save_pretrained(tmp_path)
+    with torch.no_grad():
+        ref = hf(random_prompts.tokens).logits
+    loaded = lensattr.load_model(str(tmp_path))
+    torch.testing.assert_close(loaded(random_prompts.tokens), ref, atol=1e-4, rtol=0)
