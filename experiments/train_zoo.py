@@ -207,7 +207,7 @@ def monitor(model, tok, held: torch.Tensor, rep: torch.Tensor) -> tuple[float, f
 
 
 def train(name: str, args, recipe: dict, train_text: str, held_text: str) -> None:
-    from lensattr.model import boot_bridge
+    from lensattr.loading import boot_bridge
     from lensattr.zoo.trained import load, measure_facts, repeated_tokens, text_windows
 
     spec = ARCHS[name]

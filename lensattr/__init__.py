@@ -14,8 +14,9 @@ from . import tasks
 from .audit import audit
 from .audit_result import Audit
 from .compare.verdicts import Thresholds
+from .loading import list_models, load_model
 from .metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric, Metric
-from .model import Adapter, list_models, load_model
+from .model import Adapter
 from .prompts import PromptSet
 from .types import AblationMethod, HeadId
 

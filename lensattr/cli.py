@@ -13,7 +13,7 @@ __all__ = ["main"]
 def _audit(args) -> int:
     from . import tasks as task_registry
     from .audit import audit
-    from .model import load_model
+    from .loading import load_model
 
     task = task_registry.get(args.task)
     model_name = args.model or task.model
@@ -41,7 +41,7 @@ def _audit(args) -> int:
 
 
 def _models(args) -> int:
-    from .model import list_models
+    from .loading import list_models
 
     for m in list_models():
         print(
@@ -52,10 +52,8 @@ def _models(args) -> int:
 
 
 def _tasks(args) -> int:
-    from . import model  # noqa: F401  (zoo registration may add tasks)
     from .tasks import list_tasks
 
-    model.list_models()
     for t in list_tasks():
         print(f"{t.name} (model: {t.model})\n  {t.description}\n  mechanism: {t.mechanism}")
     return 0

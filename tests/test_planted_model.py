@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from lensattr.model import boot_bridge, list_models
+from lensattr.loading import boot_bridge, list_models
 from lensattr.zoo.planted import (
     FILLERS,
     NAMES,

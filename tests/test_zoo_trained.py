@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lensattr.model import boot_bridge, list_models
+from lensattr.loading import boot_bridge, list_models
 from lensattr.zoo import trained
 
 FOLDERS = sorted(p.parent for p in trained.WEIGHTS.glob("*/facts.json"))

@@ -1,4 +1,4 @@
-"""Bundled models, registered with :func:`lensattr.model.register_model` on import.
+"""Bundled models, registered with :func:`lensattr.loading.register_model` on import.
 
 ``planted`` is hand-wired in code; ``attn2`` and ``gpt3l`` were trained here on the Python
 standard library (weights shipped as safetensors, recipe in ``experiments/train_zoo.py``);

@@ -12,8 +12,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..loading import ModelInfo, register_model
 from ..metrics import Readout, mean_pool
-from ..model import Adapter, ModelError, ModelInfo, register_model
+from ..model import Adapter, ModelError
 
 __all__ = ["LOGITS_MEANINGFUL", "PUBLISHED", "SIMILARITY_PAIRS", "TOKEN_SENTENCES", "minilm_dir",
            "build_minilm", "final_hidden", "mean_pool", "embed", "verify_weights",

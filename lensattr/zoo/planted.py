@@ -20,7 +20,7 @@ import math
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from ..model import ModelInfo, register_model
+from ..loading import ModelInfo, register_model
 from .word_vocab import word_tokenizer
 
 __all__ = ["NAMES", "FILLERS", "ROLES", "PLANTED_TRUTH", "build_planted", "planted_copy_data"]

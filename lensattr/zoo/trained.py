@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lensattr.model import Adapter, ModelInfo, Site, register_model
-from lensattr.types import HeadId, Int
+from ..loading import ModelInfo, register_model
+from ..model import Adapter, Site
+from ..types import HeadId, Int
 
 __all__ = ["WEIGHTS", "load", "repeated_tokens", "text_windows", "heldout_text", "measure_facts"]
 
