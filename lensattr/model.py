@@ -259,10 +259,20 @@ class Adapter:
     ) -> tuple[Tensor, dict[tuple[Site, int | None], Tensor]]:
         """Logits plus the activations at ``sites`` (every layer for layer sites), detached."""
         store: dict[tuple[Site, int | None], Tensor] = {}
+        logits = self.forward(tokens, attention_mask, self.capture_hooks(sites, store, hooks))
+        return logits, store
+
+    def capture_hooks(
+        self,
+        sites: tuple[Site, ...],
+        store: dict,
+        hooks: dict[tuple[Site, int | None], HookFn] | None = None,
+    ) -> dict[tuple[Site, int | None], HookFn]:
+        """``hooks`` plus hooks that save a detached copy of each site (every layer for layer
+        sites) into ``store``, after any hook already on that site."""
         all_hooks = dict(hooks or {})
         for site in sites:
-            layers = range(self.n_layers) if site in _LAYER_SITES else [None]
-            for layer in layers:
+            for layer in range(self.n_layers) if site in _LAYER_SITES else [None]:
                 key = (site, layer)
                 inner = all_hooks.get(key)
 
@@ -274,8 +284,7 @@ class Adapter:
                     return x
 
                 all_hooks[key] = save
-        logits = self.forward(tokens, attention_mask, all_hooks)
-        return logits, store
+        return all_hooks
 
     def read(
         self,

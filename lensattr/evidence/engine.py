@@ -70,7 +70,6 @@ class Engine:
         self.batch_size = int(batch_size)
         self.progress = progress
         a, n = self.adapter, len(prompts)
-        self.final_scale: Tensor | None = None
         self.W_O = [a.W_O(layer) for layer in range(a.n_layers)]  # [head, d_head, d_model]
         self.clean_values, self.z, self.patterns = self._reference(prompts.tokens)
         self.clean = self._metric(self.clean_values, prompts, self.clean_values)
@@ -100,29 +99,19 @@ class Engine:
 
     # ---- reference runs ----------------------------------------------------------------
     def _reference(self, tokens):
+        """Readout, hook_z and patterns of a run without interventions; on the clean tokens
+        also the values and the final norm's scale (for edge edits and direct paths)."""
         a, store = self.adapter, {}
-        hooks = {}
-        for layer in range(a.n_layers):
-            for site in (Site.Z, Site.PATTERN, Site.V):
-
-                def save(x, _k=(site, layer)):
-                    store[_k] = x.detach().clone()
-
-                hooks[(site, layer)] = save
-        if tokens is self.prompts.tokens:
-
-            def save_scale(x):
-                store["scale"] = x.detach().clone()
-
-            hooks[(Site.LN_FINAL_SCALE, None)] = save_scale
+        clean = tokens is self.prompts.tokens
+        sites = (Site.Z, Site.PATTERN) + ((Site.V, Site.LN_FINAL_SCALE) if clean else ())
+        hooks = a.capture_hooks(sites, store)
         values = a.read(tokens, self.prompts.attention_mask, self.readout, hooks)
-        if "scale" in store:
-            self.final_scale = store["scale"]  # [batch, pos, 1]
-        z = [store[(Site.Z, layer)] for layer in range(a.n_layers)]
-        pat = [store[(Site.PATTERN, layer)] for layer in range(a.n_layers)]
-        if tokens is self.prompts.tokens:
-            self.v = [store[(Site.V, layer)] for layer in range(a.n_layers)]
-        return values, z, pat
+        layers = range(a.n_layers)
+        if clean:
+            self.v = [store[(Site.V, layer)] for layer in layers]
+            self.final_scale = store.get((Site.LN_FINAL_SCALE, None))  # [batch, pos, 1]
+        z = [store[(Site.Z, layer)] for layer in layers]
+        return values, z, [store[(Site.PATTERN, layer)] for layer in layers]
 
     def _masked_mean(self, z: Tensor) -> Tensor:
         v = self.prompts.valid.to(z.dtype)[:, :, None, None]  # [batch, pos, 1, 1]
@@ -133,17 +122,24 @@ class Engine:
             return readout.positions
         return self.prompts.roles["END"]
 
-    def _metric(self, values, prompts: PromptSet, clean) -> Tensor:
-        if not torch.isfinite(values).all():
+    def _metric(self, values, prompts: PromptSet, clean, invalid: Tensor | None = None
+                ) -> Tensor:
+        """The metric per row, after checking the readout; rows marked ``invalid`` (edits that
+        could not be made) are NaN and exempt from the checks."""
+        n = values.shape[0]
+        invalid = torch.zeros(n, dtype=torch.bool) if invalid is None else invalid
+        values = values.float()
+        if (~torch.isfinite(values.reshape(n, -1)).all(1) & ~invalid).any():
             raise MetricError(
                 "model output: NaN or inf in the logits read by the metric; check the model's "
-                "weights and inputs"
+                "weights, inputs and interventions"
             )
-        out = check_metric_output(
-            self.metric.compute(values, prompts, clean), len(prompts), self.metric.name
-        )
-        if not torch.isfinite(out).all():
+        values[invalid] = 0.0
+        out = check_metric_output(self.metric.compute(values, prompts, clean), n,
+                                  self.metric.name).clone()
+        if not torch.isfinite(out[~invalid]).all():
             raise MetricError(f"metric {self.metric.name!r}: returned NaN or inf")
+        out[invalid] = float("nan")
         return out
 
     # ---- interventions -----------------------------------------------------------------
@@ -267,14 +263,7 @@ class Engine:
                 hooks[(Site.Z, layer)] = self._track_hook(layer, inner, idx, pos, deltas)
         prompts = self.prompts.take(idx)
         vals = a.read(prompts.tokens, prompts.attention_mask, self.readout.take(idx), hooks)
-        vals = vals.float()
-        bad = ~torch.isfinite(vals.reshape(R, -1)).all(1)
-        if (bad & ~invalid).any():
-            raise MetricError("model output: NaN or inf in the logits under an intervention")
-        vals[invalid] = 0.0
-        out = self.metric.compute(vals, prompts, self.clean_values[idx])
-        out = check_metric_output(out, R, self.metric.name).clone()
-        out[invalid] = float("nan")
+        out = self._metric(vals, prompts, self.clean_values[idx], invalid)
         d = deltas.reshape(len(ivs), n, a.n_layers, a.n_heads) if track else None
         return out.reshape(len(ivs), n), d
 
