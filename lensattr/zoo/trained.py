@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..evidence import Engine, ablate
 from ..loading import ModelInfo, register_model
+from ..metrics import LogitsMetric
 from ..model import Adapter, Site
+from ..prompts import PromptSet
 from ..types import HeadId, Int
 
 __all__ = ["WEIGHTS", "load", "repeated_tokens", "text_windows", "heldout_text", "measure_facts"]
@@ -120,8 +123,13 @@ def measure_facts(bridge, tokenizer, heldout: str | None = None, half: int = 40)
         "loss_second_half": second,
     }
 
+    def second_half(logits: Tensor, prompts) -> Tensor:  # [batch] mean NLL of T+2..2T
+        return _nll(logits, prompts.tokens)[:, T + 1 :].mean(1)
+
+    engine = Engine(ad, PromptSet(tokens=toks), LogitsMetric(second_half), progress=False)
+
     def ablated(heads: list[HeadId]) -> dict:
-        loss = halves(ad.forward(toks, hooks=_zero_heads(heads)))[1]
+        loss = engine.run([ablate(*heads)]).values[0].mean().item()
         return {
             "heads": [list(hd) for hd in heads],
             "loss_second_half": loss,
@@ -138,21 +146,6 @@ def measure_facts(bridge, tokenizer, heldout: str | None = None, half: int = 40)
         win = text_windows(tokenizer, heldout)
         facts["heldout_loss"] = _nll(ad.forward(win), win).mean().item()
     return facts
-
-
-def _zero_heads(heads: list[HeadId]) -> dict:
-    """Hooks that zero the given heads' ``hook_z`` (one hook per layer)."""
-    hooks = {}
-    for layer in sorted({hd[0] for hd in heads}):
-        idx = [hd[1] for hd in heads if hd[0] == layer]
-
-        def zero(z: Tensor, _idx: list[int] = idx) -> Tensor:  # [batch, pos, head_index, d_head]
-            z = z.clone()
-            z[:, :, _idx] = 0.0
-            return z
-
-        hooks[(Site.Z, layer)] = zero
-    return hooks
 
 
 def _contains(facts: dict) -> str:
