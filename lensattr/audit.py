@@ -40,6 +40,7 @@ def audit(
     progress: bool = True,
     checkpoint: str | None = None,
     max_edge_sources: int = 24,
+    heads=None,
 ) -> Audit:
     """Audit every head of ``model`` on ``task``.
 
@@ -54,6 +55,9 @@ def audit(
             resample when the prompts have corrupted versions, else mean.
         checkpoint: a file path; evidence is saved there after every chunk and an interrupted
             audit resumes from it.
+        heads: audit only these heads (``HeadId`` or ``(layer, head)`` pairs); default every
+            head. Multiple-testing correction and partner search run over the chosen heads;
+            per-head tensors hold NaN for the others.
     """
     t0 = time.time()
     th = thresholds or Thresholds()
@@ -66,7 +70,7 @@ def audit(
     patterns = engine.patterns if cache is None else _patterns_from_cache(adapter, cache, prompts)
     read_pos = engine._read_pos(engine.readout)
     claims = compute_claims(patterns, prompts, read_pos, causal=adapter.is_causal)
-    heads = adapter.heads()
+    heads = _resolve_heads(adapter, heads)
     methods = [AblationMethod.ZERO, AblationMethod.MEAN]
     if prompts.corrupted is not None:
         methods.append(AblationMethod.RESAMPLE)
@@ -184,7 +188,10 @@ def _tensors(results, claims, prompts, engine, methods, adapter) -> dict:
     L, H, n = adapter.n_layers, adapter.n_heads, len(prompts)
 
     def grid(get):
-        return torch.stack([get(r).per_prompt for r in results]).reshape(L, H, n)
+        out = torch.full((L, H, n), float("nan"))
+        for r in results:
+            out[r.head.layer, r.head.head] = get(r).per_prompt
+        return out
 
     tensors = {
         "clean_metric": engine.clean,
@@ -199,6 +206,19 @@ def _tensors(results, claims, prompts, engine, methods, adapter) -> dict:
     if prompts.aligned:
         tensors["pattern_mean"] = claims.patterns.mean(0)
     return tensors
+
+
+def _resolve_heads(adapter: Adapter, heads) -> list:
+    if heads is None:
+        return adapter.heads()
+    if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
+        raise ValueError(f"heads: expected a list of HeadId(layer, head), got {heads!r}")
+    chosen = [adapter.check_head(h, "heads") for h in heads]
+    if not chosen:
+        raise ValueError("heads: expected at least one head, got an empty list")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError("heads: the same head is listed twice")
+    return sorted(chosen)
 
 
 def _resolve_task(task, metric, n_prompts, seed, model) -> tuple[PromptSet, object, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import operator
 import warnings
 from collections.abc import Callable, Iterator
 from enum import Enum
@@ -178,9 +179,13 @@ class Adapter:
     def check_head(self, head, arg: str = "head") -> HeadId:
         """Validate a head address and return it as a HeadId; clear error naming ``arg``."""
         try:
-            layer, h = (int(head[0]), int(head[1]))
+            if len(head) != 2:
+                raise ValueError
+            layer, h = (operator.index(head[0]), operator.index(head[1]))
         except (TypeError, ValueError, IndexError):
-            raise ValueError(f"{arg}: expected HeadId(layer, head), got {head!r}") from None
+            raise ValueError(
+                f"{arg}: expected HeadId(layer, head) with two integers, got {head!r}"
+            ) from None
         if not 0 <= layer < self.n_layers:
             raise ValueError(
                 f"{arg}: layer {layer} out of range; model {self.name!r} has layers "
