@@ -77,8 +77,11 @@ register_task(
         model="planted",
         mechanism="L0H0 copies S1 (faithful); L0H1 attends a zero-value token but copies S1 "
         "through 15% attention (misleading); L0H3 copies S1 and L1H0 backs it up only when it is "
-        "absent (compensated pair); L0H2 sink, L1H1 previous-token and L1H3 self heads are "
-        "inert; L1H2 is diffuse and negligible.",
+        "absent (compensated pair); L0H4 copies S1 and writes a constant tag that silences L1H4, "
+        "which backs it up only when L0H4 is zero-ablated: resample and mean ablation keep the "
+        "tag, so under them L0H4 looks faithful and L1H4 inert (a pair only zero ablation shows); "
+        "L0H2 sink, L1H1 previous-token and L1H3 self heads are inert; L1H2 is diffuse and "
+        "negligible.",
         make_prompts=_planted_copy,
         make_metric=lambda: LogitDiff("END"),
     )

@@ -11,6 +11,9 @@ from lensattr.model import Site, hook_name
 from lensattr.zoo.planted import PLANTED_TRUTH
 
 TRUTH = {(h["layer"], h["head"]): h for h in PLANTED_TRUTH["heads"]}
+NEW_PAIR = [(0, 4), (1, 4)]  # backup pair with a prompt-independent trigger (issue 12 item 5)
+CLEAN = ("faithful", "decoy", "backup", "backup_constant")  # the heads that are on when clean
+M0 = sum(PLANTED_TRUTH["contributions"][k] for k in CLEAN)  # clean logit diff, 16
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def row(result, layer, head):
     return r.iloc[0]
 
 
-@pytest.mark.parametrize("lh", sorted(TRUTH))
+@pytest.mark.parametrize("lh", sorted(set(TRUTH) - set(NEW_PAIR)))
 def test_planted_verdict(result, lh):
     r, t = row(result, *lh), TRUTH[lh]
     assert r.verdict == t["verdict"], r.reason
@@ -45,17 +48,37 @@ def test_planted_verdict(result, lh):
     assert bool(r.diffuse) == t["diffuse"]
 
 
+def test_constant_trigger_pair(result):
+    """L0H4 / L1H4: resample and mean ablation keep L0H4's constant tag, so L1H4 never switches on
+    under them; only zero ablation shows the pair (L0H4 alone 1/16, both together 4/16)."""
+    p, q = row(result, 0, 4), row(result, 1, 4)
+    assert p.ablation_resample == pytest.approx(4 / M0, abs=0.01)
+    assert p.ablation_mean == pytest.approx(4 / M0, abs=0.01)
+    assert p.ablation_zero == pytest.approx(1 / M0, abs=0.01)  # L1H4 restores 3 of 4
+    assert p.direct_effect == pytest.approx(4 / M0, abs=0.01)
+    for c in ("ablation_resample", "ablation_mean", "ablation_zero", "direct_effect"):
+        assert abs(q[c]) < 0.01, c
+    assert p.top_source == "S1" and q.head_type == "sink"
+    # NEW PAIR: verdict rules being fixed in issue 12 item 5
+    # Today's behaviour: compensation is searched only under the primary (resample) baseline,
+    # so L0H4 is `faithful` with no partner and L1H4 `inert`. PLANTED_TRUTH says L1H4 is
+    # `compensated` (partner L0H4) and both are compensated under ["zero"].
+    assert (p.verdict, q.verdict) == ("faithful", "inert"), (p.reason, q.reason)
+    assert pd.isna(p.partner_layer) and pd.isna(q.partner_layer)
+    assert TRUTH[(0, 4)]["compensated_under"] == TRUTH[(1, 4)]["compensated_under"] == ["zero"]
+
+
 def test_axes_beside_labels(result):
     f, d = row(result, 0, 0), row(result, 0, 1)
     assert 0.7 <= f.routing_lo <= f.routing_hi <= 1.3
     assert d.routing_hi < 0.3
-    # contributions 4 and 3 of a clean logit diff of 12, corrupted ~0: e = 1/3 and 1/4
-    assert f.ablation_resample == pytest.approx(4 / 12, abs=0.01)
-    assert d.ablation_resample == pytest.approx(3 / 12, abs=0.01)
+    # contributions 4 and 3 of a clean logit diff of 16, corrupted ~0: e = 1/4 and 3/16
+    assert f.ablation_resample == pytest.approx(4 / M0, abs=0.01)
+    assert d.ablation_resample == pytest.approx(3 / M0, abs=0.01)
     assert d.knockout_claimed == pytest.approx(0.0, abs=0.01)  # removing DECOY does nothing
     b1 = row(result, 0, 3)
-    assert b1.joint_effect == pytest.approx(5 / 12, abs=0.02)
-    assert b1.direct_effect == pytest.approx(5 / 12, abs=0.02)  # direct >> total (compensated)
+    assert b1.joint_effect == pytest.approx(5 / M0, abs=0.02)
+    assert b1.direct_effect == pytest.approx(5 / M0, abs=0.02)  # direct >> total (compensated)
 
 
 def test_edges_table(result):
