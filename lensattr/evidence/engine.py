@@ -374,6 +374,8 @@ class Engine:
         def edit(z):
             if inner is not None:
                 z = inner(z)
+            if isinstance(added, float):  # nothing removed under a replacement baseline
+                return z
             return z + added.to(z.device, z.dtype)
 
         return edit

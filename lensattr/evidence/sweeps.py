@@ -63,7 +63,7 @@ def claim_sweep(
 ) -> list[Intervention]:
     """Per head, on the rows whose claim is non-empty: keep only the claimed set C (every
     non-sink source outside C removed; the sink's terms left alone) and, with ``remove``,
-    remove C; under the zero baseline also remove C at the read rows and renormalise what is
+    remove C; under the zero baseline, remove C at the read rows and renormalise what is
     left there (the secondary, renormalised knockout of the claim the tables show). Removed
     terms are replaced by ``baseline``'s counterparts."""
     b = baseline.value
@@ -76,9 +76,9 @@ def claim_sweep(
         out.append(remove_sources(h, keep, baseline=baseline, label=label(f"keep-{b}", h)))
         if remove:
             out.append(remove_sources(h, c, baseline=baseline, label=label(f"remove-{b}", h)))
-            if baseline == Z:
-                at = c if read_rows is None else c & read_rows[:, :, None]
-                out.append(remove_sources(h, at, renormalise=True, label=label("renorm", h)))
+        if baseline == Z:
+            at = c if read_rows is None else c & read_rows[:, :, None]
+            out.append(remove_sources(h, at, renormalise=True, label=label("renorm", h)))
     return out
 
 
