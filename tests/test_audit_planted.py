@@ -11,7 +11,6 @@ from lensattr.model import Site, hook_name
 from lensattr.zoo.planted import PLANTED_TRUTH
 
 TRUTH = {(h["layer"], h["head"]): h for h in PLANTED_TRUTH["heads"]}
-NEW_PAIR = [(0, 4), (1, 4)]  # backup pair with a prompt-independent trigger (issue 12 item 5)
 CLEAN = ("faithful", "decoy", "backup", "backup_constant")  # the heads that are on when clean
 M0 = sum(PLANTED_TRUTH["contributions"][k] for k in CLEAN)  # clean logit diff, 16
 
@@ -33,18 +32,29 @@ def row(result, layer, head):
     return r.iloc[0]
 
 
-@pytest.mark.parametrize("lh", sorted(set(TRUTH) - set(NEW_PAIR)))
+@pytest.mark.parametrize("lh", sorted(TRUTH))
 def test_planted_verdict(result, lh):
     r, t = row(result, *lh), TRUTH[lh]
     assert r.verdict == t["verdict"], r.reason
     assert r.verdict_share == pytest.approx(1.0)
-    if t["partner"] is not None:
+    if t["verdict"] == "compensated":
         assert (r.partner_layer, r.partner_head) == tuple(t["partner"])
+    else:
+        assert pd.isna(r.partner_layer) and r.partner == ""
+    under = {x.split(":")[0]: x.split(":")[1] if ":" in x else None
+             for x in r.compensated_under.split(",") if x}
+    assert set(under) == set(t["compensated_under"]), r.compensated_under
+    for partner in under.values():  # every baseline names the planted partner
+        assert partner == str(lensattr.HeadId(*t["partner"]))
+    assert bool(r.baseline_sensitive) == (0 < len(under) < len(result.meta["ablation_methods"]))
     if t["head_type"] is not None:
         assert r.head_type == t["head_type"]
     if t["verdict"] in ("faithful", "misleading"):
         assert r.top_source == t["claimed_source_role"]
         assert t["carrier_role"] in r.carriers.split(",")
+        assert r.head_type_read != "sink"  # its type at END is not its resting pattern
+    else:
+        assert r.carriers == ""  # no carriers for a head inside the null margin
     assert bool(r.diffuse) == t["diffuse"]
 
 
@@ -59,13 +69,12 @@ def test_constant_trigger_pair(result):
     for c in ("ablation_resample", "ablation_mean", "ablation_zero", "direct_effect"):
         assert abs(q[c]) < 0.01, c
     assert p.top_source == "S1" and q.head_type == "sink"
-    # NEW PAIR: verdict rules being fixed in issue 12 item 5
-    # Today's behaviour: compensation is searched only under the primary (resample) baseline,
-    # so L0H4 is `faithful` with no partner and L1H4 `inert`. PLANTED_TRUTH says L1H4 is
-    # `compensated` (partner L0H4) and both are compensated under ["zero"].
+    # the label follows the primary (resample) baseline; zero ablation shows the pair
     assert (p.verdict, q.verdict) == ("faithful", "inert"), (p.reason, q.reason)
-    assert pd.isna(p.partner_layer) and pd.isna(q.partner_layer)
-    assert TRUTH[(0, 4)]["compensated_under"] == TRUTH[(1, 4)]["compensated_under"] == ["zero"]
+    assert p.labels_by_baseline == "zero=compensated,mean=faithful,resample=faithful"
+    assert q.labels_by_baseline == "zero=compensated,mean=inert,resample=inert"
+    assert p.compensated_under == "zero:L1H4" and q.compensated_under == "zero:L0H4"
+    assert p.baseline_sensitive and q.baseline_sensitive
 
 
 def test_axes_beside_labels(result):

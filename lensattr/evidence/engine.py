@@ -184,7 +184,7 @@ class Engine:
 
     def _check_method(self, method: AblationMethod, arg: str) -> None:
         if method == AblationMethod.RESAMPLE and self.z_corr is None:
-            raise ValueError(f"{arg}: resample needs corrupted prompts in the task")
+            raise ValueError(f"{arg}: resample ablation needs corrupted prompts in the task")
         if method == AblationMethod.MEAN and not self.prompts.aligned:
             raise ValueError(
                 f"{arg}: mean ablation averages each position over the prompts, which needs "

@@ -360,11 +360,12 @@ PLANTED_TRUTH: dict = {
               note="uniform attention over causal positions; writes junk J nobody reads"),
         _head(1, 3, "inert", "self", "END", None, head_type="self",
               note="attends itself 0.9, BOS 0.1; writes junk J nobody reads"),
-        _head(1, 4, "compensated", "backup_secondary_constant", "BOS", "S1", head_type="sink",
+        _head(1, 4, "inert", "backup_secondary_constant", "BOS", "S1", head_type="sink",
               partner=[0, 4], compensated_under=["zero"],
               note="END attends BOS (zero value) while L0H4's constant tag K is present: on "
               "clean prompts and under resample or mean ablation of L0H4 alike, so its effect "
-              "is null there; when L0H4 is zero-ablated it attends S1 and restores 3 of 4"),
+              "is null there (inert under the primary baseline); when L0H4 is zero-ablated it "
+              "attends S1 and restores 3 of 4 (compensated under zero, flagged)"),
     ],
     "contributions": {"faithful": A_F, "decoy": A_D, "backup": A_B,
                       "backup_constant": A_P, "backup_constant_restore": A_Q},
