@@ -20,7 +20,7 @@ def one_head(rows):
 def test_type_scores_by_hand():
     # tokens: a b a b  -> query 2 (a) has an earlier a at 0, token after it is 1;
     #                     query 3 (b) has an earlier b at 1, token after it is 2.
-    prompts = PromptSet(tokens=torch.tensor([[5, 6, 5, 6]]))
+    prompts = PromptSet(tokens=torch.tensor([[5, 6, 5, 6]]), roles={"BOS": 0})
     P = one_head([[1, 0, 0, 0], [0.2, 0.8, 0, 0], [0.1, 0.6, 0.3, 0], [0.1, 0.2, 0.3, 0.4]])
     s = type_scores(P, prompts)
     assert s["previous_token"].item() == pytest.approx((0.2 + 0.6 + 0.3) / 3)

@@ -220,7 +220,7 @@ def test_truth_table():
         (0, 0): ("faithful", None), (0, 1): ("misleading", None), (0, 2): ("inert", "sink"),
         (0, 3): ("compensated", None), (1, 0): ("compensated", None),
         (1, 1): ("inert", "previous_token"), (1, 2): ("negligible", None),
-        (1, 3): ("inert", "self"), (0, 4): ("faithful", None), (1, 4): ("compensated", "sink"),
+        (1, 3): ("inert", "self"), (0, 4): ("faithful", None), (1, 4): ("inert", "sink"),
     }  # fmt: skip
     partners = {(h["layer"], h["head"]): h["partner"] for h in truth["heads"]}
     assert partners[B1] == list(B2) and partners[B2] == list(B1)
