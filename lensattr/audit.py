@@ -66,6 +66,8 @@ def audit(
             are used for the claims.
         ablation: primary ablation for relevance (``zero``/``mean``/``resample``); default
             resample when the prompts have corrupted versions, else mean.
+        n_prompts: how many prompts a task makes (default: the task's own number); with a
+            PromptSet, its first ``n_prompts`` prompts (more than it holds is refused).
         checkpoint: a file path; evidence is saved there after every chunk and an interrupted
             audit resumes from it.
         heads: audit only these heads (``HeadId`` or ``(layer, head)`` pairs); default every
@@ -282,7 +284,9 @@ def _resolve_heads(adapter: Adapter, heads) -> list:
     if heads is None:
         return adapter.heads()
     if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
-        raise ValueError(f"heads: expected a list of HeadId(layer, head), got {heads!r}")
+        raise ValueError(
+            f"heads: expected a list of HeadId(layer, head), got {type(heads).__name__}"
+        )
     chosen = [adapter.check_head(h, "heads") for h in heads]
     if not chosen:
         raise ValueError("heads: expected at least one head, got an empty list")
@@ -300,7 +304,7 @@ def _resolve_task(task, metric, n_prompts, seed, model) -> tuple[PromptSet, obje
     if isinstance(task, PromptSet):
         if metric is None:
             raise ValueError("metric: required when auditing a bare PromptSet")
-        return task, as_metric(metric), task.name
+        return task.first(n_prompts), as_metric(metric), task.name  # n_prompts: the first n
     raise TypeError(f"task: expected a task name, Task or PromptSet, got {type(task).__name__}")
 
 

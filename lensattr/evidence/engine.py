@@ -66,6 +66,9 @@ class Engine:
         self.prompts = prompts
         self.metric: Metric = as_metric(metric)
         prompts.validate_vocab(self.adapter.d_vocab)
+        prompts.validate_length(getattr(self.adapter.cfg, "n_ctx", None))
+        prompts.validate_tokenizer(getattr(self.adapter.model, "tokenizer", None),
+                                   self.adapter.name)
         self.readout = self.metric.readout(prompts)
         self.batch_size = int(batch_size)
         self.progress = progress
@@ -78,7 +81,7 @@ class Engine:
         self.z_corr = self.patterns_corr = self.v_corr = self.corrupted = None
         if prompts.corrupted is not None:
             cv, self.z_corr, self.patterns_corr = self._reference(prompts.corrupted)
-            self.corrupted = self._metric(cv, prompts, self.clean_values)
+            self.corrupted = self._metric(cv, prompts.corrupted_view(), self.clean_values)
         self._edge_mean: dict[int, Tensor] = {}
         rows = torch.arange(n)
         pos = self._read_pos(self.readout)
@@ -106,7 +109,8 @@ class Engine:
         clean = tokens is self.prompts.tokens
         sites = (Site.Z, Site.PATTERN, Site.V) + ((Site.LN_FINAL_SCALE,) if clean else ())
         hooks = a.capture_hooks(sites, store)
-        values = a.read(tokens, self.prompts.attention_mask, self.readout, hooks)
+        mask = self.prompts.attention_mask if clean else self.prompts.corrupted_attention_mask
+        values = a.read(tokens, mask, self.readout, hooks)
         layers = range(a.n_layers)
         v = [store[(Site.V, layer)] for layer in layers]  # [batch, pos, kv_head, d_head]
         if clean:
