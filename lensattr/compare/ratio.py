@@ -149,7 +149,8 @@ def fieller(
     ``a - c b``); see ``experiments/ratio_ci_coverage.py`` for non-normal noise.
     """
     m = moments(num, den)
-    t = t_ppf(1 - (1 - level) / 2, m.n - 1)
+    dfs, inv = torch.unique(m.n - 1, return_inverse=True)  # one quantile per distinct n
+    t = t_ppf(1 - (1 - level) / 2, dfs)[inv]
     t2 = t * t
     A = m.b * m.b - t2 * m.vbb
     B = m.a * m.b - t2 * m.vab
