@@ -17,8 +17,9 @@ intervals count as covering), and the false-``null`` rate at theta = delta = 0.0
 runs whose CI lies inside [-delta, delta] (nominal at most 2.5% for a 95% CI); for Fieller also
 the TOST rate (BH-free ``tost_p < 0.05``, nominal at most 5%).
 
-Run: ``python experiments/ratio_ci_coverage.py`` (about 2 minutes on one core;
-``--sims 500`` for a quick look).
+Run from the repository root: ``PYTHONPATH=. python experiments/ratio_ci_coverage.py`` (about
+3 CPU-minutes for the defaults, 4000 runs per (scenario, n, theta), seed 0: the table quoted in
+``lensattr.compare.stats.ratio_of_means``; ``--sims 500`` for a quick look).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def intervals(a, b, gen, n_boot):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sims", type=int, default=2000, help="runs per (scenario, n, theta)")
+    ap.add_argument("--sims", type=int, default=4000, help="runs per (scenario, n, theta)")
     ap.add_argument("--boot", type=int, default=999)
     ap.add_argument("--ns", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--scenarios", nargs="+", default=["normal", "skewed", "heavy", "noisy_den"])
