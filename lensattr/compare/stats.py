@@ -128,19 +128,20 @@ def _signflip_block(x: Tensor, alternative: str, n_perm: int | None, exact_max_n
     # ties within rounding of the scale of x count as hits (conservative; a row of exact
     # zeros gives p = 1)
     tol = 1e-10 * x.abs().mean(-1, keepdim=True)
+    chunk = max(256, (1 << 22) // max(r, 1))  # patterns per matmul: <= ~32 MB of null means
     if n <= exact_max_n:
         hits = torch.zeros(r, dtype=torch.float64)
         bits = torch.arange(n)
-        for start in range(0, 2**n, 1 << 14):
-            codes = torch.arange(start, min(2**n, start + (1 << 14)))
+        for start in range(0, 2**n, chunk):
+            codes = torch.arange(start, min(2**n, start + chunk))
             signs = 1.0 - 2.0 * ((codes[:, None] >> bits) & 1).double()  # [chunk, n]
             hits += _hits(x @ signs.T / n, obs, tol, alternative)
         return hits / 2**n
 
     def monte_carlo(rows: Tensor, count: int) -> Tensor:
         hits = torch.zeros(rows.shape[0], dtype=torch.float64)
-        for start in range(0, count, 4096):
-            k = min(4096, count - start)
+        for start in range(0, count, chunk):
+            k = min(chunk, count - start)
             signs = torch.randint(0, 2, (k, n), generator=gen).double() * 2 - 1
             hits += _hits(x[rows] @ signs.T / n, obs[rows], tol[rows], alternative)
         return (hits + 1) / (count + 1)
