@@ -48,7 +48,7 @@ def audit(
     n_prompts: int | None = None,
     seed: int = 0,
     thresholds: Thresholds | None = None,
-    n_boot: int = 1000,
+    n_boot: int | None = None,
     batch_size: int = 64,
     progress: bool = True,
     checkpoint: str | None = None,
@@ -64,8 +64,9 @@ def audit(
             to the task's metric (required with a bare PromptSet).
         cache: an optional clean ``ActivationCache`` of the same prompts; its attention patterns
             are used for the claims.
-        ablation: primary ablation for relevance (``zero``/``mean``/``resample``); default
-            resample when the prompts have corrupted versions, else mean.
+        ablation: the primary baseline (``zero``/``mean``/``resample``) whose label is shown;
+            default resample when the prompts have corrupted versions, else mean on aligned
+            prompts, else zero. Every baseline computed is judged; see ``labels_by_baseline``.
         n_prompts: how many prompts a task makes (default: the task's own number); with a
             PromptSet, its first ``n_prompts`` prompts (more than it holds is refused).
         checkpoint: a file path; evidence is saved there after every chunk and an interrupted
@@ -73,6 +74,9 @@ def audit(
         heads: audit only these heads (``HeadId`` or ``(layer, head)`` pairs); default every
             head. Multiple-testing correction and partner search run over the chosen heads;
             per-head tensors hold NaN for the others.
+        n_boot: ignored (intervals are Fieller's, which need no resampling); kept so older
+            calls keep working.
+        progress: one progress bar over the whole audit, with an ETA.
     """
     t0 = time.time()
     th = thresholds or Thresholds()
@@ -124,7 +128,7 @@ def audit(
     else:
         den = values["reference:all-zero"] - engine.clean
         reference = "all heads zero-ablated (no corrupted prompts)"
-    eff = Effects(values, engine.clean, den, n_boot, seed)
+    eff = Effects(values, engine.clean, den, seed)
 
     # ---- compensation partners, under every baseline --------------------------------------
     out_clean = torch.stack(list(engine.out_clean), 1)  # [batch, layer, head, d_model]
@@ -173,7 +177,6 @@ def audit(
         reference,
         th,
         seed,
-        n_boot,
         time.time() - t0,
     )
     meta["heads_audited"] = [list(h) for h in heads]
@@ -333,7 +336,7 @@ def _versions() -> dict:
 
 
 def _meta(
-    adapter, prompts, metric, task_name, primary, methods, reference, th, seed, n_boot, seconds
+    adapter, prompts, metric, task_name, primary, methods, reference, th, seed, seconds
 ):
     return {
         "model": adapter.name,
@@ -352,12 +355,21 @@ def _meta(
         "effect_reference": reference,
         "effect_definition": "e = mean(m_int - m0) / mean(m_ref - m0); 0 = no change, "
         "1 = as far as the reference run",
-        "routing_definition": "rho = mean(m(keep only C) - m(zero)) / mean(m0 - m(zero))",
-        "edge_edit": "alpha[q, s] = 0 without renormalising (= subtracting alpha*v*W_O terms)",
-        "claimed_set": "fewest non-sink sources covering >= 50% of the row; sink if they cannot",
+        "routing_definition": "rho = mean(m(keep only C) - m(ablated)) / mean(m0 - m(ablated)), "
+        "keep-only and ablation under the same baseline",
+        "edge_edit": "alpha[q, s] = 0 without renormalising (= subtracting alpha*v*W_O terms); "
+        "under mean/resample the removed terms are replaced by their mean/corrupted "
+        "counterparts",
+        "claimed_set": "fewest non-sink sources covering >= 50% of the row's non-sink mass; "
+        "sink terms are kept by keep-only and measured apart (sink_effect)",
+        "verdict_baseline": "every number behind a label uses one baseline; the label follows "
+        "the primary, the others are in labels_by_baseline / compensated_under",
         "thresholds": th.to_dict(),
         "seed": seed,
-        "n_boot": n_boot,
+        "confidence_intervals": "Fieller 95% (t, n - 1 df) for every ratio of means over "
+        "prompts; unbounded (+-inf) when the denominator is not significantly non-zero",
+        "null_test": "TOST |e| < delta (Fieller/t), Benjamini-Hochberg across heads",
+        "relevance_test": "exact sign-flip (n <= 16; Monte Carlo above), BH across heads",
         "seconds": round(seconds, 3),
         "versions": _versions(),
         "tensor_axes": {

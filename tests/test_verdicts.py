@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lensattr.compare.compensation import best_partner, candidate_partners
-from lensattr.compare.judge import carriers, min_prompts
-from lensattr.compare.stats import Estimate
+from lensattr.compare.judge import carriers
+from lensattr.compare.stats import Estimate, min_prompts
 from lensattr.compare.verdicts import (
     Compensation,
     HeadEvidence,
@@ -107,8 +107,8 @@ def test_verdict_share_tests_the_fired_rule():
     v = decide(ev(est(0.0, -0.01, 0.01, per_e), comp=_pair(j, i, 0.001)), TH)
     assert v.rule == "compensated_by_partner" and v.share == pytest.approx(0.75)
     d = est(0.3, 0.2, 0.4, [0.3, 0.3, 0.0, 0.0])
-    v = decide(ev(est(0.0, -0.01, 0.01, per_e), comp=Compensation(direct_minus_total=d, q_dmt=0.01)),
-               TH)
+    comp = Compensation(direct_minus_total=d, q_dmt=0.01)
+    v = decide(ev(est(0.0, -0.01, 0.01, per_e), comp=comp), TH)
     assert v.rule == "compensated_direct_gt_total" and v.share == pytest.approx(0.5)
 
 

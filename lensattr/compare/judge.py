@@ -18,18 +18,19 @@ from ..evidence.sweeps import label
 from ..types import AblationMethod, HeadId
 from .compensation import compensation
 from .ratio import ratio_p, tost_p
-from .stats import Estimate, bh_qvalues, ratio_of_means, signflip_p
+from .stats import Estimate, bh_qvalues, min_prompts, ratio_of_means, signflip_p
 from .verdicts import Compensation, HeadEvidence, Thresholds, Verdict, decide
 
-__all__ = ["Effects", "judge", "Judgement", "carriers", "min_prompts"]
+__all__ = ["Effects", "judge", "Judgement", "carriers", "min_prompts"]  # min_prompts: re-export
 
 
 class Effects:
-    """Normalised effects e = mean(m_int - m0) / mean(m_ref - m0), cached by label."""
+    """Normalised effects e = mean(m_int - m0) / mean(m_ref - m0) with Fieller 95% intervals,
+    cached by label."""
 
-    def __init__(self, values: dict[str, Tensor], m0: Tensor, den: Tensor, n_boot: int, seed: int):
+    def __init__(self, values: dict[str, Tensor], m0: Tensor, den: Tensor, seed: int = 0):
         self.values, self.m0, self.den = values, m0, den
-        self.n_boot, self.seed, self._cache = n_boot, seed, {}
+        self.seed, self._cache = seed, {}
 
     def __contains__(self, lbl: str) -> bool:
         return lbl in self.values
@@ -44,16 +45,7 @@ class Effects:
 
     def ratio(self, num: Tensor, lbl: str, den: Tensor | None = None) -> Estimate:
         d = self.den if den is None else den
-        return ratio_of_means(num, d, n_boot=self.n_boot, seed=self.seed, label=lbl)
-
-
-def min_prompts(n_tests: int, alpha: float) -> int:
-    """Smallest prompt count at which a lone relevant head can pass BH over ``n_tests``
-    heads: the exact sign-flip p-value's floor 2 / 2**n must satisfy floor * n_tests < alpha."""
-    n = 1
-    while 2.0 / 2**n * max(n_tests, 1) >= alpha:
-        n += 1
-    return n
+        return ratio_of_means(num, d, label=lbl)
 
 
 @dataclass
