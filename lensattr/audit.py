@@ -29,10 +29,11 @@ from .evidence.sweeps import (
     row_split_sweep,
     sink_sweep,
 )
+from .locus import locus_edges, needs_locus
 from .metrics import as_metric
 from .model import Adapter
 from .prompts import PromptSet
-from .tables import HeadResult, edge_rows, head_row, source_positions
+from .tables import HeadResult, edge_rows, head_row, position_name, source_positions
 from .types import AblationMethod
 
 __all__ = ["audit", "Audit"]
@@ -130,6 +131,11 @@ def audit(
         den = values["reference:all-zero"] - engine.clean
         reference = "all heads zero-ablated (no corrupted prompts)"
     eff = Effects(values, engine.clean, den, seed)
+    b = primary.value
+    focus = [h for h in heads if too_few is None and needs_locus(
+        eff(label(b, h)), eff(label(f"read-{b}", h)), eff(label(f"other-{b}", h)), th)]
+    locus = locus_edges(lambda ivs: _values(_run(engine, ivs)), eff, focus, primary, claims,
+                        prompts, max_edge_sources)
 
     # ---- compensation partners, under every baseline --------------------------------------
     out_clean = torch.stack(list(engine.out_clean), 1)  # [batch, layer, head, d_model]
@@ -160,8 +166,10 @@ def audit(
             evidence=ev, verdict=verdict,
             by_baseline={m.value: jd.verdicts[m.value][i] for m in methods},
             p=float(p[i]),
-            carriers=carriers(edge_est, source_names, ev.effect, th) if too_few is None else "",
+            carriers=_carriers(h, locus, edge_est, source_names, ev.effect, th, prompts)
+            if too_few is None else "",
             edges=edge_est,
+            locus=locus.get(h),
         ))  # fmt: skip
 
     heads_df = pd.DataFrame([head_row(r, claims, prompts) for r in results])
@@ -188,6 +196,14 @@ def audit(
     if tok is not None:  # the example prompt as text, for the report
         meta["example_text_tokens"] = [tok.decode([i]) for i in prompts.tokens[0].tolist()]
     return Audit(heads=heads_df, edges=edges_df, tensors=tensors, meta=meta)
+
+
+def _carriers(h, locus, edge_est, names, e_h, th, prompts) -> str:
+    """Carriers at the read rows; for a head whose effect lives at another row, at that row."""
+    if h in locus:
+        loc = locus[h]
+        return carriers(loc.edges, [position_name(prompts, k) for k in loc.sources], e_h, th)
+    return carriers(edge_est, names, e_h, th)
 
 
 def _maybe_small(e: Estimate, th: Thresholds) -> bool:

@@ -11,6 +11,7 @@ import torch
 from .claims import Claims
 from .compare.stats import Estimate
 from .compare.verdicts import HeadEvidence, Verdict
+from .locus import LocusEdges
 from .prompts import PromptSet
 from .types import HeadId
 
@@ -82,6 +83,7 @@ class HeadResult:
     p: float
     carriers: str
     edges: list[Estimate]  # per examined source: effect of removing the edges to it
+    locus: LocusEdges | None = None  # edges at the row where the effect lives, if not read
 
 
 def _locus(r: HeadResult) -> str:
@@ -141,6 +143,8 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet) -> dict:
     dmt = comp.direct_minus_total
     row.update(_ci("direct_minus_total", dmt if dmt is not None else _NAN))
     row["carriers"] = r.carriers
+    row["carriers_row"] = (position_name(prompts, r.locus.row) if r.locus is not None
+                           else ("read rows" if r.carriers else ""))
     row["baseline"] = v.baseline
     row["verdict"] = v.label
     row["verdict_rule"] = v.rule
@@ -185,4 +189,15 @@ def edge_rows(
                 "baseline": r.verdict.baseline,
                 **_ci("effect_remove", e),
             })  # fmt: skip
+        if r.locus is not None:  # edges where the effect lives
+            q = r.locus.row
+            for k, e in zip(r.locus.sources, r.locus.edges, strict=True):
+                out.append({
+                    "layer": L, "head": H, "query_role": position_name(prompts, q),
+                    "query_pos": q, "source_role": position_name(prompts, k), "source_pos": k,
+                    "is_sink": bool(claims.sink[:, k].all()),
+                    "attention": float(claims.patterns[:, L, H, q, k].mean()),
+                    "claimed_share": float(claims.claimed[:, L, H, q, k].float().mean()),
+                    "baseline": r.verdict.baseline, **_ci("effect_remove", e),
+                })  # fmt: skip
     return pd.DataFrame(out)

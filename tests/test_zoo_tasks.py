@@ -78,4 +78,12 @@ def test_induction_audit_verdicts(attn2):
     assert 0.55 < top.routing_lo < 0.7 < top.routing_hi < 0.95, (top.routing_lo, top.routing_hi)
     assert top.verdict == "undetermined" and top.verdict_rule == "routing_straddles", top.reason
     assert top.carriers == "NEXT"
-    assert h.loc[(0, 3)].head_type == "previous_token" and h.loc[(0, 3)].relevance == "relevant"
+    prev = h.loc[(0, 3)]
+    assert prev.head_type == "previous_token" and prev.relevance == "relevant"
+    # its effect does not live at END: it writes the previous token into NEXT, whose key the
+    # induction heads read; the audit finds that row and the edge that carries it (NEXT -> PREV)
+    assert prev.effect_locus == "other rows" and abs(prev.effect_read_rows) < 0.01
+    assert prev.carriers_row == "NEXT" and prev.carriers == "PREV"
+    e = r.edges
+    at_next = e[(e.layer == 0) & (e["head"] == 3) & (e.query_role == "NEXT")]
+    assert at_next.set_index("source_role").effect_remove.idxmax() == "PREV"

@@ -106,10 +106,11 @@ def edge_sweep(
     sources: list[Tensor],
     n_pos: int,
     baseline: AblationMethod = Z,
+    kind: str = "edge",
 ) -> list[Intervention]:
     """Per head and examined source: remove the edges (read rows -> source), replaced by the
     baseline's terms. ``sources``: one [batch] tensor of source positions per examined source
-    (-1 = absent in that prompt)."""
+    (-1 = absent in that prompt). Labels: ``<kind>-<baseline>:<head>@<source index>``."""
     n = read_rows.shape[0]
     rows = torch.arange(n)
     out = []
@@ -120,7 +121,7 @@ def edge_sweep(
         mask &= read_rows[:, :, None]
         for h in heads:
             out.append(remove_sources(h, mask, baseline=baseline,
-                                      label=label(f"edge-{baseline.value}", h, extra=f"@{j}")))
+                                      label=label(f"{kind}-{baseline.value}", h, extra=f"@{j}")))
     return out
 
 
