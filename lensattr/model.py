@@ -158,7 +158,8 @@ class Adapter:
             hooks = {(Site.PATTERN, 0): torch.zeros_like, (Site.Z, 0): lambda z: seen.update(z=z)}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TL warns when the edit is discarded
-                self.forward(torch.zeros(1, 2, dtype=torch.long), hooks=hooks)
+                self.forward(torch.zeros(1, 2, dtype=torch.long, device=self.device),
+                             hooks=hooks)
             store["pattern_editable"] = bool((seen["z"] == 0).all())
         return store["pattern_editable"]
 

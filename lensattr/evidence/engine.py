@@ -38,6 +38,9 @@ _METHOD_CODE = {AblationMethod.ZERO: 1, AblationMethod.MEAN: 2, AblationMethod.R
 # bump when the numbers the engine computes for one intervention change meaning: saved
 # results of an older definition are then not reused
 ENGINE_SEMANTICS = 1
+# tensors assembled here before one move to the model's device, and every result: named
+# explicitly, so a default device set by the user (torch.set_default_device) changes nothing
+_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -102,7 +105,7 @@ class Engine:
             self.corrupted = self._metric(cv, prompts, self.clean_values)
         else:
             self.z_corr, self.corrupted = None, None
-        rows = torch.arange(n)
+        rows = torch.arange(n, device=_CPU)
         pos = self._read_pos(self.readout)
         self.out_clean = [  # [batch, head, d_model] each head's output at the read position (CPU)
             torch.einsum("bhd,hdm->bhm", z[rows, pos], w).cpu()
@@ -242,8 +245,9 @@ class Engine:
             self._store.save()
             bar.update(len(ks))
         bar.close()
-        values = torch.full((len(interventions), n), float("nan"))
-        delta = torch.zeros(len(interventions), n, a.n_layers, a.n_heads) if track_heads else None
+        values = torch.full((len(interventions), n), float("nan"), device=_CPU)
+        delta = (torch.zeros(len(interventions), n, a.n_layers, a.n_heads, device=_CPU)
+                 if track_heads else None)
         for k, key in enumerate(keys):
             v, d = self._store.get(key, track_heads)
             values[k] = v
@@ -264,13 +268,13 @@ class Engine:
         """One forward pass for ``ivs``. Masks and codes are assembled on the CPU (many small
         writes) and moved to the model's device once per layer; results return on the CPU."""
         a, n, dev = self.adapter, len(self.prompts), self.device
-        idx = torch.arange(n).repeat(len(ivs))  # row r -> prompt r % n (CPU: it indexes both)
+        idx = torch.arange(n, device=_CPU).repeat(len(ivs))  # row r -> prompt r % n
         R = idx.shape[0]
         hooks, invalid = {}, torch.zeros(R, dtype=torch.bool, device=dev)
         for layer in sorted(set().union(*(iv.layers() for iv in ivs))):
-            codes = torch.zeros(R, a.n_heads, dtype=torch.long)
+            codes = torch.zeros(R, a.n_heads, dtype=torch.long, device=_CPU)
             remove = None
-            renorm = torch.zeros(R, a.n_heads, dtype=torch.bool)
+            renorm = torch.zeros(R, a.n_heads, dtype=torch.bool, device=_CPU)
             for k, iv in enumerate(ivs):
                 rows = slice(k * n, (k + 1) * n)
                 for ab in iv.ablations:
@@ -280,7 +284,8 @@ class Engine:
                     if e.head.layer == layer:
                         if remove is None:
                             p = self.prompts.n_pos
-                            remove = torch.zeros(R, a.n_heads, p, p, dtype=torch.bool)
+                            remove = torch.zeros(R, a.n_heads, p, p, dtype=torch.bool,
+                                                 device=_CPU)
                         remove[rows, e.head.head] |= e.remove.cpu()
                         renorm[rows, e.head.head] |= e.renormalise
             codes, renorm = codes.to(dev), renorm.to(dev)
@@ -312,7 +317,7 @@ class Engine:
         R = idx.shape[0]
         dtype = self.z[0].dtype
         sub = torch.zeros(R, self.prompts.n_pos, a.d_model, device=dev, dtype=dtype)
-        frozen = torch.zeros(R, dtype=torch.bool)  # [rows]
+        frozen = torch.zeros(R, dtype=torch.bool, device=_CPU)  # [rows]
         for k, iv in enumerate(ivs):
             rows = slice(k * n, (k + 1) * n)
             for h in iv.direct:
