@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
+import warnings
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from . import tasks as _tasks
 from .audit_result import Audit
 from .claims import compute_claims
+from .claims.head_types import SINK_ROLES
 from .compare.compensation import candidate_partners
-from .compare.stats import Estimate, bh_qvalues, ratio_of_means, signflip_p
-from .compare.verdicts import Compensation, Thresholds, decide, prompt_holds
+from .compare.judge import Effects, carriers, judge, min_prompts
+from .compare.stats import Estimate
+from .compare.verdicts import Thresholds
 from .evidence import Engine, ablate
-from .evidence.sweeps import ablation_sweep, claim_sweep, edge_sweep, joint_sweep, label
+from .evidence.sweeps import (
+    ablation_sweep,
+    claim_sweep,
+    direct_sweep,
+    edge_sweep,
+    joint_sweep,
+    label,
+    row_split_sweep,
+    sink_sweep,
+)
 from .metrics import as_metric
 from .model import Adapter
 from .prompts import PromptSet
@@ -35,7 +48,7 @@ def audit(
     n_prompts: int | None = None,
     seed: int = 0,
     thresholds: Thresholds | None = None,
-    n_boot: int = 1000,
+    n_boot: int | None = None,
     batch_size: int = 64,
     progress: bool = True,
     checkpoint: str | None = None,
@@ -51,86 +64,108 @@ def audit(
             to the task's metric (required with a bare PromptSet).
         cache: an optional clean ``ActivationCache`` of the same prompts; its attention patterns
             are used for the claims.
-        ablation: primary ablation for relevance (``zero``/``mean``/``resample``); default
-            resample when the prompts have corrupted versions, else mean.
+        ablation: the primary baseline (``zero``/``mean``/``resample``) whose label is shown;
+            default resample when the prompts have corrupted versions, else mean on aligned
+            prompts, else zero. Every baseline computed is judged; see ``labels_by_baseline``.
+        n_prompts: how many prompts a task makes (default: the task's own number); with a
+            PromptSet, its first ``n_prompts`` prompts (more than it holds is refused).
         checkpoint: a file path; evidence is saved there after every chunk and an interrupted
             audit resumes from it.
         heads: audit only these heads (``HeadId`` or ``(layer, head)`` pairs); default every
             head. Multiple-testing correction and partner search run over the chosen heads;
             per-head tensors hold NaN for the others.
+        n_boot: ignored (intervals are Fieller's, which need no resampling); kept so older
+            calls keep working.
+        progress: one progress bar over the whole audit, with an ETA.
     """
     t0 = time.time()
     th = thresholds or Thresholds()
     adapter = model if isinstance(model, Adapter) else Adapter(model)
     prompts, metric, task_name = _resolve_task(task, metric, n_prompts, seed, adapter.model)
+    prompts = _with_bos_role(prompts, adapter)
     n = len(prompts)
+    heads = _resolve_heads(adapter, heads)
+    methods, primary = _baselines(prompts, ablation)
+    need = min_prompts(len(heads), th.alpha)
+    too_few = None
+    if n < need:
+        too_few = (f"Too few prompts: with {n} prompt(s) no sign-flip test can reach q < "
+                   f"{th.alpha} after correction across {len(heads)} heads; at least {need} "
+                   "prompts are needed for any verdict.")
+        warnings.warn(too_few + " Every head will be 'undetermined'.", stacklevel=2)
     engine = Engine(
-        adapter, prompts, metric, batch_size=batch_size, progress=progress, checkpoint=checkpoint
+        adapter, prompts, metric, batch_size=batch_size, progress=False, checkpoint=checkpoint
     )
     patterns = engine.patterns if cache is None else _patterns_from_cache(adapter, cache, prompts)
-    read_pos = engine._read_pos(engine.readout)
-    claims = compute_claims(patterns, prompts, read_pos, causal=adapter.is_causal)
-    heads = _resolve_heads(adapter, heads)
-    methods = [AblationMethod.ZERO, AblationMethod.MEAN]
-    if prompts.corrupted is not None:
-        methods.append(AblationMethod.RESAMPLE)
-    primary = AblationMethod(ablation) if ablation else methods[-1]
-    if primary not in methods:
-        raise ValueError(f"ablation: {primary.value!r} needs corrupted prompts in the task")
-
-    # ---- evidence ------------------------------------------------------------------------
-    m0 = engine.clean
-    res = engine.run(ablation_sweep(heads, primary), track_heads=True, desc="ablate heads")
-    values = dict(zip(res.labels, res.values, strict=True))
-    other = [iv for m in methods if m != primary for iv in ablation_sweep(heads, m)]
+    read_rows = _read_rows(metric, prompts, engine)
+    claims = compute_claims(patterns, prompts, read_rows, causal=adapter.is_causal)
     direct = engine.final_scale is not None and adapter.has_direct_path
-    other += claim_sweep(heads, claims.claimed, claims.allowed, direct)
+    bar = tqdm(desc="lensattr audit", unit="iv", disable=not progress, total=0)
+    engine.bar = bar
+
+    # ---- evidence: solo ablations (tracked, for partner candidates) and edits -------------
+    values, head_delta = {}, {}
+    for m in methods:
+        res = _run(engine, ablation_sweep(heads, m), track=True)
+        values.update(_values(res))
+        head_delta[m.value] = res.head_delta
+    plan = row_split_sweep(heads, primary, claims.read_rows)
+    for m in methods:
+        plan += claim_sweep(heads, claims.claimed, claims.allowed, claims.sink, m,
+                            remove=m == primary, read_rows=claims.read_rows)
+        if direct:
+            plan += direct_sweep(heads, m)
+    if claims.sink.any():
+        plan += sink_sweep(heads, claims.allowed, claims.sink, primary)
     if prompts.corrupted is None:
-        other.append(ablate(*heads, method=AblationMethod.ZERO, label="reference:all-zero"))
-    sources, source_names = source_positions(prompts, claims, read_pos, max_edge_sources)
-    other += edge_sweep(heads, read_pos, sources, prompts.n_pos)
-    values.update(_run(engine, other, "claims and edges"))
+        everything = ablate(*adapter.heads(), method=AblationMethod.ZERO)
+        plan.append(dataclasses.replace(everything, label="reference:all-zero"))
+    sources, source_names = source_positions(prompts, claims, claims.read_pos, max_edge_sources)
+    plan += edge_sweep(heads, claims.read_rows, sources, prompts.n_pos, primary)
+    values.update(_values(_run(engine, plan)))
     if prompts.corrupted is not None:
-        den, reference = engine.corrupted - m0, "corrupted prompts (m_c - m0)"
+        den, reference = engine.corrupted - engine.clean, "corrupted prompts (m_c - m0)"
     else:
-        den, reference = values["reference:all-zero"] - m0, "all heads zero-ablated (no corrupted)"
-    eff = Effects(values, m0, den, n_boot, seed)
-    prim = [eff(label(primary.value, h)) for h in heads]
-    p = signflip_p(torch.stack([values[label(primary.value, h)] - m0 for h in heads]), seed=seed)
-    q = bh_qvalues(p)
+        den = values["reference:all-zero"] - engine.clean
+        reference = "all heads zero-ablated (no corrupted prompts)"
+    eff = Effects(values, engine.clean, den, seed)
 
-    # ---- compensation partners (among candidates, not all pairs) --------------------------
-    clean_norm = torch.stack([o.norm(dim=-1).mean(0) for o in engine.out_clean])  # [L, H]
-    cands = candidate_partners(res.head_delta, clean_norm, heads)
-    weak = [h for h, e in zip(heads, prim, strict=True) if not e.hi >= th.tau]
-    pairs = sorted({tuple(sorted((h, c))) for h in weak for c in cands[h]})
-    values.update(_run(engine, joint_sweep(pairs, primary), "partner pairs"))
+    # ---- compensation partners, under every baseline --------------------------------------
+    out_clean = torch.stack(list(engine.out_clean), 1)  # [batch, layer, head, d_model]
+    for m in methods:
+        cands = candidate_partners(head_delta[m.value], out_clean, heads)
+        weak = [h for h in heads if _maybe_small(eff(label(m.value, h)), th)]
+        pairs = sorted({tuple(sorted((h, c))) for h in weak for c in cands[h]})
+        values.update(_values(_run(engine, joint_sweep(pairs, m))))
+    bar.close()
 
-    # ---- verdicts ------------------------------------------------------------------------
+    # ---- verdicts under every baseline; the label follows the primary ----------------------
+    jd = judge(eff, heads, methods, claims.striking, direct, th, too_few)
+    p = jd.p[primary.value]
     results = []
     for i, h in enumerate(heads):
-        rho = _routing(values, h, m0, eff, th, n_boot, seed)
-        comp, partner_e = _compensation(h, cands[h], eff, primary, direct)
-        striking = bool(claims.claim_score[h.layer, h.head] >= th.striking)
-        verdict, rel, rout, reason = decide(prim[i], float(q[i]), rho, striking, comp, th)
-        holds = prompt_holds(verdict, prim[i].per_prompt, rho.per_prompt, comp, partner_e, th)
-        edge_est = [eff(label("edge", h, extra=f"@{j}")) for j in range(len(sources))]
+        ev, verdict = jd.evidence[primary.value][i], jd.verdicts[primary.value][i]
+        edge_est = [eff(label(f"edge-{primary.value}", h, extra=f"@{j}"))
+                    for j in range(len(sources))]
+        knock = {k: eff.get(label(f"{k}-{primary.value}", h)) for k in ("remove", "keep", "sink")}
         results.append(HeadResult(
             head=h,
             effects={m.value: eff(label(m.value, h)) for m in methods},
-            knockouts={k: eff(label(k, h)) for k in ("remove", "keep", "renorm")},
-            routing=rho,
-            direct=eff(label("direct", h)) if direct else Estimate.nan(n),
-            compensation=comp,
-            verdict=verdict, relevance=rel, routing_class=rout, reason=reason,
-            share=float(holds.nanmean()) if torch.isfinite(holds).any() else float("nan"),
-            p=float(p[i]), q=float(q[i]),
-            carriers=_carriers(edge_est, source_names, prim[i]),
+            split={k: eff.get(label(f"{k}-{primary.value}", h)) for k in ("read", "other")},
+            knockouts={**knock, "renorm": eff.get(label("renorm", h))},
+            routing=ev.routing,
+            routing_by={m.value: jd.evidence[m.value][i].routing for m in methods},
+            direct=eff.get(label(f"direct-{primary.value}", h)),
+            evidence=ev, verdict=verdict,
+            by_baseline={m.value: jd.verdicts[m.value][i] for m in methods},
+            p=float(p[i]),
+            carriers=carriers(edge_est, source_names, ev.effect, th) if too_few is None else "",
             edges=edge_est,
         ))  # fmt: skip
 
     heads_df = pd.DataFrame([head_row(r, claims, prompts) for r in results])
-    edges_df = edge_rows(results, claims, prompts, read_pos, sources, source_names)
+    heads_df = heads_df.astype({"partner_layer": "Int64", "partner_head": "Int64"})
+    edges_df = edge_rows(results, claims, prompts, sources, source_names)
     tensors = _tensors(results, claims, prompts, engine, methods, adapter)
     meta = _meta(
         adapter,
@@ -142,45 +177,85 @@ def audit(
         reference,
         th,
         seed,
-        n_boot,
         time.time() - t0,
     )
+    meta["heads_audited"] = [list(h) for h in heads]
+    meta["min_prompts_for_a_verdict"] = need
     tok = getattr(adapter.model, "tokenizer", None)
     if tok is not None:  # the example prompt as text, for the report
         meta["example_text_tokens"] = [tok.decode([i]) for i in prompts.tokens[0].tolist()]
     return Audit(heads=heads_df, edges=edges_df, tensors=tensors, meta=meta)
 
 
-class Effects:
-    """Normalised effects e = mean(m_int - m0) / mean(m_ref - m0), cached by label."""
-
-    def __init__(self, values, m0, den, n_boot, seed):
-        self.values, self.m0, self.den = values, m0, den
-        self.n_boot, self.seed, self._cache = n_boot, seed, {}
-
-    def __call__(self, lbl: str) -> Estimate:
-        if lbl not in self._cache:
-            self._cache[lbl] = self.ratio(self.values[lbl] - self.m0, lbl)
-        return self._cache[lbl]
-
-    def ratio(self, num, lbl: str) -> Estimate:
-        return ratio_of_means(num, self.den, n_boot=self.n_boot, seed=self.seed, label=lbl)
+def _maybe_small(e: Estimate, th: Thresholds) -> bool:
+    """Could the solo effect be small (the compensation rule's premise)? Partners are only
+    searched for such heads; NaN CIs (too few prompts) count as maybe."""
+    return not (e.lo >= th.tau or e.hi <= -th.tau)
 
 
-def _routing(values, h, m0, eff: Effects, th: Thresholds, n_boot: int, seed: int) -> Estimate:
-    """rho = mean(m(keep only C) - m(zero)) / mean(m0 - m(zero)); undefined (NaN) when zero-
-    ablating the head moves the metric by less than the null margin: nothing to route."""
-    if not abs(eff(label("zero", h)).value) >= th.delta:
-        return Estimate.nan(len(m0))
-    zero = values[label("zero", h)]
-    return ratio_of_means(values[label("keep", h)] - zero, m0 - zero, n_boot=n_boot, seed=seed,
-                          label=label("rho", h))
+def _baselines(prompts: PromptSet, ablation) -> tuple[list[AblationMethod], AblationMethod]:
+    """Baselines computed: zero always, mean on aligned prompts (a per-position mean over
+    prompts means nothing otherwise), resample with corrupted prompts. Primary: resample, else
+    mean, else zero, unless ``ablation`` says otherwise."""
+    methods = [AblationMethod.ZERO]
+    if prompts.aligned:
+        methods.append(AblationMethod.MEAN)
+    if prompts.corrupted is not None:
+        methods.append(AblationMethod.RESAMPLE)
+    if ablation is None:
+        return methods, methods[-1]
+    try:
+        primary = AblationMethod(ablation)
+    except ValueError:
+        raise ValueError(
+            f"ablation: expected one of {[m.value for m in AblationMethod]}, got {ablation!r}"
+        ) from None
+    if primary not in methods:
+        why = ("needs corrupted prompts in the task" if primary == AblationMethod.RESAMPLE
+               else "needs aligned prompts (one length, no padding, roles at fixed positions)")
+        raise ValueError(f"ablation: {primary.value!r} {why}")
+    return methods, primary
 
 
-def _run(engine, interventions, desc) -> dict:
-    if not interventions:
-        return {}
-    res = engine.run(interventions, desc=desc)
+def _read_rows(metric, prompts: PromptSet, engine: Engine) -> torch.Tensor:
+    """[batch, pos] bool: the positions the metric reads."""
+    fn = getattr(metric, "read_positions", None)
+    if fn is not None:
+        return torch.as_tensor(fn(prompts)).bool().cpu() & prompts.valid
+    n, p = prompts.tokens.shape
+    rows = torch.zeros(n, p, dtype=torch.bool)
+    pos = engine.readout.positions
+    if pos is None and getattr(metric, "position_role", "END") is None:
+        return prompts.valid.clone()  # pooled or whole-sequence metric: every real token
+    pos = engine._read_pos(engine.readout) if pos is None else pos
+    rows[torch.arange(n), pos.cpu()] = True
+    return rows
+
+
+def _with_bos_role(prompts: PromptSet, adapter: Adapter) -> PromptSet:
+    """Add a BOS role when the prompts declare no sink role and every prompt's first real token
+    is the tokenizer's BOS token; never names a content token "BOS"."""
+    if any(r in prompts.roles for r in SINK_ROLES):
+        return prompts
+    tok = getattr(adapter.model, "tokenizer", None)
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        return prompts
+    first = prompts.valid.long().argmax(1)
+    if not bool((prompts.tokens[torch.arange(len(prompts)), first] == bos).all()):
+        return prompts
+    return dataclasses.replace(prompts, roles={**prompts.roles, "BOS": first})
+
+
+def _run(engine: Engine, interventions: list, track: bool = False):
+    bar = engine.bar
+    if bar is not None:
+        bar.total += len(interventions)
+        bar.refresh()
+    return engine.run(interventions, track_heads=track)
+
+
+def _values(res) -> dict:
     return dict(zip(res.labels, res.values, strict=True))
 
 
@@ -212,7 +287,9 @@ def _resolve_heads(adapter: Adapter, heads) -> list:
     if heads is None:
         return adapter.heads()
     if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
-        raise ValueError(f"heads: expected a list of HeadId(layer, head), got {heads!r}")
+        raise ValueError(
+            f"heads: expected a list of HeadId(layer, head), got {type(heads).__name__}"
+        )
     chosen = [adapter.check_head(h, "heads") for h in heads]
     if not chosen:
         raise ValueError("heads: expected at least one head, got an empty list")
@@ -230,7 +307,7 @@ def _resolve_task(task, metric, n_prompts, seed, model) -> tuple[PromptSet, obje
     if isinstance(task, PromptSet):
         if metric is None:
             raise ValueError("metric: required when auditing a bare PromptSet")
-        return task, as_metric(metric), task.name
+        return task.first(n_prompts), as_metric(metric), task.name  # n_prompts: the first n
     raise TypeError(f"task: expected a task name, Task or PromptSet, got {type(task).__name__}")
 
 
@@ -242,40 +319,6 @@ def _patterns_from_cache(adapter: Adapter, cache, prompts: PromptSet) -> list[to
             f"cache: patterns of shape {tuple(pats[0].shape)}, expected {want} for these prompts"
         )
     return pats
-
-
-def _compensation(h, cands, eff: Effects, primary, direct):
-    """The best partner among the candidates (largest joint effect), and direct - total."""
-    best, best_e = None, None
-    v = eff.values
-    for c in cands:
-        lbl = label("joint-" + primary.value, *sorted((h, c)))
-        if lbl not in v:
-            continue
-        joint = eff(lbl)
-        if best is None or joint.value > best.joint.value:
-            inter = eff.ratio(
-                v[lbl] - v[label(primary.value, h)] - v[label(primary.value, c)] + eff.m0, "i" + lbl
-            )
-            best = Compensation(tuple(c), joint, inter, None)
-            best_e = eff(label(primary.value, c)).per_prompt
-    d = None
-    if direct:
-        d = eff.ratio(v[label("direct", h)] - v[label("zero", h)], label("dmt", h))
-    if best is None:
-        return (Compensation(None, None, None, d) if d is not None else None), None
-    return Compensation(best.partner, best.joint, best.interaction, d), best_e
-
-
-def _carriers(edge_est: list[Estimate], names: list[str], e_h: Estimate) -> str:
-    """Sources whose single-edge removal carries at least half of the head's effect."""
-    if math.isnan(e_h.value) or abs(e_h.value) < 1e-9:
-        return ""
-    return ",".join(
-        n
-        for n, e in zip(names, edge_est, strict=True)
-        if not math.isnan(e.value) and e.value / e_h.value >= 0.5
-    )
 
 
 def _versions() -> dict:
@@ -293,7 +336,7 @@ def _versions() -> dict:
 
 
 def _meta(
-    adapter, prompts, metric, task_name, primary, methods, reference, th, seed, n_boot, seconds
+    adapter, prompts, metric, task_name, primary, methods, reference, th, seed, seconds
 ):
     return {
         "model": adapter.name,
@@ -314,12 +357,21 @@ def _meta(
         "effect_reference": reference,
         "effect_definition": "e = mean(m_int - m0) / mean(m_ref - m0); 0 = no change, "
         "1 = as far as the reference run",
-        "routing_definition": "rho = mean(m(keep only C) - m(zero)) / mean(m0 - m(zero))",
-        "edge_edit": "alpha[q, s] = 0 without renormalising (= subtracting alpha*v*W_O terms)",
-        "claimed_set": "fewest non-sink sources covering >= 50% of the row; sink if they cannot",
+        "routing_definition": "rho = mean(m(keep only C) - m(ablated)) / mean(m0 - m(ablated)), "
+        "keep-only and ablation under the same baseline",
+        "edge_edit": "alpha[q, s] = 0 without renormalising (= subtracting alpha*v*W_O terms); "
+        "under mean/resample the removed terms are replaced by their mean/corrupted "
+        "counterparts",
+        "claimed_set": "fewest non-sink sources covering >= 50% of the row's non-sink mass; "
+        "sink terms are kept by keep-only and measured apart (sink_effect)",
+        "verdict_baseline": "every number behind a label uses one baseline; the label follows "
+        "the primary, the others are in labels_by_baseline / compensated_under",
         "thresholds": th.to_dict(),
         "seed": seed,
-        "n_boot": n_boot,
+        "confidence_intervals": "Fieller 95% (t, n - 1 df) for every ratio of means over "
+        "prompts; unbounded (+-inf) when the denominator is not significantly non-zero",
+        "null_test": "TOST |e| < delta (Fieller/t), Benjamini-Hochberg across heads",
+        "relevance_test": "exact sign-flip (n <= 16; Monte Carlo above), BH across heads",
         "seconds": round(seconds, 3),
         "versions": _versions(),
         "tensor_axes": {

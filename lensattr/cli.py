@@ -4,10 +4,38 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "check_out", "CLIError"]
+
+
+class CLIError(Exception):
+    """An expected error of the command line itself (e.g. a bad ``--out``); one line."""
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder lensattr can write: new, or existing (a previous audit there
+    is resumed). An existing file, a parent that is a file, or a place that cannot be written
+    is refused before any work starts. Nothing is left behind by the check."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out: {str(out)!r} is an existing file; expected a folder (new, or one "
+                       "holding a previous audit to resume)")
+    created = []
+    try:
+        missing = [d for d in [out, *out.parents] if not d.exists()]
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        why = err.strerror or str(err)
+        raise CLIError(f"--out: cannot write to {str(out)!r} ({why})") from None
+    finally:
+        for d in reversed(created):
+            d.rmdir()
 
 
 def _audit(args) -> int:
@@ -15,11 +43,19 @@ def _audit(args) -> int:
     from .audit import audit
     from .loading import load_model
 
-    task = task_registry.get(args.task)
+    try:
+        task = task_registry.get(args.task)
+    except KeyError as err:
+        raise CLIError(err.args[0]) from None
+    out = Path(args.out)
+    check_out(out)  # before any work: loading the model can take minutes
     model_name = args.model or task.model
+    if args.quiet:  # also the Hugging Face loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     t0 = time.time()
     model = load_model(model_name)
-    out = Path(args.out)
     ckpt = out / "evidence.ckpt.safetensors"
     result = audit(
         model,
@@ -81,14 +117,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Expected errors: bad input or environment, reported as one line with exit code 2. Anything
+# else is a bug and keeps its traceback.
+_EXPECTED = (CLIError, ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"lensattr: error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"lensattr: interrupted; {_resume_hint(args)}", file=sys.stderr)
+        return 130
+    except _EXPECTED as err:
+        print(f"lensattr: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _resume_hint(args) -> str:
+    if getattr(args, "command", None) != "audit":
+        return "nothing was written"
+    ckpt = Path(args.out) / "evidence.ckpt.safetensors"
+    if ckpt.exists():
+        return (f"rerun the same command with the same --out {args.out!r} to resume from the "
+                f"checkpoint {str(ckpt)!r}")
+    return f"no checkpoint was written yet; rerunning with --out {args.out!r} starts afresh"
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (KeyError's quotes and newlines removed)."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, OSError) and err.strerror:
+        msg = f"{err.strerror}: {err.filename!r}" if err.filename else err.strerror
+    msg = " ".join(str(msg).split()) or type(err).__name__
+    return msg if len(msg) <= 1000 else msg[:997] + "..."
 
 
 if __name__ == "__main__":

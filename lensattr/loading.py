@@ -5,14 +5,14 @@ Every path ends in a ``TransformerBridge``; nothing here knows hook names (see `
 
 from __future__ import annotations
 
-import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .model import ModelError
 
-__all__ = ["load_model", "boot_bridge", "register_model", "list_models", "ModelInfo"]
+__all__ = ["load_model", "boot_bridge", "register_model", "list_models", "ModelInfo", "is_hub_id"]
 
 
 @dataclass(frozen=True)
@@ -70,28 +70,115 @@ def boot_bridge(hf_model, tokenizer, name: str, device: str | None = None):
 _ARCH_BOOT_NAME = {"GPT2LMHeadModel": "gpt2"}
 
 
-def load_model(name_or_path: str, *, device: str | None = None, **boot_kwargs):
+def load_model(
+    name_or_path,
+    *,
+    tokenizer=None,
+    name: str | None = None,
+    device: str | None = None,
+    **boot_kwargs,
+):
     """Load a model as a ``TransformerBridge``.
 
-    ``name_or_path`` is, in this order: a bundled model name (``lensattr models`` lists them;
-    built offline), a local folder holding an HF checkpoint as ``*.safetensors`` (never a
-    pickled ``.bin``), or a hub name (needs a reachable hub or a warm HF cache).
+    ``name_or_path`` is, in this order:
+
+    * an in-memory Hugging Face model (``transformers.PreTrainedModel``) with its
+      ``tokenizer=`` (required), booted offline; ``name`` names it in results;
+    * a bundled model name (``lensattr models`` lists them; built offline);
+    * an existing local folder holding an HF checkpoint as ``*.safetensors`` (never a pickled
+      ``.bin``);
+    * a hub id, ``org/name`` or a bare legacy name such as ``gpt2`` (dots allowed:
+      ``EleutherAI/pythia-1.4b``); needs a reachable hub or a warm HF cache.
+
+    Anything that looks like a path rather than a hub id and does not exist -- it starts with
+    ``.``, ``/`` or ``~``, has more than one ``/``, a backslash, a file suffix such as
+    ``.gguf`` or ``.safetensors``, or its first component is an existing local folder
+    (``models/mine`` where ``models/`` exists) -- is an error at once, without trying the hub.
     """
-    if not isinstance(name_or_path, str) or not name_or_path:
-        raise ModelError(f"name_or_path: expected a model name or folder, got {name_or_path!r}")
+    if not isinstance(name_or_path, str):
+        return _load_in_memory(name_or_path, tokenizer, name, device)
+    if not name_or_path:
+        raise ModelError("name_or_path: expected a model name or folder, got an empty string")
     _ensure_zoo()
     if name_or_path in _REGISTRY:
+        _no_tokenizer(tokenizer, f"bundled model {name_or_path!r}")
         info = _REGISTRY[name_or_path]
         hf_model, tok = info.builder()
         bridge = boot_bridge(hf_model, tok, name_or_path, device=device)
         bridge._lensattr_logits_meaningful = info.logits_meaningful
         return bridge
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.exists():
+        _no_tokenizer(tokenizer, f"folder {name_or_path!r} (its own tokenizer is loaded)")
         return _load_folder(path, device)
-    if name_or_path.startswith((".", "/")) or os.sep in name_or_path and path.suffix:
-        raise ModelError(f"name_or_path: no such folder {name_or_path!r}")
+    if not is_hub_id(name_or_path):
+        hint = ""
+        if path.suffix.lower() == ".gguf":
+            hint = (" (a GGUF file: dequantise it with transformers' AutoModelForCausalLM."
+                    "from_pretrained(folder, gguf_file=...) and pass the model with its "
+                    "tokenizer: load_model(hf_model, tokenizer=tok))")
+        raise ModelError(
+            f"name_or_path: no such file or folder {name_or_path!r}{hint}; it looks like a local "
+            "path, not a hub id (org/name), so the hub was not tried"
+        )
+    if tokenizer is not None:
+        boot_kwargs["tokenizer"] = tokenizer
     return _load_hub(name_or_path, device, boot_kwargs)
+
+
+# file suffixes that mark a path, never a hub repository
+_FILE_SUFFIXES = {".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx",
+                  ".h5", ".msgpack", ".pkl", ".pickle", ".npz", ".zip", ".tar", ".gz", ".txt"}
+_HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+
+
+def is_hub_id(s: str) -> bool:
+    """Does ``s`` read as a hub repository id (``org/name`` or a legacy bare ``name``) rather
+    than a local path? Used only for strings that do not exist on disk."""
+    if s.startswith((".", "/", "~")) or "\\" in s or ".." in s or s.count("/") > 1:
+        return False
+    if Path(s).suffix.lower() in _FILE_SUFFIXES:
+        return False
+    parts = s.split("/")
+    if not all(_HUB_PART.match(part) for part in parts):
+        return False
+    return not (len(parts) == 2 and Path(parts[0]).is_dir())  # models/mine: a local folder
+
+
+def _no_tokenizer(tokenizer, what: str) -> None:
+    if tokenizer is not None:
+        raise ModelError(f"tokenizer: only used with an in-memory model or a hub id, not with "
+                         f"{what}")
+
+
+def _load_in_memory(hf_model, tokenizer, name: str | None, device):
+    """Boot an in-memory HF model with its tokenizer."""
+    kind = type(hf_model).__name__
+    if hasattr(hf_model, "cfg") and hasattr(hf_model, "run_with_hooks"):  # already a bridge
+        _no_tokenizer(tokenizer, f"a {kind} (it has its own)")
+        return hf_model
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel = ()  # noqa: N806
+    if not isinstance(hf_model, PreTrainedModel):
+        raise ModelError(
+            "name_or_path: expected a model name, a folder, a hub id, or an in-memory Hugging "
+            f"Face model (transformers.PreTrainedModel) with tokenizer=..., got {kind}"
+        )
+    if tokenizer is None:
+        raise ModelError(
+            f"tokenizer: required with an in-memory model ({kind}); pass the tokenizer it "
+            "was trained with, e.g. load_model(hf_model, tokenizer=AutoTokenizer."
+            "from_pretrained(...))"
+        )
+    if not callable(getattr(tokenizer, "get_vocab", None)):
+        raise ModelError(
+            f"tokenizer: expected a Hugging Face tokenizer, got {type(tokenizer).__name__}"
+        )
+    cfg_name = str(getattr(hf_model.config, "_name_or_path", "") or "")
+    label = name or (Path(cfg_name).name if cfg_name else "") or kind
+    return boot_bridge(hf_model, tokenizer, label, device=device)
 
 
 def _load_folder(path: Path, device):

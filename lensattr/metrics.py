@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .prompts import PromptSet
@@ -73,6 +73,18 @@ class Metric:
 
     def describe(self) -> dict:
         return {"name": self.name, "class": type(self).__name__, "position": self.position_role}
+
+    def read_positions(self, prompts: PromptSet) -> Bool[Tensor, "batch pos"]:
+        """The positions whose final state this metric reads, per prompt: True where it reads.
+
+        One-position metrics (logit difference, answer log-prob, KL, one token's hidden state)
+        read their role (``position_role``, e.g. END); pooling metrics override this (mean
+        pooling reads every real token). Claims and edge edits examine these query rows."""
+        pos = self._positions(prompts)  # [batch]
+        dev = prompts.tokens.device  # a prompt-side mask, where the prompts live
+        out = torch.zeros(len(prompts), prompts.n_pos, dtype=torch.bool, device=dev)
+        out[torch.arange(len(prompts), device=dev), pos.to(dev)] = True
+        return out
 
     def _positions(self, prompts: PromptSet) -> Tensor:
         if self.position_role not in prompts.roles:
@@ -154,6 +166,10 @@ class LogitsMetric(Metric):
     def readout(self, prompts: PromptSet) -> Readout:
         return Readout("all_logits")
 
+    def read_positions(self, prompts: PromptSet) -> Bool[Tensor, "batch pos"]:
+        """A plain callable may read any position: every real token."""
+        return prompts.valid.clone()
+
     def compute(self, values, prompts, clean=None) -> Tensor:
         return self.fn(values, prompts)
 
@@ -184,6 +200,10 @@ class PairCosine(Metric):
             raise MetricError(f"metric 'pair_cosine': the prompts need extra[{self.key!r}], the "
                               "paired sentences' embeddings [batch, d_model]")
         return Readout("hidden")
+
+    def read_positions(self, prompts: PromptSet) -> Bool[Tensor, "batch pos"]:
+        """Mean pooling reads every real (non-padding) token."""
+        return prompts.valid.clone()
 
     def compute(self, values, prompts, clean=None) -> Tensor:
         valid = None if prompts.attention_mask is None else prompts.valid.to(values.device)

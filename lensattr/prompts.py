@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["PromptSet", "PromptError"]
+__all__ = ["PromptSet", "PromptError", "VocabFingerprint", "vocab_fingerprint"]
 
 
 class PromptError(ValueError):
@@ -38,6 +41,57 @@ def _as_tokens(x, arg: str) -> Tensor:
     return t.long()
 
 
+def _as_positions(x, arg: str) -> Tensor:
+    """Integer ids or positions as a 1-d long tensor; floats and booleans are refused, never
+    truncated (``1.7`` is not position 1)."""
+    try:
+        t = x if isinstance(x, Tensor) else torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise PromptError(f"{arg}: expected integers, got {type(x).__name__}") from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise PromptError(f"{arg}: expected integers, got dtype {t.dtype} (values are not "
+                          "rounded or truncated)")
+    return t.long().reshape(-1)
+
+
+def _as_mask(x, arg: str, shape) -> Tensor:
+    m = torch.as_tensor(x)
+    if tuple(m.shape) != tuple(shape):
+        raise PromptError(f"{arg}: expected shape {tuple(shape)} like tokens, got {tuple(m.shape)}")
+    if ((m != 0) & (m != 1)).any() or (m.sum(1) == 0).any():
+        raise PromptError(f"{arg}: expected 0/1 values and >=1 real token a row")
+    return m.long()
+
+
+@dataclass(frozen=True)
+class VocabFingerprint:
+    """Which vocabulary token ids are for: a digest of the tokenizer's token -> id mapping.
+
+    Two fingerprints are equal when the digests are (``name`` is for messages only)."""
+
+    digest: str
+    size: int
+    name: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        who = f"{self.name!r} " if self.name else ""
+        return f"{who}({self.size} tokens, vocabulary sha256 {self.digest[:12]})"
+
+
+def vocab_fingerprint(tokenizer, name: str | None = None) -> VocabFingerprint:
+    """The :class:`VocabFingerprint` of a Hugging Face tokenizer (its ``get_vocab()``)."""
+    if not callable(getattr(tokenizer, "get_vocab", None)):
+        raise PromptError(f"vocab: expected a tokenizer with get_vocab(), got "
+                          f"{type(tokenizer).__name__}")
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
+    if name is None:
+        raw = getattr(tokenizer, "name_or_path", "") or (
+            getattr(tokenizer, "init_kwargs", None) or {}).get("name_or_path", "")
+        name = Path(str(raw)).name if raw else ""
+    return VocabFingerprint(digest, len(vocab), name)
+
+
 @dataclass(frozen=True, eq=False)
 class PromptSet:
     """Prompts for an audit.
@@ -45,13 +99,21 @@ class PromptSet:
     Attributes (``batch`` = number of prompts, ``pos`` = padded length):
         tokens: clean token ids ``[batch, pos]``.
         attention_mask: ``[batch, pos]`` 1 for real tokens, 0 for padding; ``None`` = no padding.
+            Left or right padding (or any 0/1 pattern with a real token in each row).
         corrupted: corrupted token ids of the same shape as ``tokens`` (or ``None``).
-        answers, wrong: ``[batch]`` answer and wrong-answer token ids (or ``None``).
+        corrupted_attention_mask: the corrupted prompts' own mask ``[batch, pos]``; default the
+            clean ``attention_mask``. Every role must sit on a real token in both.
+        answers, wrong: ``[batch]`` answer and wrong-answer token ids (or ``None``); integers
+            only (floats are refused, not truncated).
         roles: role name -> ``[batch]`` position of that role in each prompt (e.g. ``S1``,
-            ``END``). ``END`` defaults to the last real token of each prompt.
+            ``END``), on a real token. ``END`` defaults to the last real token of each prompt
+            (under left padding too).
         text: optional prompt strings, for display.
         extra: name -> per-prompt tensor ``[batch, ...]`` that metrics may read (e.g. the
             reference embedding of each prompt's paired sentence); carried along by ``take``.
+        vocab: the vocabulary the token ids are for (a :class:`VocabFingerprint`, or a
+            tokenizer to take it from); ``None`` = not recorded, not checked. A model whose
+            tokenizer has another vocabulary is refused (:meth:`validate_tokenizer`).
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -63,6 +125,8 @@ class PromptSet:
     text: tuple[str, ...] | None = None
     name: str = "prompts"
     extra: dict[str, Tensor] = field(default_factory=dict)
+    corrupted_attention_mask: Int[Tensor, "batch pos"] | None = None
+    vocab: VocabFingerprint | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -72,15 +136,7 @@ class PromptSet:
         set_(self, "tokens", tokens)
         n, p = tokens.shape
         if self.attention_mask is not None:
-            m = torch.as_tensor(self.attention_mask).long()
-            if m.shape != tokens.shape:
-                raise PromptError(
-                    f"attention_mask: expected shape {tuple(tokens.shape)} like tokens, "
-                    f"got {tuple(m.shape)}"
-                )
-            if ((m != 0) & (m != 1)).any() or (m.sum(1) == 0).any():
-                raise PromptError("attention_mask: expected 0/1 values and >=1 real token a row")
-            set_(self, "attention_mask", m)
+            set_(self, "attention_mask", _as_mask(self.attention_mask, "attention_mask", (n, p)))
         if self.corrupted is not None:
             c = _as_tokens(self.corrupted, "corrupted")
             if c.shape != tokens.shape:
@@ -89,16 +145,23 @@ class PromptSet:
                     f", got {tuple(c.shape)}"
                 )
             set_(self, "corrupted", c)
+        cmask = self.corrupted_attention_mask
+        if cmask is not None:
+            if self.corrupted is None:
+                raise PromptError("corrupted_attention_mask: given without corrupted prompts")
+            cmask = _as_mask(cmask, "corrupted_attention_mask", (n, p))
+        set_(self, "corrupted_attention_mask",
+             self.attention_mask if cmask is None and self.corrupted is not None else cmask)
         for arg in ("answers", "wrong"):
             v = getattr(self, arg)
             if v is not None:
-                v = torch.as_tensor(v).long().reshape(-1)
+                v = _as_positions(v, arg)
                 if v.shape[0] != n:
                     raise PromptError(
                         f"{arg}: expected one token id per prompt ({n}), got {v.shape[0]}"
                     )
                 set_(self, arg, v)
-        roles = {k: torch.as_tensor(v).long().reshape(-1) for k, v in self.roles.items()}
+        roles = {k: _as_positions(v, f"roles[{k!r}]") for k, v in self.roles.items()}
         for k, v in roles.items():
             if v.numel() == 1:
                 roles[k] = v.expand(n).clone()
@@ -106,7 +169,15 @@ class PromptSet:
                 raise PromptError(f"roles[{k!r}]: expected one position per prompt ({n})")
             if (roles[k] < 0).any() or (roles[k] >= p).any():
                 raise PromptError(f"roles[{k!r}]: positions must lie in 0..{p - 1}")
-        roles.setdefault("END", self.lengths - 1)
+        roles.setdefault("END", self.last_real)
+        for arg, m in (("attention_mask", self.attention_mask),
+                       ("corrupted_attention_mask", self.corrupted_attention_mask)):
+            for k, v in ({} if m is None else roles).items():
+                pad = m[torch.arange(n), v] == 0
+                if pad.any():
+                    i = int(pad.nonzero()[0, 0])
+                    raise PromptError(f"roles[{k!r}]: position {int(v[i])} of prompt {i} is "
+                                      f"padding in {arg}; roles must sit on real tokens")
         set_(self, "roles", roles)
         if self.text is not None:
             set_(self, "text", tuple(self.text))
@@ -115,6 +186,8 @@ class PromptSet:
             if v.ndim == 0 or v.shape[0] != n:
                 raise PromptError(f"extra[{k!r}]: expected a tensor with one row per prompt ({n})")
         set_(self, "extra", extra)
+        if self.vocab is not None and not isinstance(self.vocab, VocabFingerprint):
+            set_(self, "vocab", vocab_fingerprint(self.vocab))
 
     # ---- derived -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -129,6 +202,14 @@ class PromptSet:
         if self.attention_mask is None:
             return torch.full((len(self),), self.n_pos, dtype=torch.long)
         return self.attention_mask.sum(1)
+
+    @property
+    def last_real(self) -> Tensor:
+        """``[batch]`` position of the last real token of each prompt (left or right padding)."""
+        if self.attention_mask is None:
+            return torch.full((len(self),), self.n_pos - 1, dtype=torch.long)
+        pos = torch.arange(self.n_pos).expand_as(self.attention_mask)
+        return torch.where(self.attention_mask.bool(), pos, -1).max(1).values
 
     @property
     def valid(self) -> Tensor:
@@ -159,6 +240,56 @@ class PromptSet:
                     f"{arg}: token id {bad} is outside the model's vocabulary 0..{d_vocab - 1}"
                 )
 
+    def validate_length(self, n_ctx: int | None) -> None:
+        """Refuse prompts longer than the model's context (``n_ctx`` positions)."""
+        if n_ctx is not None and self.n_pos > int(n_ctx):
+            raise PromptError(
+                f"tokens: prompts of {self.n_pos} positions are longer than the model's context "
+                f"n_ctx = {int(n_ctx)}; shorten them (or pad less)"
+            )
+
+    def validate_tokenizer(self, tokenizer, model_name: str = "model") -> None:
+        """Refuse a model whose tokenizer has another vocabulary than the one these prompts'
+        token ids are for (when the prompts record one, see ``vocab``)."""
+        if self.vocab is None:
+            return
+        if tokenizer is None:
+            raise PromptError(
+                f"prompts: {self.name!r} are token ids for the vocabulary of {self.vocab}; model "
+                f"{model_name!r} has no tokenizer to check it against. Attach its tokenizer, "
+                "or build the prompts with vocab=None to skip this check"
+            )
+        theirs = vocab_fingerprint(tokenizer)
+        if theirs != self.vocab:
+            raise PromptError(
+                f"prompts: {self.name!r} are token ids for the vocabulary of {self.vocab}; model "
+                f"{model_name!r} has another vocabulary {theirs}, so the ids would mean other "
+                "tokens. Use prompts built with this model's tokenizer or a task made for it"
+            )
+
+    def first(self, n, arg: str = "n_prompts") -> PromptSet:
+        """The first ``n`` prompts (all of them when ``n`` is None); more than there are, or a
+        non-integer ``n``, is refused."""
+        if n is None:
+            return self
+        try:
+            n = operator.index(n)
+        except TypeError:
+            raise PromptError(f"{arg}: expected an integer, got {n!r}") from None
+        if not 1 <= n <= len(self):
+            raise PromptError(f"{arg}: expected 1..{len(self)} (the prompt set {self.name!r} has "
+                              f"{len(self)} prompts), got {n}")
+        return self if n == len(self) else self.take(torch.arange(n))
+
+    def corrupted_view(self) -> PromptSet:
+        """The corrupted prompts as a PromptSet of their own (their tokens and their mask; the
+        same answers, roles and extra), for the corrupted reference run."""
+        if self.corrupted is None:
+            raise PromptError("corrupted: these prompts have no corrupted version")
+        return PromptSet(tokens=self.corrupted, attention_mask=self.corrupted_attention_mask,
+                         answers=self.answers, wrong=self.wrong, roles=self.roles,
+                         name=f"{self.name} (corrupted)", extra=self.extra, vocab=self.vocab)
+
     def take(self, idx: Tensor) -> PromptSet:
         """Rows ``idx`` (may repeat): used to replicate prompts across a batch of interventions."""
 
@@ -175,6 +306,8 @@ class PromptSet:
             text=None if self.text is None else tuple(self.text[i] for i in idx.tolist()),
             name=self.name,
             extra={k: v[idx] for k, v in self.extra.items()},
+            corrupted_attention_mask=g(self.corrupted_attention_mask),
+            vocab=self.vocab,
         )
 
     def hash(self) -> str:
@@ -185,6 +318,11 @@ class PromptSet:
             h.update(k.encode() + self.roles[k].numpy().tobytes())
         for k in sorted(self.extra):
             h.update(k.encode() + self.extra[k].float().numpy().tobytes())
+        cm, m = self.corrupted_attention_mask, self.attention_mask
+        if cm is not None and (m is None or not torch.equal(cm, m)):  # default: not hashed
+            h.update(b"corrupted_attention_mask" + cm.numpy().tobytes())
+        if self.vocab is not None:
+            h.update(b"vocab" + self.vocab.digest.encode())
         return h.hexdigest()[:16]
 
     @classmethod

@@ -9,9 +9,8 @@ import pandas as pd
 import torch
 
 from .claims import Claims
-from .claims.head_types import SINK_ROLES
 from .compare.stats import Estimate
-from .compare.verdicts import Compensation
+from .compare.verdicts import HeadEvidence, Verdict
 from .prompts import PromptSet
 from .types import HeadId
 
@@ -33,21 +32,19 @@ def _mode_name(prompts: PromptSet, positions: torch.Tensor) -> str:
 
 
 def source_positions(prompts: PromptSet, claims: Claims, read_pos, max_sources: int):
-    """Sources examined edge by edge at the read position.
+    """Sources examined edge by edge from the read rows.
 
-    Aligned prompts: every position up to the read position (if there are at most
-    ``max_sources``, else the sink, the roles and the most attended positions). Unaligned
-    prompts: the role positions and the sink. Returns ([batch] tensors, names)."""
+    Aligned prompts: every key the last read row may attend (later keys too in an encoder), if
+    there are at most ``max_sources``; else the sinks, the roles and the most attended keys.
+    Unaligned prompts: the role positions (a sink only where the prompts declare one).
+    Returns ([batch] tensors, names)."""
     n = len(prompts)
     if prompts.aligned:
         last = int(read_pos.max())
-        cand = (
-            list(range(last + 1))
-            if claims.allowed[0, last].all()
-            else [int(k) for k in claims.allowed[0, last].nonzero()[:, 0]]
-        )
+        cand = [int(k) for k in claims.allowed[0, last].nonzero()[:, 0]]
         if len(cand) > max_sources:
-            att = claims.patterns[:, :, :, last].mean((0, 1, 2))  # [k]
+            rows = claims.read_rows.float()[:, None, None, :, None]  # [batch, 1, 1, q, 1]
+            att = (claims.patterns * rows).sum((0, 1, 2, 3))  # [k]: attention from read rows
             keep = {int(k) for k in claims.sink[0].nonzero()[:, 0]}
             keep |= {int(v[0]) for v in prompts.roles.values()}
             for k in att.argsort(descending=True).tolist():
@@ -57,8 +54,6 @@ def source_positions(prompts: PromptSet, claims: Claims, read_pos, max_sources: 
             cand = sorted(k for k in keep if k in cand)
         return ([torch.full((n,), k) for k in cand], [position_name(prompts, k) for k in cand])
     roles = {k: v for k, v in prompts.roles.items() if k != "END"}
-    if not any(r in roles for r in SINK_ROLES):
-        roles = {"BOS": claims.sink.long().argmax(1), **roles}
     return list(roles.values()), list(roles.keys())
 
 
@@ -71,32 +66,48 @@ def _ci(prefix: str, e: Estimate) -> dict:
 
 @dataclass
 class HeadResult:
-    """Everything the audit measured and decided for one head."""
+    """Everything the audit measured and decided for one head (effects under the primary
+    baseline unless keyed by baseline)."""
 
     head: HeadId
     effects: dict[str, Estimate]  # ablation method -> normalised effect
-    knockouts: dict[str, Estimate]  # remove / keep / renorm of the claimed set
+    split: dict[str, Estimate]  # read / other: ablated at the read rows only, other rows only
+    knockouts: dict[str, Estimate]  # remove / keep / renorm of the claimed set, sink removal
     routing: Estimate
+    routing_by: dict[str, Estimate]  # baseline -> routing ratio
     direct: Estimate
-    compensation: Compensation | None
-    verdict: str
-    relevance: str
-    routing_class: str
-    reason: str
-    share: float
+    evidence: HeadEvidence
+    verdict: Verdict
+    by_baseline: dict[str, Verdict]
     p: float
-    q: float
     carriers: str
-    edges: list[Estimate]  # per examined source: effect of removing that one edge
+    edges: list[Estimate]  # per examined source: effect of removing the edges to it
+
+
+def _locus(r: HeadResult) -> str:
+    """Where the head's effect lives: at the metric's read rows, at other rows, or both."""
+    e, rd, ot = r.evidence.effect, r.split["read"], r.split["other"]
+    if r.evidence.too_few or not (math.isfinite(rd.value) and math.isfinite(ot.value)):
+        return "n/a"
+    if r.verdict.relevance != "relevant" or abs(e.value) < 1e-9:
+        return "n/a"
+    if abs(rd.value) >= 0.7 * abs(e.value) and abs(ot.value) < 0.3 * abs(e.value):
+        return "read rows"
+    if abs(ot.value) >= 0.7 * abs(e.value) and abs(rd.value) < 0.3 * abs(e.value):
+        return "other rows"
+    return "both"
 
 
 def head_row(r: HeadResult, claims: Claims, prompts: PromptSet) -> dict:
     L, H = r.head.layer, r.head.head
+    v = r.verdict
     row = {
         "layer": L,
         "head": H,
         "head_type": claims.head_type[L][H],
         "claim_score": float(claims.claim_score[L, H]),
+        "head_type_read": claims.head_type_read[L][H],
+        "claim_score_read": float(claims.claim_score_read[L, H]),
     }
     for name, s in claims.scores.items():
         row[f"score_{name}"] = float(s[L, H])
@@ -107,48 +118,71 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet) -> dict:
     row["diffuse"] = bool(claims.diffuse[L, H])
     for m in ("zero", "mean", "resample"):
         row.update(_ci(f"ablation_{m}", r.effects.get(m, _NAN)))
+    row.update(_ci("effect_read_rows", r.split["read"]))
+    row.update(_ci("effect_other_rows", r.split["other"]))
+    row["effect_locus"] = _locus(r)
     row.update(_ci("knockout_claimed", r.knockouts["remove"]))
     row.update(_ci("knockout_unclaimed", r.knockouts["keep"]))
     row.update(_ci("knockout_claimed_renorm", r.knockouts["renorm"]))
+    row.update(_ci("sink_effect", r.knockouts["sink"]))
     row.update(_ci("routing", r.routing))
+    for m in ("zero", "mean", "resample"):
+        row[f"routing_{m}"] = r.routing_by[m].value if m in r.routing_by else math.nan
     row.update(_ci("direct_effect", r.direct))
-    row["p_value"], row["q_value"] = r.p, r.q
-    row["relevance"], row["routing_class"] = r.relevance, r.routing_class
-    comp = r.compensation
-    partner = comp.partner if comp is not None and r.verdict == "compensated" else None
-    row["partner_layer"] = partner[0] if partner else None
-    row["partner_head"] = partner[1] if partner else None
-    row["partner"] = f"L{partner[0]}H{partner[1]}" if partner else ""
-    joint = comp.joint if comp is not None and comp.joint is not None else _NAN
-    row.update(_ci("joint_effect", joint))
+    row["p_value"], row["q_value"], row["q_null"] = r.p, r.evidence.q, r.evidence.q_null
+    row["relevance"], row["routing_class"] = v.relevance, v.routing_class
+    partner = v.partner
+    row["partner_layer"] = partner.layer if partner else None
+    row["partner_head"] = partner.head if partner else None
+    row["partner"] = str(partner) if partner else ""
+    comp = r.evidence.compensation
+    row.update(_ci("joint_effect", comp.joint if comp.joint is not None else _NAN))
+    row.update(_ci("interaction", comp.interaction if comp.interaction is not None else _NAN))
+    dmt = comp.direct_minus_total
+    row.update(_ci("direct_minus_total", dmt if dmt is not None else _NAN))
     row["carriers"] = r.carriers
-    row["verdict"] = r.verdict
-    row["verdict_share"] = r.share
-    row["reason"] = r.reason
+    row["baseline"] = v.baseline
+    row["verdict"] = v.label
+    row["verdict_rule"] = v.rule
+    row["verdict_share"] = v.share
+    row["reason"] = v.reason
+    under = [f"{b}:{x.partner}" if x.partner else b
+             for b, x in r.by_baseline.items() if x.compensated]
+    row["compensated_under"] = ",".join(under)
+    row["labels_by_baseline"] = ",".join(f"{b}={x.label}" for b, x in r.by_baseline.items())
+    row["baseline_sensitive"] = len({x.label for x in r.by_baseline.values()}) > 1
     return row  # fmt: skip
 
 
 def edge_rows(
-    results: list[HeadResult], claims: Claims, prompts: PromptSet, read_pos, sources, names
+    results: list[HeadResult], claims: Claims, prompts: PromptSet, sources, names
 ) -> pd.DataFrame:
+    """One row per head and examined source: attention from the read rows (summed over them,
+    averaged over prompts), the share of prompts whose claimed set holds it, and the effect of
+    removing those edges under the verdict's baseline."""
     rows_idx = torch.arange(len(prompts))
+    read = claims.read_rows  # [batch, q]
+    single = bool((read.sum(1) == 1).all())
     out = []
     for r in results:
         L, H = r.head.layer, r.head.head
-        alpha = claims.patterns[rows_idx, L, H, read_pos]  # [batch, k]
-        claimed = claims.claimed[rows_idx, L, H, read_pos]  # [batch, k]
+        w = read.float()[:, :, None]
+        alpha = (claims.patterns[:, L, H] * w).sum(1)  # [batch, k]: attention from read rows
+        claimed = (claims.claimed[:, L, H] & read[:, :, None]).any(1)  # [batch, k]
         for src, name, e in zip(sources, names, r.edges, strict=True):
             ok = src >= 0
             s = src.clamp(min=0)
             out.append({
                 "layer": L, "head": H,
-                "query_role": "END" if "END" in prompts.roles else "read",
-                "query_pos": int(read_pos[0]) if prompts.aligned else math.nan,
+                "query_role": ("END" if "END" in prompts.roles else "read") if single
+                else "read rows",
+                "query_pos": int(claims.read_pos[0]) if prompts.aligned and single else math.nan,
                 "source_role": name,
                 "source_pos": int(src[0]) if prompts.aligned else math.nan,
                 "is_sink": bool(claims.sink[rows_idx, s][ok].all()),
                 "attention": float(torch.where(ok, alpha[rows_idx, s], torch.nan).nanmean()),
                 "claimed_share": float(claimed[rows_idx, s][ok].float().mean()),
+                "baseline": r.verdict.baseline,
                 **_ci("effect_remove", e),
             })  # fmt: skip
     return pd.DataFrame(out)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .metrics import AnswerLogProb, HiddenCosineToClean, LogitDiff, Metric, PairCosine
-from .prompts import PromptSet
+from .prompts import PromptError, PromptSet, vocab_fingerprint
 
 __all__ = ["Task", "register_task", "get", "list_tasks"]
 
@@ -23,11 +24,29 @@ class Task:
 
     def prompts(self, n_prompts: int | None = None, seed: int = 0, model=None) -> PromptSet:
         """The task's prompts; tasks whose prompts need the model (e.g. reference embeddings)
-        load their default model when ``model`` is None."""
-        n = self.default_n if n_prompts is None else int(n_prompts)
+        load their default model when ``model`` is None.
+
+        The prompts record the vocabulary their token ids are for (``PromptSet.vocab``): tasks
+        with fixed token ids (``planted-copy``, ``minilm-token``) that of their own model,
+        tasks built from text or from the tokenizer (the character tasks) that of the model
+        they were built through. A ``model`` whose tokenizer has another vocabulary is refused,
+        naming both and the tasks made for that model."""
+        try:
+            n = self.default_n if n_prompts is None else operator.index(n_prompts)
+        except TypeError:
+            raise ValueError(f"n_prompts: expected an integer, got {n_prompts!r}") from None
         if n < 1:
             raise ValueError(f"n_prompts: expected at least 1, got {n}")
-        return self.make_prompts(n, seed, model)
+        prompts = self.make_prompts(n, seed, model)
+        if model is not None:
+            bridge, name = _bridge_and_name(model)
+            try:
+                prompts.validate_tokenizer(getattr(bridge, "tokenizer", None), name)
+            except PromptError as err:
+                fit = [t.name for t in _TASKS.values() if t.model == name]
+                hint = f" (tasks made for {name!r}: {', '.join(fit)})" if fit else ""
+                raise PromptError(f"{err}{hint}") from None
+        return prompts
 
     def metric(self) -> Metric:
         return self.make_metric()
@@ -54,6 +73,29 @@ def list_tasks() -> list[Task]:
     return list(_TASKS.values())
 
 
+def _bridge_and_name(model) -> tuple[object, str]:
+    from .model import Adapter
+
+    if isinstance(model, Adapter):
+        return model.model, model.name
+    return model, str(getattr(model, "_lensattr_name", None) or type(model).__name__)
+
+
+def _own_tokenizer(model_name: str):
+    """The tokenizer of a bundled model without building its weights where that is cheap."""
+    if model_name == "planted":
+        from .zoo.planted import build_tokenizer
+
+        return build_tokenizer()
+    if model_name == "minilm":
+        from transformers import AutoTokenizer
+
+        from .zoo.minilm import minilm_dir
+
+        return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    raise KeyError(model_name)
+
+
 def _planted_copy(n: int, seed: int, model=None) -> PromptSet:
     from .zoo.planted import planted_copy_data
 
@@ -66,6 +108,7 @@ def _planted_copy(n: int, seed: int, model=None) -> PromptSet:
         roles=d["roles"],
         text=tuple(d["text"]),
         name="planted-copy",
+        vocab=vocab_fingerprint(_own_tokenizer("planted"), "planted"),
     )
 
 
@@ -77,8 +120,11 @@ register_task(
         model="planted",
         mechanism="L0H0 copies S1 (faithful); L0H1 attends a zero-value token but copies S1 "
         "through 15% attention (misleading); L0H3 copies S1 and L1H0 backs it up only when it is "
-        "absent (compensated pair); L0H2 sink, L1H1 previous-token and L1H3 self heads are "
-        "inert; L1H2 is diffuse and negligible.",
+        "absent (compensated pair); L0H4 copies S1 and writes a constant tag that silences L1H4, "
+        "which backs it up only when L0H4 is zero-ablated: resample and mean ablation keep the "
+        "tag, so under them L0H4 looks faithful and L1H4 inert (a pair only zero ablation shows); "
+        "L0H2 sink, L1H1 previous-token and L1H3 self heads are inert; L1H2 is diffuse and "
+        "negligible.",
         make_prompts=_planted_copy,
         make_metric=lambda: LogitDiff("END"),
     )
@@ -94,13 +140,17 @@ def _minilm_prompts(kind: str):
                 from .loading import load_model
 
                 model = load_model("minilm")
-            d = minilm.similarity_data(model, n=n, seed=seed)
+            bridge, name = _bridge_and_name(model)
+            d = minilm.similarity_data(bridge, n=n, seed=seed)  # through the model's tokenizer
             extra = {"pair_embedding": d["pair_embedding"]}
+            vocab = vocab_fingerprint(bridge.tokenizer, name)
         else:
-            d, extra = minilm.token_data(n=n, seed=seed), {}
+            tok = _own_tokenizer("minilm")
+            d, extra = minilm.token_data(n=n, seed=seed, tokenizer=tok), {}
+            vocab = vocab_fingerprint(tok, "minilm")
         return PromptSet(tokens=d["tokens"], attention_mask=d["attention_mask"],
                          corrupted=d["corrupted"], roles=d["roles"], text=tuple(d["text"]),
-                         name=f"minilm-{kind}", extra=extra)
+                         name=f"minilm-{kind}", extra=extra, vocab=vocab)
 
     return make
 
@@ -140,7 +190,8 @@ def _char_task(kind: str, default_model: str):
 
             model = load_model(default_model)
         build = getattr(char_tasks, f"{kind}_prompts")
-        return build(model.tokenizer, n, seed)
+        bridge, name = _bridge_and_name(model)
+        return build(bridge.tokenizer, n, seed, vocab_name=name)
 
     return make
 

@@ -11,6 +11,8 @@ from lensattr.model import Site, hook_name
 from lensattr.zoo.planted import PLANTED_TRUTH
 
 TRUTH = {(h["layer"], h["head"]): h for h in PLANTED_TRUTH["heads"]}
+CLEAN = ("faithful", "decoy", "backup", "backup_constant")  # the heads that are on when clean
+M0 = sum(PLANTED_TRUTH["contributions"][k] for k in CLEAN)  # clean logit diff, 16
 
 
 @pytest.fixture(scope="module")
@@ -35,27 +37,57 @@ def test_planted_verdict(result, lh):
     r, t = row(result, *lh), TRUTH[lh]
     assert r.verdict == t["verdict"], r.reason
     assert r.verdict_share == pytest.approx(1.0)
-    if t["partner"] is not None:
+    if t["verdict"] == "compensated":
         assert (r.partner_layer, r.partner_head) == tuple(t["partner"])
+    else:
+        assert pd.isna(r.partner_layer) and r.partner == ""
+    under = {x.split(":")[0]: x.split(":")[1] if ":" in x else None
+             for x in r.compensated_under.split(",") if x}
+    assert set(under) == set(t["compensated_under"]), r.compensated_under
+    for partner in under.values():  # every baseline names the planted partner
+        assert partner == str(lensattr.HeadId(*t["partner"]))
+    assert bool(r.baseline_sensitive) == (0 < len(under) < len(result.meta["ablation_methods"]))
     if t["head_type"] is not None:
         assert r.head_type == t["head_type"]
     if t["verdict"] in ("faithful", "misleading"):
         assert r.top_source == t["claimed_source_role"]
         assert t["carrier_role"] in r.carriers.split(",")
+        assert r.head_type_read != "sink"  # its type at END is not its resting pattern
+    else:
+        assert r.carriers == ""  # no carriers for a head inside the null margin
     assert bool(r.diffuse) == t["diffuse"]
+
+
+def test_constant_trigger_pair(result):
+    """L0H4 / L1H4: resample and mean ablation keep L0H4's constant tag, so L1H4 never switches on
+    under them; only zero ablation shows the pair (L0H4 alone 1/16, both together 4/16)."""
+    p, q = row(result, 0, 4), row(result, 1, 4)
+    assert p.ablation_resample == pytest.approx(4 / M0, abs=0.01)
+    assert p.ablation_mean == pytest.approx(4 / M0, abs=0.01)
+    assert p.ablation_zero == pytest.approx(1 / M0, abs=0.01)  # L1H4 restores 3 of 4
+    assert p.direct_effect == pytest.approx(4 / M0, abs=0.01)
+    for c in ("ablation_resample", "ablation_mean", "ablation_zero", "direct_effect"):
+        assert abs(q[c]) < 0.01, c
+    assert p.top_source == "S1" and q.head_type == "sink"
+    # the label follows the primary (resample) baseline; zero ablation shows the pair
+    assert (p.verdict, q.verdict) == ("faithful", "inert"), (p.reason, q.reason)
+    assert p.labels_by_baseline == "zero=compensated,mean=faithful,resample=faithful"
+    assert q.labels_by_baseline == "zero=compensated,mean=inert,resample=inert"
+    assert p.compensated_under == "zero:L1H4" and q.compensated_under == "zero:L0H4"
+    assert p.baseline_sensitive and q.baseline_sensitive
 
 
 def test_axes_beside_labels(result):
     f, d = row(result, 0, 0), row(result, 0, 1)
     assert 0.7 <= f.routing_lo <= f.routing_hi <= 1.3
     assert d.routing_hi < 0.3
-    # contributions 4 and 3 of a clean logit diff of 12, corrupted ~0: e = 1/3 and 1/4
-    assert f.ablation_resample == pytest.approx(4 / 12, abs=0.01)
-    assert d.ablation_resample == pytest.approx(3 / 12, abs=0.01)
+    # contributions 4 and 3 of a clean logit diff of 16, corrupted ~0: e = 1/4 and 3/16
+    assert f.ablation_resample == pytest.approx(4 / M0, abs=0.01)
+    assert d.ablation_resample == pytest.approx(3 / M0, abs=0.01)
     assert d.knockout_claimed == pytest.approx(0.0, abs=0.01)  # removing DECOY does nothing
     b1 = row(result, 0, 3)
-    assert b1.joint_effect == pytest.approx(5 / 12, abs=0.02)
-    assert b1.direct_effect == pytest.approx(5 / 12, abs=0.02)  # direct >> total (compensated)
+    assert b1.joint_effect == pytest.approx(5 / M0, abs=0.02)
+    assert b1.direct_effect == pytest.approx(5 / M0, abs=0.02)  # direct >> total (compensated)
 
 
 def test_edges_table(result):

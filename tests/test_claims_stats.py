@@ -8,8 +8,7 @@ from transformer_lens.utilities.statistics import sign_flip_permutation_pvalue
 
 from lensattr.claims import claimed_sets, compute_claims, type_scores
 from lensattr.claims.head_types import allowed_keys
-from lensattr.compare.stats import Estimate, bh_qvalues, ratio_of_means, signflip_p
-from lensattr.compare.verdicts import Thresholds, decide, routing_class
+from lensattr.compare.stats import bh_qvalues, ratio_of_means, signflip_p
 from lensattr.prompts import PromptSet
 
 
@@ -21,7 +20,7 @@ def one_head(rows):
 def test_type_scores_by_hand():
     # tokens: a b a b  -> query 2 (a) has an earlier a at 0, token after it is 1;
     #                     query 3 (b) has an earlier b at 1, token after it is 2.
-    prompts = PromptSet(tokens=torch.tensor([[5, 6, 5, 6]]))
+    prompts = PromptSet(tokens=torch.tensor([[5, 6, 5, 6]]), roles={"BOS": 0})
     P = one_head([[1, 0, 0, 0], [0.2, 0.8, 0, 0], [0.1, 0.6, 0.3, 0], [0.1, 0.2, 0.3, 0.4]])
     s = type_scores(P, prompts)
     assert s["previous_token"].item() == pytest.approx((0.2 + 0.6 + 0.3) / 3)
@@ -44,16 +43,16 @@ def test_type_scores_skip_padding_and_undefined():
 def test_claimed_sets_by_hand():
     P = one_head(
         [
-            [1.0, 0, 0, 0],
-            [0.9, 0.1, 0, 0],  # non-sink mass 0.1 < 0.5: claims the sink
-            [0.1, 0.3, 0.6, 0],  # 0.6 alone covers 50%
-            [0.2, 0.3, 0.25, 0.25],
+            [1.0, 0, 0, 0],  # only the sink: claims nothing (the row is not edited)
+            [0.6, 0.35, 0.05, 0],  # [BOS 0.60, S1 0.35]: claims S1, not BOS
+            [0.1, 0.3, 0.6, 0],  # 0.6 alone covers 50% of the non-sink 0.9
+            [0.2, 0.3, 0.25, 0.25],  # non-sink 0.8: 0.3 then one 0.25 -> 2 sources
         ]
-    )  # needs 0.3 then one 0.25 -> 2 sources
+    )
     allowed = torch.ones(4, 4, dtype=torch.bool).tril()[None]
     C = claimed_sets(P, torch.tensor([[True, False, False, False]]), allowed)[0, 0, 0]
-    assert C[0].tolist() == [True, False, False, False]
-    assert C[1].tolist() == [True, False, False, False]
+    assert C[0].tolist() == [False, False, False, False]
+    assert C[1].tolist() == [False, True, False, False]
     assert C[2].tolist() == [False, False, True, False]
     assert C[3].sum() == 2 and C[3, 1] and not C[3, 0]
 
@@ -91,25 +90,6 @@ def test_bh_by_hand():
     # sorted 0.01, 0.03, 0.04, 0.5 (m=4): 0.04, 0.06, 0.0533, 0.5 -> monotone 0.04, .0533, .0533
     assert q[:4].tolist() == pytest.approx([0.04, 4 * 0.04 / 3, 4 * 0.04 / 3, 0.5])
     assert math.isnan(q[4].item())
-
-
-def est(v, lo, hi):
-    return Estimate(v, lo, hi, torch.tensor([v]))
-
-
-def test_verdict_rules():
-    th = Thresholds()
-    big, null = est(0.3, 0.25, 0.35), est(0.0, -0.01, 0.01)
-    assert decide(big, 0.001, est(1.0, 0.9, 1.1), False, None, th)[0] == "faithful"
-    assert decide(big, 0.001, est(0.1, 0.0, 0.2), False, None, th)[0] == "misleading"
-    assert decide(big, 0.001, est(0.5, 0.4, 0.6), False, None, th)[0] == "partial"
-    assert decide(big, 0.001, est(0.8, 0.5, 1.0), False, None, th)[0] == "undetermined"
-    assert decide(big, 0.2, est(1.0, 0.9, 1.1), False, None, th)[0] == "undetermined"  # q
-    assert decide(null, 0.9, est(math.nan, math.nan, math.nan), True, None, th)[0] == "inert"
-    assert decide(null, 0.9, est(math.nan, math.nan, math.nan), False, None, th)[0] == "negligible"
-    straddle = est(0.03, 0.01, 0.05)
-    assert decide(straddle, 0.01, est(1, 1, 1), True, None, th)[0] == "undetermined"
-    assert routing_class(est(0.25, 0.2, 0.35), th) == "unclear"
 
 
 def test_type_scores_match_transformer_lens_head_detector(random_gpt2):

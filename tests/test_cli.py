@@ -9,14 +9,14 @@ from lensattr.cli import main
 
 def test_cli_audit_writes_the_four_files(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["audit", "--out", str(out), "--n-prompts", "8", "--quiet"]) == 0
+    assert main(["audit", "--out", str(out), "--n-prompts", "12", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "faithful" in text and "misleading" in text and "compensated" in text
     heads = pd.read_csv(out / "heads.csv")
-    assert len(heads) == 8 and "verdict" in heads.columns
+    assert len(heads) == 10 and "verdict" in heads.columns
     assert len(pd.read_csv(out / "edges.csv")) > 0
     meta = json.loads((out / "audit.json").read_text())["meta"]
-    assert meta["n_prompts"] == 8 and meta["task"] == "planted-copy"
+    assert meta["n_prompts"] == 12 and meta["task"] == "planted-copy"
     page = (out / "report.html").read_text()
     assert "CircuitsVis.render" in page and "alice" in page or "bob" in page
     assert not (out / "evidence.ckpt.safetensors").exists()

@@ -14,6 +14,7 @@ import lensattr
 from lensattr.evidence import (
     EdgeEdit,
     Engine,
+    HeadAblation,
     Intervention,
     ablate,
     digest,
@@ -28,6 +29,8 @@ from lensattr.types import HeadId
 from .conftest import word_tokenizer
 
 H = HeadId(1, 2)
+# tiny prompt sets: the audits here check numbers, not verdicts
+pytestmark = pytest.mark.filterwarnings("ignore:Too few prompts")
 
 
 def tiny_gpt2(seed: int = 0):
@@ -73,24 +76,34 @@ def test_digest_is_what_the_intervention_does():
     e1, e2 = EdgeEdit(H, m1), EdgeEdit((0, 0), m2)
     assert Intervention("x", edges=(e1, e2)).digest() == Intervention("y", edges=(e2, e1)).digest()
     assert remove_direct(H, H).digest() != remove_direct(H).digest()
-    # a head ablated twice in one intervention is ambiguous, not silently ordered
-    with pytest.raises(ValueError, match="ablates head L1H2 twice"):
+    # a head ablated twice at one position is ambiguous, not silently ordered
+    with pytest.raises(ValueError, match="ablates head L1H2 twice at the same positions"):
         ablate(H, H)
+    a, b = torch.zeros(6, 9, dtype=torch.bool), torch.zeros(6, 9, dtype=torch.bool)
+    a[:, 1], b[:, 2] = True, True
+    split = Intervention("s", ablations=(HeadAblation(H, "zero", a), HeadAblation(H, "mean", b)))
+    swapped = Intervention("t", ablations=split.ablations[::-1])
+    assert split.digest() == swapped.digest()  # disjoint positions: the order is irrelevant
 
 
 def test_digest_covers_fields_added_later():
-    """A field added to EdgeEdit (e.g. a replacement baseline) is part of the identity without
-    any change to the digest code."""
+    """Every field is part of the identity without any change to the digest code: the
+    replacement baseline, and a field a subclass adds."""
 
     @dataclasses.dataclass(frozen=True, eq=False)
-    class EdgeEditWithBaseline(EdgeEdit):
-        baseline: lensattr.AblationMethod | None = None
+    class EdgeEditWithDraw(EdgeEdit):
+        draw: int = 0  # e.g. which resample draw
 
     (m,) = masks(1, 1)
-    zero = EdgeEditWithBaseline(H, m)
-    mean = EdgeEditWithBaseline(H, m, baseline=lensattr.AblationMethod.MEAN)
-    assert digest(zero) != digest(mean) != digest(EdgeEdit(H, m))
+    zero, mean = EdgeEdit(H, m), EdgeEdit(H, m, baseline=lensattr.AblationMethod.MEAN)
+    assert digest(zero) != digest(mean)
     assert Intervention("e", edges=(zero,)).digest() != Intervention("e", edges=(mean,)).digest()
+    assert remove_direct(H).digest() != remove_direct(H, baseline="mean").digest()
+    assert digest(EdgeEditWithDraw(H, m)) != digest(EdgeEditWithDraw(H, m, draw=1))
+    assert digest(EdgeEditWithDraw(H, m)) != digest(zero)
+    rows = torch.zeros(6, 9, dtype=torch.bool)
+    rows[:, 3] = True
+    assert ablate(H, rows=rows).digest() != ablate(H).digest()
     with pytest.raises(TypeError, match="digest: cannot fingerprint a object"):
         digest(object())
 

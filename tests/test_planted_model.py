@@ -22,6 +22,7 @@ from lensattr.zoo.planted import (
 
 END, S1, DECOY, BOS = ROLES["END"], ROLES["S1"], ROLES["DECOY"], ROLES["BOS"]
 B1, B2 = (0, 3), (1, 0)
+P, Q = (0, 4), (1, 4)  # backup pair with a prompt-independent trigger (L0H4's constant tag K)
 
 
 def metric(logits, data, repeats=1):
@@ -38,7 +39,8 @@ CONDITIONS = {
     **{f"zero {h}": {h: "zero"} for h in [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (1, 3)]},
     **{f"{m} {name}": {h: m for h in heads}
        for m in ("zero", "mean", "resample")
-       for name, heads in (("B1", [B1]), ("B2", [B2]), ("B1+B2", [B1, B2]))},
+       for name, heads in (("B1", [B1]), ("B2", [B2]), ("B1+B2", [B1, B2]),
+                           ("P", [P]), ("Q", [Q]), ("P+Q", [P, Q]))},
 }  # fmt: skip
 
 
@@ -71,7 +73,7 @@ def run():
 
             return hook_fn
 
-        def save_pattern(pattern, hook):
+        def save_pattern(pattern, hook):  # [condition * batch, head, query_pos, key_pos]
             seen["pattern"] = pattern.clone()
 
         hooks = [(f"blocks.{layer}.attn.hook_z", replace_z(layer)) for layer in (0, 1)]
@@ -79,12 +81,13 @@ def run():
         ablated_logits = bridge.run_with_hooks(data["clean"].repeat(len(names), 1), fwd_hooks=hooks)
     m0 = metric(logits, data)
     deltas = (metric(ablated_logits, data, len(names)).view(len(names), n) - m0).unbind(0)
-    b1_zeroed = names.index("zero B1")
+    layer1 = dict(zip(names, seen["pattern"].split(n), strict=True))
     return {
         "hf": hf, "bridge": bridge, "data": data, "logits": logits, "cache": cache, "m0": m0,
         "corrupted_metric": metric(corrupted_logits, data),
         "delta": dict(zip(names, deltas, strict=True)),
-        "pattern_b1_zeroed": seen["pattern"][b1_zeroed * n : (b1_zeroed + 1) * n],
+        "pattern_b1_zeroed": layer1["zero B1"], "layer1_pattern": layer1,
+        "corrupted_cache": corrupted_cache,
     }  # fmt: skip
 
 
@@ -147,6 +150,8 @@ def test_layernorm_scale_is_nearly_constant(run):
         (1, 1, {5: 0.95, END: 0.05}),  # previous token
         (1, 2, {j: 1 / 7 for j in range(7)}),  # uniform
         (1, 3, {END: 0.9, BOS: 0.1}),  # self
+        (0, 4, {S1: 0.9, BOS: 0.1}),  # P: backup primary with a constant tag
+        (1, 4, {BOS: 1.0}),  # Q: its backup, silenced by the constant tag
     ],
 )
 def test_attention_at_end(run, layer, head, target):
@@ -165,7 +170,7 @@ def test_patterns_at_every_query(run):
     for q in range(1, 7):
         assert float(p1[:, 1, q, q - 1].min()) >= 0.9  # previous token
         assert float(p1[:, 3, q, q].min()) >= 0.89  # self
-    for head in (0, 1, 3):  # faithful, decoy and B1 look at BOS away from END
+    for head in (0, 1, 3, 4):  # faithful, decoy, B1 and P look at BOS away from END
         assert float(p0[:, head, :END, BOS].min()) > 0.99
 
 
@@ -178,7 +183,7 @@ def test_decoy_value_at_decoy_is_zero(run):
 
 
 def test_clean_and_corrupted_metric(run):
-    assert float((run["m0"] - 12.0).abs().max()) < 0.05
+    assert float((run["m0"] - 16.0).abs().max()) < 0.05  # 4 + 3 + 5 + 4 (L0H4)
     assert float(run["corrupted_metric"].abs().max()) < 0.05
 
 
@@ -215,8 +220,65 @@ def test_truth_table():
         (0, 0): ("faithful", None), (0, 1): ("misleading", None), (0, 2): ("inert", "sink"),
         (0, 3): ("compensated", None), (1, 0): ("compensated", None),
         (1, 1): ("inert", "previous_token"), (1, 2): ("negligible", None),
-        (1, 3): ("inert", "self"),
+        (1, 3): ("inert", "self"), (0, 4): ("faithful", None), (1, 4): ("inert", "sink"),
     }  # fmt: skip
     partners = {(h["layer"], h["head"]): h["partner"] for h in truth["heads"]}
     assert partners[B1] == list(B2) and partners[B2] == list(B1)
-    assert truth["contributions"] == {"faithful": 4.0, "decoy": 3.0, "backup": 5.0}
+    assert partners[P] == list(Q) and partners[Q] == list(P)
+    under = {(h["layer"], h["head"]): h["compensated_under"] for h in truth["heads"]}
+    assert under[B1] == under[B2] == ["zero", "mean", "resample"]
+    assert under[P] == under[Q] == ["zero"]
+    assert truth["contributions"] == {
+        "faithful": 4.0, "decoy": 3.0, "backup": 5.0,
+        "backup_constant": 4.0, "backup_constant_restore": 3.0,
+    }  # fmt: skip
+
+
+# ---- the backup pair that resample (and mean) ablation cannot see: P = L0H4, Q = L1H4 ----------
+
+
+def test_p_tag_is_the_same_on_clean_and_corrupted(run):
+    """P's constant tag (value dim 8 -> K) is identical on every clean and corrupted prompt."""
+    z = run["cache"]["blocks.0.attn.hook_z"][:, :, P[1], len(NAMES)]  # [batch, pos]
+    zc = run["corrupted_cache"]["blocks.0.attn.hook_z"][:, :, P[1], len(NAMES)]
+    torch.testing.assert_close(z, torch.ones_like(z), atol=1e-4, rtol=0)
+    torch.testing.assert_close(zc, z, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["resample", "mean"])
+def test_pq_invisible_to_resample_and_mean(run, method):
+    """Resample / mean ablation of P keeps its tag, so Q stays off: P alone moves the metric by
+    its full contribution 4, Q changes nothing, and P+Q is P alone (no interaction)."""
+    d = run["delta"]
+    p_alone, q_alone, both = d[f"{method} P"], d[f"{method} Q"], d[f"{method} P+Q"]
+    if method == "resample":  # the corrupted name C is neither A nor B: exactly -4 everywhere
+        assert float((p_alone + 4.0).abs().max()) < 0.05
+    else:  # the mean over prompts keeps 0.9 * mean U(name): -4 +- name frequencies
+        assert abs(float(p_alone.mean()) + 4.0) < 0.1 and float((p_alone + 4.0).abs().max()) < 0.5
+    assert float(q_alone.abs().max()) < 0.01
+    assert float((both - p_alone).abs().max()) < 0.01
+    q_end = run["layer1_pattern"][f"{method} P"][:, Q[1], END]
+    assert float(q_end[:, S1].max()) < 1e-3 and float(q_end[:, BOS].min()) >= 0.99
+
+
+def test_pq_is_a_backup_pair_under_zero_ablation(run):
+    """Zeroing P removes its tag: Q attends S1 and restores 3 of P's 4, so P alone moves the
+    metric by only -1, while P and Q together remove both (-4): interaction -3."""
+    d = run["delta"]
+    p_alone, q_alone, both = d["zero P"], d["zero Q"], d["zero P+Q"]
+    assert float((p_alone + 1.0).abs().max()) < 0.05
+    assert float(q_alone.abs().max()) < 0.01
+    assert float((both + 4.0).abs().max()) < 0.05
+    interaction = both - p_alone - q_alone  # in metric units; normalised by m_c - m0 < 0: +3/16
+    assert float((interaction + 3.0).abs().max()) < 0.05
+
+
+def test_q_takes_over_only_when_p_is_zeroed(run):
+    clean = end_pattern(run["cache"], *Q)
+    assert float(clean[:, BOS].min()) >= 0.99 and float(clean[:, S1].max()) < 1e-3
+    zeroed = run["layer1_pattern"]["zero P"][:, Q[1], END]
+    assert float(zeroed[:, S1].min()) >= 0.99
+    b2_untouched = run["layer1_pattern"]["zero P"][:, B2[1], END]  # the pairs do not interact
+    assert float(b2_untouched[:, BOS].min()) >= 0.99
+    q_untouched = run["layer1_pattern"]["zero B1"][:, Q[1], END]
+    assert float(q_untouched[:, S1].max()) < 1e-3

@@ -1,46 +1,108 @@
-"""Compensation partners: searched among candidates, not all pairs.
+"""Compensation: candidate partners, the best partner, and direct versus total effect.
 
-A candidate partner of head h is a head whose output at the read position changes when h is
-ablated, or whose ablation changes h's output (backup heads respond to the absence of the head
-they back up). The change is measured in the same batched forward as the solo ablations
-(``EngineResult.head_delta``) and scaled by the largest mean clean head-output norm.
+Partners are searched among candidates, not all pairs. A candidate partner of head h is
+
+* a head whose output at the read position changes when h is ablated, or whose ablation
+  changes h's output (a backup responds to the absence of the head it backs up), measured in
+  the batched forward of the solo ablations under the same baseline
+  (``EngineResult.head_delta``), scaled by the largest mean clean head-output norm; or
+* a head that writes the same thing: its clean output at the read position has cosine
+  similarity >= ``SIMILAR_MIN`` with h's (redundant writers, which includes heads of the same
+  layer: they cannot respond to each other, but the readout can saturate on either).
+
+Among the candidates whose joint ablation was run, the partner is the one with the largest
+significant interaction (see :mod:`lensattr.compare.verdicts`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..types import HeadId
+from .stats import Estimate
+from .verdicts import Compensation, Thresholds
 
-__all__ = ["candidate_partners", "CANDIDATE_MIN", "MAX_CANDIDATES"]
+__all__ = [
+    "candidate_partners",
+    "best_partner",
+    "CANDIDATE_MIN",
+    "SIMILAR_MIN",
+    "MAX_CANDIDATES",
+]
 
 CANDIDATE_MIN = 0.1  # scaled output change that makes a head a candidate partner
-MAX_CANDIDATES = 3
+SIMILAR_MIN = 0.5  # cosine of clean outputs that makes a head a candidate partner
+MAX_CANDIDATES = 3  # per criterion
 
 
 def candidate_partners(
-    head_delta: Tensor,
-    clean_norm: Tensor,
+    head_delta: Float[Tensor, "ablated batch layer head_index"],
+    out_clean: Float[Tensor, "batch layer head_index d_model"],
     heads: list[HeadId],
     min_change: float = CANDIDATE_MIN,
+    min_cosine: float = SIMILAR_MIN,
     k: int = MAX_CANDIDATES,
 ) -> dict[HeadId, list[HeadId]]:
-    """``head_delta``: [ablated head, batch, layer, head_index] from the solo ablations, in the
-    order of ``heads``; ``clean_norm``: [layer, head_index] mean clean output norm."""
-    n_heads = clean_norm.shape[1]
-    scale = clean_norm.max().clamp(min=1e-9)
-    change = head_delta.mean(1).flatten(1) / scale  # [ablated, affected]
+    """``head_delta`` from the solo ablations, in the order of ``heads``; ``out_clean`` each
+    head's clean output at the read position. Returns up to ``k`` candidates per criterion."""
+    n_heads = out_clean.shape[2]
+    norm = out_clean.norm(dim=-1).mean(0)  # [layer, head]
+    scale = norm.max().clamp(min=1e-9)
     flat = [h.layer * n_heads + h.head for h in heads]
-    change = change[:, flat]  # both axes in the order of ``heads``
-    sym = torch.maximum(change, change.T)
-    sym.fill_diagonal_(0.0)
+    change = (head_delta.mean(1).flatten(1) / scale)[:, flat]  # [ablated, affected]
+    responds = torch.maximum(change, change.T)
+    o = out_clean.flatten(1, 2)[:, flat]  # [batch, head, d_model]
+    o = o / o.norm(dim=-1, keepdim=True).clamp(min=1e-9)
+    cos = torch.einsum("bid,bjd->ij", o, o) / o.shape[0]  # mean cosine over prompts
+    quiet = norm.flatten()[flat] < 1e-6 * scale  # heads that write nothing have no direction
+    cos[quiet] = 0.0
+    cos[:, quiet] = 0.0
     out: dict[HeadId, list[HeadId]] = {}
     for i, h in enumerate(heads):
-        vals, order = sym[i].sort(descending=True)
-        out[h] = [
-            heads[j]
-            for v, j in zip(vals.tolist()[:k], order.tolist()[:k], strict=True)
-            if v >= min_change
-        ]
+        picked: list[HeadId] = []
+        for score, lo in ((responds[i], min_change), (cos[i], min_cosine)):
+            s = score.clone()
+            s[i] = -math.inf
+            vals, order = s.sort(descending=True)
+            for v, j in zip(vals.tolist()[:k], order.tolist()[:k], strict=True):
+                if v >= lo and heads[j] not in picked:
+                    picked.append(heads[j])
+        out[h] = picked
     return out
+
+
+def best_partner(
+    h: HeadId,
+    tested: dict[HeadId, tuple[Estimate, Estimate, float]],
+    th: Thresholds,
+) -> tuple[HeadId | None, Estimate | None, Estimate | None, float]:
+    """``tested``: partner -> (joint effect, interaction, q of the interaction). The partner is
+    the candidate with the largest significant interaction in the joint effect's direction; when
+    none is significant, the one with the largest interaction (reported, not a verdict)."""
+    best, best_key = None, None
+    for c, (joint, inter, q) in tested.items():
+        if not math.isfinite(inter.value) or not math.isfinite(joint.value):
+            continue
+        s = 1.0 if joint.value >= 0 else -1.0
+        key = (q < th.alpha, s * inter.value)
+        if best_key is None or key > best_key:
+            best, best_key = c, key
+    if best is None:
+        return None, None, None, math.nan
+    joint, inter, q = tested[best]
+    return best, joint, inter, q
+
+
+def compensation(
+    h: HeadId,
+    tested: dict[HeadId, tuple[Estimate, Estimate, float]],
+    dmt: Estimate | None,
+    q_dmt: float,
+    th: Thresholds,
+) -> Compensation:
+    partner, joint, inter, q = best_partner(h, tested, th)
+    return Compensation(partner, joint, inter, q, dmt, q_dmt)

@@ -1,27 +1,36 @@
-"""The one definition of each verdict.
+"""The one definition of each verdict, applied to the numbers of one baseline.
+
+Every number behind one verdict comes from one ablation baseline (zero, mean or resample):
+the head's effect e, its routing ratio rho, the partner search and direct - total. The audit
+decides under every baseline it computed; the label shown follows the primary baseline and the
+others are reported beside it (``compensated_under``, ``labels_by_baseline``).
 
 Two axes, then a label (``Thresholds`` holds every margin):
 
-* **relevance** of the head's solo effect e (primary ablation):
-  ``relevant`` when e's 95% CI lies outside [-delta, delta] and the BH q-value < alpha;
-  ``null`` when the CI lies inside [-delta, delta] (an equivalence test, not "not significant");
-  ``unclear`` otherwise.
-* **routing** rho = (m(keep only C) - m(zero head)) / (m0 - m(zero head)):
-  ``through_claim`` when rho's CI lies inside [0.7, 1.3]; ``elsewhere`` when its CI lies below
-  0.3; ``partial`` when the CI lies in neither band nor straddles a band edge; ``unclear`` when
-  it straddles; ``n/a`` when undefined (zero-ablating the head moves the metric by less than
-  delta: nothing to route).
+* **relevance** of the head's solo effect e:
+  ``relevant`` when e's 95% CI lies outside [-delta, delta] and the BH q-value of the sign-flip
+  test (across heads) is below alpha; ``null`` when the equivalence test |e| < delta (TOST,
+  BH across heads) has q below alpha, with the CI inside [-delta, delta]; ``unclear``
+  otherwise (also when there are too few prompts for either test to reach alpha).
+* **routing** rho = (m(keep only C) - m(ablated)) / (m0 - m(ablated)), keep-only and ablation
+  under the same baseline, C the claimed set (sink terms left alone): ``through_claim`` when its
+  CI lies inside [0.7, 1.3]; ``elsewhere`` when its CI lies below 0.3; ``partial`` when the CI
+  lies clear of both bands and their edges; ``unclear`` when it straddles an edge; ``n/a`` when
+  undefined (the head is not relevant: nothing to route).
 
 Labels, in precedence order:
 
-1. ``compensated``: solo effect null or below tau (CI upper < tau), and either a partner h' with
-   joint effect e(h, h') >= tau (CI lower) and a positive interaction
-   e(h, h') - e(h) - e(h') > delta (CI lower), or direct effect - total effect > tau (CI lower).
+1. ``compensated``: the solo effect is small (CI inside (-tau, tau)), and either a partner h'
+   whose joint ablation has |e(h, h')| >= tau (CI) with an interaction
+   e(h, h') - e(h) - e(h') beyond delta in the joint effect's direction (CI, and BH q < alpha;
+   the partner is the candidate with the largest significant interaction), or the sign-aware
+   direct - total effect s * (e_direct - e_total) > tau (CI, and BH q < alpha), s = sign of the
+   direct effect.
 2. ``faithful`` (relevant, through_claim), ``misleading`` (relevant, elsewhere),
    ``partial`` (relevant, partial routing).
-3. ``inert``: null, and a striking pattern (type score >= 0.5).
-   ``negligible``: null, no striking pattern (nothing claimed, nothing done).
-4. ``undetermined``: anything else (a CI straddles a threshold).
+3. ``inert``: null, and a striking pattern (type score >= 0.5, over every query or at the read
+   position). ``negligible``: null, no striking pattern.
+4. ``undetermined``: anything else; the reason says which number kept the verdict open.
 
 ``diffuse`` is a claim-side flag reported beside the label, not a label.
 """
@@ -29,13 +38,24 @@ Labels, in precedence order:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import Tensor
 
+from ..types import HeadId
 from .stats import Estimate
 
-__all__ = ["Thresholds", "relevance", "routing_class", "decide", "prompt_holds", "VERDICTS"]
+__all__ = [
+    "Thresholds",
+    "Compensation",
+    "HeadEvidence",
+    "Verdict",
+    "relevance",
+    "routing_class",
+    "decide",
+    "VERDICTS",
+]
 
 VERDICTS = (
     "compensated",
@@ -62,111 +82,203 @@ class Thresholds:
         return asdict(self)
 
 
-def relevance(e: Estimate, q: float, th: Thresholds) -> str:
-    if math.isnan(e.value):
+@dataclass(frozen=True)
+class Compensation:
+    """Evidence that a head is compensated, under one baseline.
+
+    partner: the candidate with the largest significant interaction (None when none tested).
+    joint: e(h, partner); interaction: e(h, partner) - e(h) - e(partner), per-prompt values on
+    the common denominator; q_interaction: BH q of the one-sided test that the interaction lies
+    beyond delta in the joint effect's direction. direct_minus_total: s * (e_direct - e_total),
+    s = sign of the direct effect; q_dmt: BH q of the one-sided test that it exceeds tau.
+    """
+
+    partner: HeadId | None = None
+    joint: Estimate | None = None
+    interaction: Estimate | None = None
+    q_interaction: float = math.nan
+    direct_minus_total: Estimate | None = None
+    q_dmt: float = math.nan
+
+
+@dataclass(frozen=True)
+class HeadEvidence:
+    """The numbers behind one head's verdict, all under one baseline."""
+
+    head: HeadId
+    baseline: str
+    effect: Estimate
+    q: float  # BH q of the sign-flip test that e != 0
+    q_null: float  # BH q of the equivalence test |e| < delta (NaN: not computed)
+    routing: Estimate
+    striking: bool
+    compensation: Compensation = field(default_factory=Compensation)
+    too_few: str | None = None  # why the prompts cannot support a verdict, if they cannot
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A label with the rule that fired, the numbers it fired on and a reason in words.
+
+    ``holds``: per prompt, does the fired rule hold on that prompt's own values (1/0; NaN where
+    undefined). ``share`` is its mean over the prompts where it is defined.
+    """
+
+    label: str
+    rule: str
+    relevance: str
+    routing_class: str
+    baseline: str
+    reason: str
+    numbers: dict
+    holds: Tensor
+    partner: HeadId | None = None
+
+    @property
+    def share(self) -> float:
+        ok = torch.isfinite(self.holds)
+        return float(self.holds[ok].mean()) if ok.any() else math.nan
+
+    @property
+    def compensated(self) -> bool:
+        return self.label == "compensated"
+
+
+def relevance(e: Estimate, q: float, q_null: float, th: Thresholds) -> str:
+    if not all(math.isfinite(x) for x in (e.value, e.lo, e.hi)):
         return "unclear"
     if e.lo > th.delta or e.hi < -th.delta:
         return "relevant" if q < th.alpha else "unclear"
-    if e.lo >= -th.delta and e.hi <= th.delta:
+    if e.lo >= -th.delta and e.hi <= th.delta and (math.isnan(q_null) or q_null < th.alpha):
         return "null"
     return "unclear"
 
 
 def routing_class(rho: Estimate, th: Thresholds) -> str:
-    if math.isnan(rho.value) or math.isnan(rho.lo):
+    if not all(math.isfinite(x) for x in (rho.value, rho.lo, rho.hi)):
         return "n/a"
     if th.faithful_lo <= rho.lo and rho.hi <= th.faithful_hi:
         return "through_claim"
     if rho.hi < th.misleading_hi:
         return "elsewhere"
     edges = (th.misleading_hi, th.faithful_lo, th.faithful_hi)
-    if any(rho.lo < x < rho.hi for x in edges):
+    if any(rho.lo <= x <= rho.hi for x in edges):
         return "unclear"
     return "partial"
 
 
-@dataclass(frozen=True)
-class Compensation:
-    """Evidence that a head is compensated: by a partner, or by direct > total."""
-
-    partner: tuple[int, int] | None
-    joint: Estimate | None
-    interaction: Estimate | None
-    direct_minus_total: Estimate | None
+def _ci(e: Estimate) -> str:
+    return f"{e.value:.3f} (95% CI [{e.lo:.3f}, {e.hi:.3f}])"
 
 
-def is_compensated(e: Estimate, rel: str, comp: Compensation | None, th: Thresholds) -> str | None:
-    """Reason string when the head is compensated, else None."""
-    if comp is None or not (rel == "null" or e.hi < th.tau):
-        return None
-    if comp.joint is not None and comp.interaction is not None:
-        if comp.joint.lo >= th.tau and comp.interaction.lo > th.delta:
-            return (
-                f"solo effect {e.value:.3f} but {comp.joint.value:.3f} together with partner "
-                f"(interaction {comp.interaction.value:.3f})"
-            )
-    d = comp.direct_minus_total
-    if d is not None and not math.isnan(d.lo) and d.lo > th.tau:
-        return f"direct effect exceeds total effect by {d.value:.3f}"
-    return None
+def _small(e: Estimate, th: Thresholds) -> bool:
+    """Two-sided: the solo effect's CI lies inside (-tau, tau)."""
+    return math.isfinite(e.lo) and math.isfinite(e.hi) and -th.tau < e.lo and e.hi < th.tau
 
 
-def decide(
-    e: Estimate, q: float, rho: Estimate, striking: bool, comp: Compensation | None, th: Thresholds
-) -> tuple[str, str, str, str]:
-    """Return (verdict, relevance, routing, reason)."""
-    rel, rout = relevance(e, q, th), routing_class(rho, th)
-    why = is_compensated(e, rel, comp, th)
-    if why is not None:
-        return "compensated", rel, rout, why
+def _partner_fires(c: Compensation, th: Thresholds) -> bool:
+    j, i = c.joint, c.interaction
+    if c.partner is None or j is None or i is None or not math.isfinite(j.value):
+        return False
+    s = 1.0 if j.value >= 0 else -1.0
+    big = j.lo >= th.tau if s > 0 else j.hi <= -th.tau
+    inter = (i.lo > th.delta) if s > 0 else (i.hi < -th.delta)
+    return big and inter and c.q_interaction < th.alpha
+
+
+def _dmt_fires(c: Compensation, th: Thresholds) -> bool:
+    d = c.direct_minus_total
+    return d is not None and math.isfinite(d.lo) and d.lo > th.tau and c.q_dmt < th.alpha
+
+
+def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
+    """Apply the rules above to one head's evidence under one baseline."""
+    e, rho, c, b = ev.effect, ev.routing, ev.compensation, ev.baseline
+    rel, rout = relevance(e, ev.q, ev.q_null, th), routing_class(rho, th)
+    x, r = e.per_prompt, rho.per_prompt
+    nums = {"effect": e.value, "effect_lo": e.lo, "effect_hi": e.hi, "q": ev.q,
+            "q_null": ev.q_null, "routing": rho.value, "routing_lo": rho.lo,
+            "routing_hi": rho.hi}  # fmt: skip
+
+    def out(label, rule, reason, holds, partner=None, **extra):
+        return Verdict(label, rule, rel, rout, b, reason, {**nums, **extra}, holds, partner)
+
+    nan = torch.full_like(x, math.nan)
+    if ev.too_few is not None:
+        return out("undetermined", "too_few_prompts", ev.too_few, nan)
+    if _small(e, th) and _partner_fires(c, th):
+        j, i, p = c.joint, c.interaction, c.partner
+        s = 1.0 if j.value >= 0 else -1.0
+        holds = (x.abs() < th.tau) & (s * j.per_prompt >= th.tau) & (s * i.per_prompt > th.delta)
+        why = (f"Alone, {b}-ablating the head moves the metric by only {_ci(e)}, but ablating "
+               f"it together with {HeadId(*p)} moves it by {_ci(j)}; the interaction "
+               f"{_ci(i)} (q = {c.q_interaction:.3g}) says {HeadId(*p)} takes over when this "
+               "head is gone.")  # fmt: skip
+        return out("compensated", "compensated_by_partner", why, holds.float(), HeadId(*p),
+                   joint=j.value, interaction=i.value, q_interaction=c.q_interaction)
+    if _small(e, th) and _dmt_fires(c, th):
+        d = c.direct_minus_total
+        why = (f"The head's direct effect on the readout exceeds its total effect by {_ci(d)} "
+               f"(q = {c.q_dmt:.3g}) under {b} ablation: downstream components compensate "
+               "for its removal.")  # fmt: skip
+        return out("compensated", "compensated_direct_gt_total", why,
+                   (d.per_prompt > th.tau).float(), direct_minus_total=d.value, q_dmt=c.q_dmt)
     if rel == "relevant":
-        label = {"through_claim": "faithful", "elsewhere": "misleading", "partial": "partial"}.get(
-            rout
-        )
-        if label is not None:
-            return label, rel, rout, f"effect {e.value:.3f}, routing {rho.value:.3f}"
-        return "undetermined", rel, rout, f"relevant, but routing CI [{rho.lo:.2f}, {rho.hi:.2f}]"
+        big = x.abs() > th.delta
+        head = f"{b.capitalize()}-ablating the head moves the metric by {_ci(e)} (q = {ev.q:.3g})"
+        if rout == "through_claim":
+            why = (f"{head}, and keeping only its claimed sources keeps {_ci(rho)} of that "
+                   "effect: its attention map's claim carries the effect.")
+            holds = big & (r >= th.faithful_lo) & (r <= th.faithful_hi)
+            return out("faithful", "faithful", why, _defined(holds, x, r))
+        if rout == "elsewhere":
+            why = (f"{head}, but keeping only its claimed sources keeps just {_ci(rho)} of it: "
+                   "the effect flows through sources its attention map does not claim.")
+            holds = big & (r < th.misleading_hi)
+            return out("misleading", "misleading", why, _defined(holds, x, r))
+        if rout == "partial":
+            why = (f"{head}; keeping only its claimed sources keeps {_ci(rho)} of it, between "
+                   "the misleading and faithful bands: the claim carries part of the effect.")
+            holds = big & (r >= th.misleading_hi) & ((r < th.faithful_lo) | (r > th.faithful_hi))
+            return out("partial", "partial", why, _defined(holds, x, r))
+        if rout == "n/a":
+            why = (f"{head}, but its routing ratio could not be measured (the keep-only edit "
+                   "or its reference is undefined on these prompts).")
+            return out("undetermined", "routing_undefined", why, nan)
+        why = (f"{head}, but the routing ratio's CI [{rho.lo:.2f}, {rho.hi:.2f}] straddles a band "
+               f"edge ({th.misleading_hi}, {th.faithful_lo} or {th.faithful_hi}): more prompts "
+               "would decide whether the claim carries the effect.")
+        return out("undetermined", "routing_straddles", why, nan)
     if rel == "null":
-        if striking:
-            return "inert", rel, rout, "striking pattern, effect within the null margin"
-        return "negligible", rel, rout, "no striking pattern, effect within the null margin"
+        eq = "" if math.isnan(ev.q_null) else f", equivalence q = {ev.q_null:.3g}"
+        small = (x.abs() <= th.delta).float()
+        if ev.striking:
+            why = (f"{b.capitalize()}-ablating the head moves the metric by {_ci(e)}, inside the "
+                   f"null margin ±{th.delta}{eq}, although its attention pattern is striking: "
+                   "the pattern does nothing for this metric.")
+            return out("inert", "inert", why, small)
+        why = (f"{b.capitalize()}-ablating the head moves the metric by {_ci(e)}, inside the "
+               f"null margin ±{th.delta}{eq}, and its pattern is not striking.")
+        return out("negligible", "negligible", why, small)
+    if not math.isfinite(e.value):
+        why = (f"The head's {b} effect could not be computed (the reference run does not move "
+               "the metric, or every prompt was undefined).")
+        return out("undetermined", "effect_undefined", why, nan)
     if e.lo > th.delta or e.hi < -th.delta:
-        why = f"effect CI clears the margin but q = {q:.3f} >= {th.alpha}"
-        return "undetermined", rel, rout, why
-    return "undetermined", rel, rout, f"effect CI [{e.lo:.3f}, {e.hi:.3f}] straddles a margin"
+        why = (f"The {b} effect {_ci(e)} clears the null margin but is not significant after "
+               f"correction across heads (q = {ev.q:.3g} >= {th.alpha}): more prompts would "
+               "decide.")
+        return out("undetermined", "not_significant", why, nan)
+    if e.lo >= -th.delta and e.hi <= th.delta:
+        why = (f"The {b} effect {_ci(e)} lies inside the null margin ±{th.delta}, but the "
+               f"equivalence test is not significant after correction (q = {ev.q_null:.3g}): "
+               "more prompts would decide.")
+        return out("undetermined", "equivalence_not_significant", why, nan)
+    why = (f"The {b} effect {_ci(e)} straddles the null margin ±{th.delta}: more prompts would "
+           "decide whether the head matters.")
+    return out("undetermined", "effect_straddles", why, nan)
 
 
-def prompt_holds(
-    verdict: str,
-    e: torch.Tensor,
-    rho: torch.Tensor,
-    comp: Compensation | None,
-    partner_e: torch.Tensor | None,
-    th: Thresholds,
-) -> torch.Tensor:
-    """Per prompt, does the verdict's rule hold on that prompt's own values? (NaN = undefined)"""
-    big = e.abs() > th.delta
-    small = e.abs() <= th.delta
-    nan = torch.full_like(e, float("nan"))
-    if verdict == "faithful":
-        out = big & (rho >= th.faithful_lo) & (rho <= th.faithful_hi)
-    elif verdict == "misleading":
-        out = big & (rho < th.misleading_hi)
-    elif verdict == "partial":
-        out = big & (rho >= th.misleading_hi) & ((rho < th.faithful_lo) | (rho > th.faithful_hi))
-    elif verdict in ("inert", "negligible"):
-        out = small
-    elif verdict == "compensated" and comp is not None:
-        if comp.joint is not None and partner_e is not None:
-            j = comp.joint.per_prompt
-            out = (e < th.tau) & (j >= th.tau) & ((j - e - partner_e) > th.delta)
-        elif comp.direct_minus_total is not None:
-            out = comp.direct_minus_total.per_prompt > th.tau
-        else:
-            return nan
-    else:
-        return nan
-    defined = torch.isfinite(e)
-    if verdict in ("faithful", "misleading", "partial"):
-        defined &= torch.isfinite(rho)
-    return torch.where(defined, out.float(), nan)
+def _defined(holds: Tensor, x: Tensor, r: Tensor) -> Tensor:
+    ok = torch.isfinite(x) & torch.isfinite(r)
+    return torch.where(ok, holds.float(), torch.full_like(x, math.nan))

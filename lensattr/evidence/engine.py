@@ -88,9 +88,13 @@ class Engine:
         self.prompts = prompts
         self.metric: Metric = as_metric(metric)
         prompts.validate_vocab(self.adapter.d_vocab)
+        prompts.validate_length(getattr(self.adapter.cfg, "n_ctx", None))
+        prompts.validate_tokenizer(getattr(self.adapter.model, "tokenizer", None),
+                                   self.adapter.name)
         self.readout = self.metric.readout(prompts)
         self.batch_size = int(batch_size)
         self.progress = progress
+        self.bar = None  # an outside progress bar (e.g. the audit's) that run() advances
         a, n = self.adapter, len(prompts)
         self.device = a.device
         self.weights_hash = a.weights_hash()  # bit for bit, computed afresh
@@ -100,11 +104,11 @@ class Engine:
         self.clean_values, self.z, self.patterns = self._reference(prompts.tokens)
         self.clean = self._metric(self.clean_values, prompts, self.clean_values)
         self.z_mean = [self._masked_mean(z) for z in self.z]  # [pos, head, d_head]
+        self.z_corr = self.patterns_corr = self.v_corr = self.corrupted = None
         if prompts.corrupted is not None:
-            cv, self.z_corr, _ = self._reference(prompts.corrupted)
-            self.corrupted = self._metric(cv, prompts, self.clean_values)
-        else:
-            self.z_corr, self.corrupted = None, None
+            cv, self.z_corr, self.patterns_corr = self._reference(prompts.corrupted)
+            self.corrupted = self._metric(cv, prompts.corrupted_view(), self.clean_values)
+        self._edge_mean: dict[int, Tensor] = {}
         rows = torch.arange(n, device=_CPU)
         pos = self._read_pos(self.readout)
         self.out_clean = [  # [batch, head, d_model] each head's output at the read position (CPU)
@@ -133,17 +137,21 @@ class Engine:
 
     # ---- reference runs ----------------------------------------------------------------
     def _reference(self, tokens):
-        """Readout, hook_z and patterns of a run without interventions; on the clean tokens
-        also the values and the final norm's scale (for edge edits and direct paths)."""
+        """Readout, hook_z, patterns and values of a run without interventions; on the clean
+        tokens also the final norm's scale (for direct paths)."""
         a, store = self.adapter, {}
         clean = tokens is self.prompts.tokens
-        sites = (Site.Z, Site.PATTERN) + ((Site.V, Site.LN_FINAL_SCALE) if clean else ())
+        sites = (Site.Z, Site.PATTERN, Site.V) + ((Site.LN_FINAL_SCALE,) if clean else ())
         hooks = a.capture_hooks(sites, store)
-        values = a.read(tokens, self.prompts.attention_mask, self.readout, hooks)
+        mask = self.prompts.attention_mask if clean else self.prompts.corrupted_attention_mask
+        values = a.read(tokens, mask, self.readout, hooks)
         layers = range(a.n_layers)
+        v = [store[(Site.V, layer)] for layer in layers]  # [batch, pos, kv_head, d_head]
         if clean:
-            self.v = [store[(Site.V, layer)] for layer in layers]
+            self.v = v
             self.final_scale = store.get((Site.LN_FINAL_SCALE, None))  # [batch, pos, 1]
+        else:
+            self.v_corr = v
         z = [store[(Site.Z, layer)] for layer in layers]
         return values, z, [store[(Site.PATTERN, layer)].cpu() for layer in layers]
 
@@ -186,10 +194,15 @@ class Engine:
             self.adapter.check_head(h, "head")
             if self.final_scale is None:
                 raise ValueError("direct: this model's final norm exposes no scale to freeze")
+        if iv.direct:
+            self._check_method(iv.direct_baseline, "direct_baseline")
         for ab in iv.ablations:
             self.adapter.check_head(ab.head, "head")
-            if ab.method == AblationMethod.RESAMPLE and self.z_corr is None:
-                raise ValueError("method: resample ablation needs corrupted prompts in the task")
+            self._check_method(ab.method, "method")
+            if ab.rows is not None and ab.rows.shape != (n, p):
+                raise ValueError(
+                    f"rows: expected shape {(n, p)} [batch, pos], got {tuple(ab.rows.shape)}"
+                )
         if iv.edges and not self._editable:
             first = min(e.head.layer for e in iv.edges)
             upstream = [x.head.layer for x in iv.ablations if x.head.layer < first]
@@ -203,11 +216,22 @@ class Engine:
                 )
         for e in iv.edges:
             self.adapter.check_head(e.head, "head")
+            self._check_method(e.baseline, "baseline")
             if e.remove.shape != (n, p, p):
                 raise ValueError(
                     f"remove: expected shape {(n, p, p)} [batch, query_pos, key_pos], got "
                     f"{tuple(e.remove.shape)}"
                 )
+
+    def _check_method(self, method: AblationMethod, arg: str) -> None:
+        if method == AblationMethod.RESAMPLE and self.z_corr is None:
+            raise ValueError(f"{arg}: resample ablation needs corrupted prompts in the task")
+        if method == AblationMethod.MEAN and not self.prompts.aligned:
+            raise ValueError(
+                f"{arg}: mean ablation averages each position over the prompts, which needs "
+                "aligned prompts (one length, no padding, every role at one position); these "
+                "prompts are not aligned: use zero or resample"
+            )
 
     def run(
         self,
@@ -235,8 +259,12 @@ class Engine:
                 todo.setdefault(key, k)
         order = list(todo.values())
         per_chunk = max(1, self.batch_size // n)
-        bar = tqdm(total=len(order), desc=desc, disable=not self.progress or not order,
-                   leave=False)
+        own = self.bar is None
+        bar = self.bar if not own else tqdm(
+            total=len(order), desc=desc, disable=not self.progress or not order, leave=False
+        )
+        if not own:
+            bar.update(len(interventions) - len(order))  # reused from memory or checkpoint
         for start in range(0, len(order), per_chunk):
             ks = order[start : start + per_chunk]
             v, d = self._run_chunk([interventions[k] for k in ks], track_heads)
@@ -244,7 +272,8 @@ class Engine:
                 self._store.put(keys[k], v[j], d[j] if track_heads else None)
             self._store.save()
             bar.update(len(ks))
-        bar.close()
+        if own:
+            bar.close()
         values = torch.full((len(interventions), n), float("nan"), device=_CPU)
         delta = (torch.zeros(len(interventions), n, a.n_layers, a.n_heads, device=_CPU)
                  if track_heads else None)
@@ -271,31 +300,44 @@ class Engine:
         idx = torch.arange(n, device=_CPU).repeat(len(ivs))  # row r -> prompt r % n
         R = idx.shape[0]
         hooks, invalid = {}, torch.zeros(R, dtype=torch.bool, device=dev)
+        p = self.prompts.n_pos
         for layer in sorted(set().union(*(iv.layers() for iv in ivs))):
-            codes = torch.zeros(R, a.n_heads, dtype=torch.long, device=_CPU)
-            remove = None
+            codes = torch.zeros(R, p, a.n_heads, dtype=torch.long, device=_CPU)  # [rows, pos, head]
+            remove = base = None
             renorm = torch.zeros(R, a.n_heads, dtype=torch.bool, device=_CPU)
             for k, iv in enumerate(ivs):
                 rows = slice(k * n, (k + 1) * n)
                 for ab in iv.ablations:
                     if ab.head.layer == layer:
-                        codes[rows, ab.head.head] = _METHOD_CODE[ab.method]
+                        at = (torch.ones(n, p, dtype=torch.bool, device=_CPU) if ab.rows is None
+                              else ab.rows.cpu())
+                        c = codes[rows, :, ab.head.head]
+                        c[at] = _METHOD_CODE[ab.method]
                 for e in iv.edges:
                     if e.head.layer == layer:
                         if remove is None:
-                            p = self.prompts.n_pos
                             remove = torch.zeros(R, a.n_heads, p, p, dtype=torch.bool,
                                                  device=_CPU)
+                            base = torch.zeros(R, a.n_heads, dtype=torch.long, device=_CPU)
                         remove[rows, e.head.head] |= e.remove.cpu()
                         renorm[rows, e.head.head] |= e.renormalise
+                        if e.baseline != AblationMethod.ZERO:
+                            if (base[rows, e.head.head] > 0).any():
+                                raise ValueError(
+                                    f"interventions: {iv.label!r} edits head {e.head} twice "
+                                    "with a replacement baseline; merge the masks into one edit"
+                                )
+                            base[rows, e.head.head] = _METHOD_CODE[e.baseline]
             codes, renorm = codes.to(dev), renorm.to(dev)
             edge_z = None
             if remove is not None:
-                remove = remove.to(dev)
+                remove, base = remove.to(dev), base.to(dev)
                 if self._editable:
                     hooks[(Site.PATTERN, layer)] = _pattern_hook(remove, renorm, invalid)
                 else:  # attention delegated to HF: edit the head outputs instead (exact)
                     edge_z = self._edge_z_hook(layer, remove, renorm, invalid, idx)
+                if (base > 0).any():
+                    edge_z = self._edge_baseline_hook(layer, remove, base, idx, edge_z)
             if (codes > 0).any() or edge_z is not None:
                 hooks[(Site.Z, layer)] = self._z_hook(layer, codes, idx, edge_z)
         if any(iv.direct for iv in ivs):
@@ -322,6 +364,10 @@ class Engine:
             rows = slice(k * n, (k + 1) * n)
             for h in iv.direct:
                 z = self.z[h.layer][:, :, h.head]  # [batch, pos, d_head]
+                if iv.direct_baseline == AblationMethod.MEAN:
+                    z = z - self.z_mean[h.layer][None, :, h.head]
+                elif iv.direct_baseline == AblationMethod.RESAMPLE:
+                    z = z - self.z_corr[h.layer][:, :, h.head]
                 sub[rows] += z @ self.W_O[h.layer][h.head]  # [batch, pos, d_model]
             frozen[rows] = bool(iv.direct)
         frozen = frozen.to(dev)
@@ -361,6 +407,43 @@ class Engine:
 
         return edit
 
+    def _edge_baseline_hook(self, layer, remove, base, idx, inner=None):
+        """Add the baseline counterparts of removed per-source terms to z: the corrupted
+        prompt's alpha_c[q, s] * v_c[s] (resample) or the prompt-set mean of alpha[q, s] * v[s]
+        (mean). Together with the removal this replaces the removed sources' terms."""
+        dev = self.v[layer].device
+        kv = torch.tensor([self.adapter.kv_head(h) for h in range(self.adapter.n_heads)],
+                          device=dev)
+        added = 0.0
+        res = remove & (base == _METHOD_CODE[AblationMethod.RESAMPLE])[:, :, None, None]
+        if res.any():
+            v = self.v_corr[layer][idx][:, :, kv]  # [rows, k, head, d_head]
+            pat = self.patterns_corr[layer][idx].to(dev, v.dtype)  # [rows, head, q, k]
+            w = pat * res.to(pat.dtype)  # [rows, head, q, k]
+            added = added + torch.einsum("rhqk,rkhd->rqhd", w, v)  # [rows, q, head, d_head]
+        mean = remove & (base == _METHOD_CODE[AblationMethod.MEAN])[:, :, None, None]
+        if mean.any():
+            terms = self._mean_terms(layer, kv)  # [head, q, k, d_head]
+            added = added + torch.einsum("rhqk,hqkd->rqhd", mean.to(terms.dtype), terms)
+
+        def edit(z):
+            if inner is not None:
+                z = inner(z)
+            if isinstance(added, float):  # nothing removed under a replacement baseline
+                return z
+            return z + added.to(z.device, z.dtype)
+
+        return edit
+
+    def _mean_terms(self, layer: int, kv: Tensor) -> Tensor:
+        """Prompt-set mean of the per-source terms alpha[q, s] * v[s]: [head, q, k, d_head]."""
+        if layer not in self._edge_mean:
+            v = self.v[layer][:, :, kv]  # [batch, k, head, d_head]
+            pat = self.patterns[layer].to(v.device, v.dtype)  # [batch, head, q, k]
+            terms = torch.einsum("bhqk,bkhd->hqkd", pat, v) / pat.shape[0]
+            self._edge_mean[layer] = terms
+        return self._edge_mean[layer]
+
     def _z_hook(self, layer: int, codes: Tensor, idx: Tensor, edge_z=None):
         mean = self.z_mean[layer]
         resample = self.z_corr is not None and bool((codes == 3).any())
@@ -369,7 +452,7 @@ class Engine:
         def hook(z):  # z: [rows, pos, head, d_head]
             if edge_z is not None:
                 z = edge_z(z)
-            c = codes.to(z.device)[:, None, :, None]  # [rows, 1, head, 1]
+            c = codes.to(z.device)[..., None]  # [rows, pos, head, 1]
             z = torch.where(c == 1, torch.zeros_like(z), z)
             z = torch.where(c == 2, mean.to(z.device, z.dtype)[None], z)
             if corr is not None:

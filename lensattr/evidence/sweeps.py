@@ -1,14 +1,32 @@
-"""Standard sweeps over every head: ablations, claimed-set edits, direct paths, single edges."""
+"""Standard sweeps over heads: ablations, read-row splits, claimed-set edits, sink removal,
+direct paths, single edges and joint ablations. Every edit takes the baseline its removed terms
+are replaced by, so all the numbers behind one verdict share one baseline.
+
+Labels are display names for tables (``kind:layer.head``); the engine keys its results by what
+each intervention does, not by its label.
+"""
 
 from __future__ import annotations
 
 import torch
+from jaxtyping import Bool
 from torch import Tensor
 
 from ..types import AblationMethod, HeadId
 from .interventions import Intervention, ablate, remove_direct, remove_sources
 
-__all__ = ["ablation_sweep", "claim_sweep", "edge_sweep", "joint_sweep", "label"]
+__all__ = [
+    "label",
+    "ablation_sweep",
+    "row_split_sweep",
+    "claim_sweep",
+    "sink_sweep",
+    "direct_sweep",
+    "edge_sweep",
+    "joint_sweep",
+]
+
+Z = AblationMethod.ZERO
 
 
 def label(kind: str, *heads: HeadId, extra: str = "") -> str:
@@ -19,37 +37,90 @@ def ablation_sweep(heads: list[HeadId], method: AblationMethod) -> list[Interven
     return [ablate(h, method=method, label=label(method.value, h)) for h in heads]
 
 
-def claim_sweep(
-    heads: list[HeadId], claimed: Tensor, rows: Tensor, direct: bool
+def row_split_sweep(
+    heads: list[HeadId], method: AblationMethod, read_rows: Bool[Tensor, "batch pos"]
 ) -> list[Intervention]:
-    """Per head: keep only the claimed set, remove it, remove it and renormalise, and (when
-    ``direct``) remove the head's direct path. ``claimed``: [batch, layer, head, q, k] bool;
-    ``rows``: [batch, q, k] bool, the allowed (query, key) pairs."""
+    """Per head: ablate it at the metric's read rows only, and at every other row only. The
+    two effects say where the head's effect lives."""
     out = []
     for h in heads:
-        c = claimed[:, h.layer, h.head] & rows  # [batch, q, k]
-        out.append(remove_sources(h, rows & ~c, label=label("keep", h)))
-        out.append(remove_sources(h, c, label=label("remove", h)))
-        out.append(remove_sources(h, c, renormalise=True, label=label("renorm", h)))
-        if direct:
-            out.append(remove_direct(h, label=label("direct", h)))
+        out.append(ablate(h, method=method, rows=read_rows, label=label(f"read-{method.value}", h)))
+        out.append(
+            ablate(h, method=method, rows=~read_rows, label=label(f"other-{method.value}", h))
+        )
     return out
 
 
-def edge_sweep(
-    heads: list[HeadId], read_pos: Tensor, sources: list[Tensor], n_pos: int
+def claim_sweep(
+    heads: list[HeadId],
+    claimed: Bool[Tensor, "batch layer head_index query_pos key_pos"],
+    allowed: Bool[Tensor, "batch query_pos key_pos"],
+    sink: Bool[Tensor, "batch key_pos"],
+    baseline: AblationMethod,
+    *,
+    remove: bool = True,
+    read_rows: Bool[Tensor, "batch pos"] | None = None,
 ) -> list[Intervention]:
-    """Per head and examined source: remove the single edge (read position -> source).
-    ``sources``: one [batch] tensor of source positions per examined source (−1 = absent)."""
-    n = read_pos.shape[0]
+    """Per head, on the rows whose claim is non-empty: keep only the claimed set C (every
+    non-sink source outside C removed; the sink's terms left alone) and, with ``remove``,
+    remove C; under the zero baseline, remove C at the read rows and renormalise what is
+    left there (the secondary, renormalised knockout of the claim the tables show). Removed
+    terms are replaced by ``baseline``'s counterparts."""
+    b = baseline.value
+    non_sink = allowed & ~sink[:, None, :]  # [batch, q, k]
+    out = []
+    for h in heads:
+        c = claimed[:, h.layer, h.head] & allowed  # [batch, q, k]
+        rows = c.any(-1, keepdim=True)  # the rows the claim is about
+        keep = non_sink & ~c & rows
+        out.append(remove_sources(h, keep, baseline=baseline, label=label(f"keep-{b}", h)))
+        if remove:
+            out.append(remove_sources(h, c, baseline=baseline, label=label(f"remove-{b}", h)))
+        if baseline == Z:
+            at = c if read_rows is None else c & read_rows[:, :, None]
+            out.append(remove_sources(h, at, renormalise=True, label=label("renorm", h)))
+    return out
+
+
+def sink_sweep(
+    heads: list[HeadId],
+    allowed: Bool[Tensor, "batch query_pos key_pos"],
+    sink: Bool[Tensor, "batch key_pos"],
+    baseline: AblationMethod,
+) -> list[Intervention]:
+    """Per head: remove the sink's terms at every row (replaced by the baseline's)."""
+    s = allowed & sink[:, None, :]
+    b = baseline.value
+    return [remove_sources(h, s, baseline=baseline, label=label(f"sink-{b}", h)) for h in heads]
+
+
+def direct_sweep(heads: list[HeadId], baseline: AblationMethod) -> list[Intervention]:
+    """Per head: replace its direct path to the readout by the baseline's output."""
+    b = baseline.value
+    return [remove_direct(h, baseline=baseline, label=label(f"direct-{b}", h)) for h in heads]
+
+
+def edge_sweep(
+    heads: list[HeadId],
+    read_rows: Bool[Tensor, "batch pos"],
+    sources: list[Tensor],
+    n_pos: int,
+    baseline: AblationMethod = Z,
+) -> list[Intervention]:
+    """Per head and examined source: remove the edges (read rows -> source), replaced by the
+    baseline's terms. ``sources``: one [batch] tensor of source positions per examined source
+    (-1 = absent in that prompt)."""
+    n = read_rows.shape[0]
     rows = torch.arange(n)
     out = []
     for j, src in enumerate(sources):
         mask = torch.zeros(n, n_pos, n_pos, dtype=torch.bool)
         ok = src >= 0
-        mask[rows[ok], read_pos[ok], src[ok]] = True
+        mask[rows[ok], :, src[ok]] = True
+        mask &= read_rows[:, :, None]
         for h in heads:
-            out.append(remove_sources(h, mask, label=label("edge", h, extra=f"@{j}")))
+            out.append(remove_sources(h, mask, baseline=baseline,
+                                      label=label(f"edge-{baseline.value}", h, extra=f"@{j}")))
     return out
 
 

@@ -7,6 +7,21 @@ Task ("planted-copy"), every prompt 7 tokens so positions are roles::
 The corrupted prompt replaces A (S1) by a third name C, so its metric is ~0. Every weight is
 set in code (no training, no randomness); :data:`PLANTED_TRUTH` says what each head really does.
 
+Heads (2 layers x 5 heads): L0H0 faithful copy of S1; L0H1 decoy (attends a zero-value token,
+its effect comes through S1); L0H2 sink; L0H3 / L1H0 a backup pair whose trigger depends on the
+names (L0H3's tag T(A) silences L1H0's query); L0H4 / L1H4 a second backup pair whose trigger
+does NOT depend on the prompt (L0H4 writes a constant tag K that silences L1H4's query), so
+resample and mean ablation of L0H4 keep L1H4 off and only zero ablation shows the pair;
+L1H1 previous-token, L1H3 self (inert, writing junk nobody reads); L1H2 diffuse and negligible.
+Clean metric 4 (L0H0) + 3 (L0H1) + 5 (L0H3) + 4 (L0H4) = 16; L1H0 and L1H4 are off.
+
+Why only zero ablation sees L0H4 / L1H4: every source's value in L0H4 carries kappa * K (read
+from the position one-hots) and attention sums to one, so L0H4 writes exactly kappa * K at every
+position of every prompt. Resample ablation substitutes the corrupted prompt's output, which
+carries the same K; mean ablation substitutes the mean over prompts, which carries it too; both
+keep L1H4 off. Zero ablation removes K, and L1H4 attends S1 and restores 3 of L0H4's 4. Removing
+L0H4's S1 edge without renormalising also removes 0.9 of K and so switches L1H4 on as well.
+
 Residual stream: one-hot coordinate subspaces. Dims 0/1 hold +C/-C at every position, so the
 LayerNorm scale is ~constant (relative error ~|rest|^2 / C^2); dim 2 ("balance") makes every
 written vector sum to zero, so the LayerNorm mean subtraction is a no-op. The LayerNorm gain
@@ -36,7 +51,7 @@ SEQ_LEN, END = 7, ROLES["END"]
 FILLER_POS = (2, 5)
 
 # ---- sizes and residual layout -----------------------------------------------------------
-D_MODEL, N_LAYERS, N_HEADS, D_HEAD, N_POS = 64, 2, 4, 16, 8
+D_MODEL, N_LAYERS, N_HEADS, D_HEAD, N_POS = 80, 2, 5, 16, 8
 N_NAMES = len(NAMES)
 BIG = 1000.0  # the +C / -C constant dims 0 and 1
 BAL = 2  # balance dim: keeps every written vector zero-mean
@@ -45,16 +60,22 @@ P0 = E0 + len(VOCAB)  # position one-hot P(i), 8 dims
 U0 = P0 + N_POS  # answer direction U(k) per name: W_U reads it, nothing else does
 T0 = U0 + N_NAMES  # tag T(k) per name: written by L0H3, read by L1H0's query
 J0 = T0 + N_NAMES  # junk J(m): written by the inert layer-1 heads, read by nothing
-assert J0 + 8 <= D_MODEL
+K0 = J0 + 8  # constant tag K: written by L0H4 at every position, read by L1H4's query
+assert K0 + 1 <= D_MODEL
 
 # ---- planted constants -------------------------------------------------------------------
 A_F, A_D, A_B = 4.0, 3.0, 5.0  # contributions of faithful, decoy, backup to logit diff
 OFF = math.log(1e-9)  # attention score of an "off" source
 SINK_GAIN = 5.0  # L0H2 writes names -> U but never attends a name at END
 TAG = 1.0  # size of L0H3's tag T(k)
-BETA, GAMMA = 14.0, 7.0  # L1H0 END-query score for S1 and BOS (before tag suppression)
+BETA, GAMMA = 14.0, 7.0  # L1H0 / L1H4 END-query score for S1 and BOS (before suppression)
 LAMBDA = (BETA + 5.0) / (0.9 * TAG)  # tag suppression: S1 score 14 - 19 = -5 with B1 present
 G2 = A_B  # L1H0's gain: when it takes over it restores B1's contribution
+# Second backup pair, L0H4 (P) -> L1H4 (Q), triggered by a prompt-independent tag.
+A_P = 4.0  # P's contribution to the logit diff (END attends S1 0.9)
+KAPPA = 1.0  # size of P's constant tag K: every source's value carries it, attention sums to 1
+LAMBDA_Q = (BETA + 5.0) / (0.9 * KAPPA)  # Q's S1 score 14 - 19 = -5 while >= 0.9 K is present
+A_Q = 3.0  # Q's gain: when P is zeroed it restores 3 of P's 4
 
 # Target attention per query position: {source: probability}; unlisted sources get OFF.
 _BOS_ONLY = {0: 1.0}
@@ -74,6 +95,10 @@ def _sink(i):  # L0H2: BOS 0.95, the rest over earlier filler positions (BOS 1.0
 
 
 def _backup1(i):  # L0H3: END reads S1
+    return {1: 0.9, 0: 0.1} if i == END else _BOS_ONLY
+
+
+def _const_primary(i):  # L0H4 (P): END reads S1 0.9; every row also writes the constant tag K
     return {1: 0.9, 0: 0.1} if i == END else _BOS_ONLY
 
 
@@ -118,6 +143,19 @@ def _name_ov(gain: float, tag: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]
     return wv, wo
 
 
+def _const_tag_ov(gain: float, kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_V, W_O: name k -> gain * U(k); and every source, whatever its token, -> kappa * K.
+
+    The constant part is read from the position one-hots (exactly one is 1 at every position),
+    so the head writes sum_s alpha_s * kappa * K = kappa * K at every query: the same on every
+    prompt, clean or corrupted, and kept by resample and mean ablation.
+    """
+    wv, wo = _name_ov(gain)
+    wv[P0 : P0 + N_POS, N_NAMES] = 1.0
+    wo[N_NAMES, K0] = kappa
+    return wv, wo
+
+
 def _junk_ov() -> tuple[torch.Tensor, torch.Tensor]:
     """W_V, W_O: token t -> J(t mod 8), a direction nothing downstream reads."""
     wv, wo = torch.zeros(D_MODEL, D_HEAD), torch.zeros(D_HEAD, D_MODEL)
@@ -144,6 +182,18 @@ def _backup2_qk() -> tuple[torch.Tensor, torch.Tensor]:
     return wq, wk
 
 
+def _const_backup_qk() -> tuple[torch.Tensor, torch.Tensor]:
+    """L1H4 (Q): END attends S1 unless P's constant tag K is present; else BOS (zero value)."""
+
+    def scores_at(i):
+        return [GAMMA, BETA] + [OFF] * (N_POS - 2) if i == END else _score_row(_BOS_ONLY)
+
+    wq, wk = _position_qk(scores_at)
+    # Key dim 1 is "this source is position S1"; the query's K pushes it down by LAMBDA_Q * K.
+    wq[K0, ROLES["S1"]] = -math.sqrt(D_HEAD) * LAMBDA_Q
+    return wq, wk
+
+
 def _heads() -> list[list[tuple[torch.Tensor, ...]]]:
     """Per layer, per head: (W_Q, W_K, W_V, W_O)."""
     layer0 = [
@@ -151,12 +201,14 @@ def _heads() -> list[list[tuple[torch.Tensor, ...]]]:
         (*_position_qk(lambda i: _score_row(_decoy(i))), *_name_ov(A_D / 0.15)),  # decoy
         (*_position_qk(lambda i: _score_row(_sink(i))), *_name_ov(SINK_GAIN)),  # sink
         (*_position_qk(lambda i: _score_row(_backup1(i))), *_name_ov(A_B / 0.9, TAG)),  # B1
+        (*_position_qk(lambda i: _score_row(_const_primary(i))), *_const_tag_ov(A_P / 0.9, KAPPA)),
     ]
     layer1 = [
         (*_backup2_qk(), *_name_ov(G2)),  # B2: real backup of L0H3
         (*_position_qk(lambda i: _score_row(_prev(i))), *_junk_ov()),  # inert previous-token
         (*_position_qk(lambda i: _score_row(_uniform(i))), *_junk_ov()),  # diffuse, negligible
         (*_position_qk(lambda i: _score_row(_self(i))), *_junk_ov()),  # inert self
+        (*_const_backup_qk(), *_name_ov(A_Q)),  # Q: backup of L0H4, silenced by its tag K
     ]
     return [layer0, layer1]
 
@@ -255,11 +307,26 @@ def planted_copy_data(n_prompts: int = 32, seed: int = 0) -> dict:
     }
 
 
-def _head(layer, head, verdict, role, claimed, carrier, head_type=None, partner=None, note=""):
+ALL_BASELINES = ["zero", "mean", "resample"]
+
+
+def _head(
+    layer,
+    head,
+    verdict,
+    role,
+    claimed,
+    carrier,
+    head_type=None,
+    partner=None,
+    compensated_under=(),
+    note="",
+):
     return {
         "layer": layer, "head": head, "role": role, "verdict": verdict, "head_type": head_type,
-        "partner": partner, "claimed_source_role": claimed, "carrier_role": carrier,
-        "diffuse": role == "diffuse", "note": note,
+        "partner": partner, "compensated_under": list(compensated_under),
+        "claimed_source_role": claimed, "carrier_role": carrier, "diffuse": role == "diffuse",
+        "note": note,
     }  # fmt: skip
 
 
@@ -275,8 +342,16 @@ PLANTED_TRUTH: dict = {
         _head(0, 2, "inert", "sink", "BOS", None, head_type="sink",
               note="BOS >= 0.95 everywhere, never a name at END; nonzero W_O, no effect"),
         _head(0, 3, "compensated", "backup_primary", "S1", "S1", partner=[1, 0],
+              compensated_under=ALL_BASELINES,
               note="END attends S1 0.9; writes 5 * U(A) and a tag T(A) that silences L1H0"),
+        _head(0, 4, "faithful", "backup_primary_constant", "S1", "S1", partner=[1, 4],
+              compensated_under=["zero"],
+              note="END attends S1 0.9 (BOS 0.1); writes 4 * U(A) and, at every position, a "
+              "constant tag K that silences L1H4. K is the same on every prompt, so resample "
+              "and mean ablation keep L1H4 off (effect 4, routed through S1: faithful under "
+              "the primary baseline); zero ablation switches L1H4 on (effect 1, compensated)"),
         _head(1, 0, "compensated", "backup_secondary", "BOS", "S1", partner=[0, 3],
+              compensated_under=ALL_BASELINES,
               note="END attends BOS while L0H3's tag matches S1; without it attends S1 "
               "and restores ~5"),
         _head(1, 1, "inert", "previous_token", None, None, head_type="previous_token",
@@ -285,8 +360,15 @@ PLANTED_TRUTH: dict = {
               note="uniform attention over causal positions; writes junk J nobody reads"),
         _head(1, 3, "inert", "self", "END", None, head_type="self",
               note="attends itself 0.9, BOS 0.1; writes junk J nobody reads"),
+        _head(1, 4, "inert", "backup_secondary_constant", "BOS", "S1", head_type="sink",
+              partner=[0, 4], compensated_under=["zero"],
+              note="END attends BOS (zero value) while L0H4's constant tag K is present: on "
+              "clean prompts and under resample or mean ablation of L0H4 alike, so its effect "
+              "is null there (inert under the primary baseline); when L0H4 is zero-ablated it "
+              "attends S1 and restores 3 of 4 (compensated under zero, flagged)"),
     ],
-    "contributions": {"faithful": A_F, "decoy": A_D, "backup": A_B},
+    "contributions": {"faithful": A_F, "decoy": A_D, "backup": A_B,
+                      "backup_constant": A_P, "backup_constant_restore": A_Q},
 }
 # fmt: on
 
@@ -295,9 +377,10 @@ register_model(
         name="planted",
         description="hand-wired GPT-2 with planted head roles for the planted-copy task "
         "(<bos> A filler then B filler ? -> A)",
-        size="2 layers x 4 heads, d_model 64, 17-token vocab",
+        size="2 layers x 5 heads, d_model 80, 17-token vocab",
         recipe="hand-wired in code (lensattr/zoo/planted.py)",
-        contains="faithful, decoy, sink, backup pair, inert heads; see PLANTED_TRUTH",
+        contains="faithful, decoy, sink, two backup pairs (one invisible to resample "
+        "ablation), inert heads; see PLANTED_TRUTH",
         builder=build_planted,
     )
 )
