@@ -47,6 +47,13 @@ def sweep(prompts):
     ivs += [remove_sources(h, S, renormalise=True, label=f"n{h}") for h in heads]
     ivs += [keep_only(heads[1], torch.eye(p, dtype=torch.bool).expand(n, p, p), label="k")]
     ivs += [remove_direct(heads[0]), ablate(*heads, method="mean", label="joint")]
+    # replacement baselines, direct baselines and position-limited ablations
+    ivs += [remove_sources(h, S, baseline=b, label=f"{b}{h}") for h in heads
+            for b in ("mean", "resample")]
+    ivs += [remove_direct(heads[0], baseline=b, label=f"direct-{b}") for b in ("mean", "resample")]
+    rows = torch.zeros(n, p, dtype=torch.bool)
+    rows[:, -1] = True
+    ivs += [ablate(heads[1], method="resample", rows=rows, label="read-row")]
     return ivs
 
 
