@@ -82,6 +82,7 @@ def audit(
     th = thresholds or Thresholds()
     adapter = model if isinstance(model, Adapter) else Adapter(model)
     prompts, metric, task_name = _resolve_task(task, metric, n_prompts, seed, adapter.model)
+    given_hash = prompts.hash()  # the user's prompts, before a BOS role is recognised
     prompts = _with_bos_role(prompts, adapter)
     n = len(prompts)
     heads = _resolve_heads(adapter, heads)
@@ -179,6 +180,8 @@ def audit(
         seed,
         time.time() - t0,
     )
+    meta["prompts_hash"] = given_hash
+    meta["sink_roles"] = [r for r in SINK_ROLES if r in prompts.roles]
     meta["heads_audited"] = [list(h) for h in heads]
     meta["min_prompts_for_a_verdict"] = need
     tok = getattr(adapter.model, "tokenizer", None)
