@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from . import tasks
 from .audit import audit
-from .audit_result import Audit
+from .audit_result import Audit, AuditLoadError
 from .compare.verdicts import Thresholds
 from .loading import list_models, load_model
 from .metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric, Metric
@@ -24,6 +24,7 @@ __all__ = [
     "__version__",
     "audit",
     "Audit",
+    "AuditLoadError",
     "tasks",
     "load_model",
     "list_models",

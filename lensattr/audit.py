@@ -361,6 +361,8 @@ def _meta(
         "model": adapter.name,
         "model_config_hash": adapter.config_hash(),
         "model_weights_hash": adapter.weights_hash(),
+        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "device": str(adapter.device),
         "n_layers": adapter.n_layers,
         "n_heads": adapter.n_heads,
         "task": task_name,

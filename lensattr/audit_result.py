@@ -1,24 +1,47 @@
-"""The :class:`Audit` result: tidy tables, tensors with documented axes, and metadata."""
+"""The :class:`Audit` result: tidy tables, tensors with documented axes, and metadata.
+
+Saved as a folder: ``heads.csv``, ``edges.csv``, ``tensors.safetensors`` and ``audit.json``
+(meta, column dtypes, row counts, tensor shapes, each file's size and sha256). ``audit.json`` is
+the completeness marker: a save removes it first and writes it last, each file going to a
+temporary name and renamed into place, so an interrupted save never leaves a folder that loads
+as complete. :meth:`Audit.load` checks everything ``audit.json`` records and raises
+:class:`AuditLoadError`, naming the file and what is wrong.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
+import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["Audit"]
+__all__ = ["Audit", "AuditLoadError"]
+
+FORMAT = "lensattr-audit/2"
+_DATA_FILES = ("heads.csv", "edges.csv", "tensors.safetensors")
+_MARKER = "audit.json"
+# columns holding an integer or nothing (pandas nullable Int64), never '' or 1.000
+INT_OR_MISSING = ("partner_layer", "partner_head")
+
+
+class AuditLoadError(ValueError):
+    """A saved audit that cannot be loaded as it was saved; the message names the file."""
 
 
 @dataclass
 class Audit:
     """Result of :func:`lensattr.audit`.
 
-    heads: one row per (layer, head): claims, effects with ``_lo``/``_hi`` 95% CIs, verdict.
+    heads: one row per (layer, head): claims, effects with ``_lo``/``_hi`` 95% CIs, verdict;
+        ``partner_layer``/``partner_head`` are nullable integers (``Int64``).
     edges: one row per (layer, head, query position, source) examined at the metric's read
         position: attention, claimed share, effect of removing that single edge.
     tensors: per-prompt values and patterns; axes in ``meta["tensor_axes"]``.
@@ -30,35 +53,89 @@ class Audit:
     tensors: dict[str, Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.heads = _int_or_missing(self.heads, "heads")
+        self.edges = _int_or_missing(self.edges, "edges")
+
     # ---- persistence -------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write heads.csv, edges.csv, audit.json (meta + column dtypes), tensors.safetensors."""
+        """Write heads.csv, edges.csv, tensors.safetensors and, last, audit.json into
+        ``directory`` (created if needed; an earlier saved audit there is replaced, other
+        files are left alone). Atomic: interrupted, the folder holds either the earlier
+        complete audit or no audit.json at all, never a mixture that loads."""
         d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise ValueError(f"directory: {str(d)!r} exists and is not a folder")
         d.mkdir(parents=True, exist_ok=True)
-        self.heads.to_csv(d / "heads.csv", index=False)
-        self.edges.to_csv(d / "edges.csv", index=False)
-        doc = {
-            "meta": self.meta,
-            "dtypes": {"heads": _dtypes(self.heads), "edges": _dtypes(self.edges)},
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        writers = {
+            "heads.csv": lambda p: self.heads.to_csv(p, index=False),
+            "edges.csv": lambda p: self.edges.to_csv(p, index=False),
+            "tensors.safetensors": lambda p: save_file(tensors, str(p)),
         }
-        (d / "audit.json").write_text(json.dumps(doc, indent=2, default=str))
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
-            str(d / "tensors.safetensors"),
-        )
+        tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        temps = []
+        try:
+            files = {}
+            for name, write in writers.items():
+                tmp = d / (name + tag)
+                temps.append(tmp)
+                write(tmp)
+                files[name] = _fingerprint(tmp)
+            doc = {
+                "format": FORMAT,
+                "meta": self.meta,
+                "dtypes": {"heads": _dtypes(self.heads), "edges": _dtypes(self.edges)},
+                "n_rows": {"heads": len(self.heads), "edges": len(self.edges)},
+                "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v)}
+                            for k, v in tensors.items()},
+                "files": files,
+            }
+            marker = d / (_MARKER + tag)
+            temps.append(marker)
+            marker.write_text(json.dumps(doc, indent=2, default=str))
+            _fingerprint(marker)  # flushed to disk before it can mark anything complete
+            # the old marker goes first and the new one comes last: no moment shows a
+            # complete marker beside another save's data files
+            (d / _MARKER).unlink(missing_ok=True)
+            for name in writers:
+                os.replace(d / (name + tag), d / name)
+            os.replace(marker, d / _MARKER)
+        finally:
+            for t in temps:
+                t.unlink(missing_ok=True)
         return d
 
     @classmethod
     def load(cls, directory: str | Path) -> Audit:
+        """Read a folder written by :meth:`save`, checking columns, dtypes, row counts,
+        tensor names and shapes, and each file's checksum against audit.json."""
         d = Path(directory)
-        for name in ("heads.csv", "edges.csv", "audit.json"):
-            if not (d / name).exists():
-                raise FileNotFoundError(f"directory: {str(d)!r} has no {name}; not a saved audit")
-        doc = json.loads((d / "audit.json").read_text())
-        heads = _read(d / "heads.csv", doc["dtypes"]["heads"])
-        edges = _read(d / "edges.csv", doc["dtypes"]["edges"])
-        t = d / "tensors.safetensors"
-        tensors = load_file(str(t)) if t.exists() else {}
+        if not d.is_dir():
+            raise AuditLoadError(f"directory: {str(d)!r} does not exist or is not a folder")
+        marker = d / _MARKER
+        if not marker.exists():
+            present = [n for n in _DATA_FILES if (d / n).exists()]
+            if present:
+                raise AuditLoadError(
+                    f"{marker}: missing beside {', '.join(present)}: an interrupted or "
+                    "incomplete save (audit.json is written last); save the audit again"
+                )
+            raise AuditLoadError(f"directory: {str(d)!r} has no {_MARKER}; not a saved audit")
+        try:
+            doc = json.loads(marker.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise AuditLoadError(f"{marker}: unreadable ({err}); not a complete saved audit"
+                                 ) from err
+        if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict) or not (
+                isinstance(doc.get("dtypes"), dict)
+                and all(isinstance(doc["dtypes"].get(t), dict) for t in ("heads", "edges"))):
+            raise AuditLoadError(f"{marker}: lacks 'meta' or the column 'dtypes' of heads and "
+                                 "edges; not written by Audit.save")
+        heads = _read_table(d / "heads.csv", doc, "heads")
+        edges = _read_table(d / "edges.csv", doc, "edges")
+        tensors = _read_tensors(d / "tensors.safetensors", doc)
+        _check_files(d, doc)
         return cls(heads=heads, edges=edges, tensors=tensors, meta=doc["meta"])
 
     # ---- display -----------------------------------------------------------------------
@@ -128,16 +205,127 @@ def _dtypes(df: pd.DataFrame) -> dict:
     return {c: str(t) for c, t in df.dtypes.items()}
 
 
-def _read(path: Path, dtypes: dict) -> pd.DataFrame:
-    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    for c, t in dtypes.items():
-        if c not in df.columns:
-            continue
-        if t in ("object", "str", "string"):
-            df[c] = df[c].astype(object).where(df[c].notna(), "")
-            df[c] = df[c].map(lambda v: v if isinstance(v, str) else str(v))
-        elif t == "bool":
-            df[c] = df[c].astype(bool)
-        else:
-            df[c] = df[c].astype(t)
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _int_or_missing(df: pd.DataFrame, table: str) -> pd.DataFrame:
+    cols = [c for c in INT_OR_MISSING if c in df.columns and str(df[c].dtype) != "Int64"]
+    if not cols:
+        return df
+    df = df.copy()
+    for c in cols:
+        raw = df[c].astype(object).map(lambda x: None if isinstance(x, str) and x == "" else x)
+        v = pd.to_numeric(raw, errors="coerce")
+        bad = raw.notna() & (v.isna() | (v != v.round()))
+        if bad.any():
+            raise ValueError(f"{table}: column {c!r} must hold integers or be missing, got "
+                             f"{raw[bad].iloc[0]!r}")
+        df[c] = v.astype("Int64")
     return df
+
+
+def _fingerprint(path: Path) -> dict:
+    """Size and sha256 of a file, after flushing it to disk."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return _checksum(path)
+
+
+def _read_table(path: Path, doc: dict, table: str) -> pd.DataFrame:
+    if not path.exists():
+        raise AuditLoadError(f"{path}: missing; audit.json records a {table} table")
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise AuditLoadError(f"{path}: not a readable CSV table ({err})") from err
+    dtypes = doc["dtypes"][table]
+    missing = [c for c in dtypes if c not in df.columns]
+    if missing:
+        raise AuditLoadError(f"{path}: missing columns {missing} that audit.json records")
+    n = (doc.get("n_rows") or {}).get(table)
+    if n is not None and len(df) != n:
+        raise AuditLoadError(f"{path}: {len(df)} rows, but audit.json records {n}: the file "
+                             "is incomplete or was changed after saving")
+    df = df[list(dtypes) + [c for c in df.columns if c not in dtypes]]
+    for c, t in dtypes.items():
+        try:
+            df[c] = _as_dtype(df[c], t)
+        except (ValueError, TypeError) as err:
+            raise AuditLoadError(f"{path}: column {c!r} cannot be read as {t} ({err})") from err
+    return df
+
+
+def _as_dtype(col: pd.Series, t: str) -> pd.Series:
+    if t in ("object", "str", "string"):
+        col = col.astype(object).where(col.notna(), "")
+        return col.map(lambda v: v if isinstance(v, str) else str(v))
+    if t == "bool":
+        if col.dtype == bool:
+            return col
+        words = {"True": True, "False": False, True: True, False: False}
+        bad = ~col.isin(list(words))
+        if bad.any():
+            raise ValueError(f"not True/False: {col[bad].iloc[0]!r}")
+        return col.map(words).astype(bool)
+    if t == "Int64":
+        v = pd.to_numeric(col, errors="raise")
+        if (v.notna() & (v != v.round())).any():
+            raise ValueError("holds a non-integer value")
+        return v.astype("Int64")
+    try:
+        kind = np.dtype(t).kind
+    except TypeError:  # a pandas extension dtype
+        kind = ""
+    if kind in ("i", "u"):
+        v = pd.to_numeric(col, errors="raise")
+        if v.isna().any() or (v != v.round()).any():
+            raise ValueError("holds a missing or non-integer value")
+        return v.astype(t)
+    if kind == "f":
+        return pd.to_numeric(col, errors="raise").astype(t)
+    return col.astype(t)
+
+
+def _read_tensors(path: Path, doc: dict) -> dict[str, Tensor]:
+    spec = doc.get("tensors")
+    if not path.exists():
+        if spec:
+            raise AuditLoadError(f"{path}: missing; audit.json records tensors {sorted(spec)}")
+        return {}
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise AuditLoadError(f"{path}: unreadable ({type(err).__name__}: {err}); the file is "
+                             "truncated or not a safetensors file") from err
+    missing = [name for name in spec or {} if name not in tensors]
+    if missing:
+        raise AuditLoadError(f"{path}: has no tensors {missing}, which audit.json records")
+    for name, rec in (spec or {}).items():
+        t = tensors[name]
+        if list(t.shape) != list(rec.get("shape", t.shape)):
+            raise AuditLoadError(f"{path}: tensor {name!r} has shape {list(t.shape)}, but "
+                                 f"audit.json records {rec['shape']}")
+        if _dtype_name(t) != rec.get("dtype", _dtype_name(t)):
+            raise AuditLoadError(f"{path}: tensor {name!r} has dtype {_dtype_name(t)}, but "
+                                 f"audit.json records {rec['dtype']}")
+    return tensors
+
+
+def _check_files(d: Path, doc: dict) -> None:
+    for name, rec in (doc.get("files") or {}).items():
+        now = _checksum(d / name)
+        if now != rec:
+            raise AuditLoadError(
+                f"{d / name}: its contents differ from what audit.json records ({now['bytes']} "
+                f"bytes, sha256 {now['sha256'][:12]}..., saved {rec.get('bytes')} bytes, "
+                f"{str(rec.get('sha256'))[:12]}...): the file was changed or damaged after saving"
+            )
+
+
+def _checksum(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}

@@ -81,8 +81,9 @@ class Metric:
         read their role (``position_role``, e.g. END); pooling metrics override this (mean
         pooling reads every real token). Claims and edge edits examine these query rows."""
         pos = self._positions(prompts)  # [batch]
-        out = torch.zeros(len(prompts), prompts.n_pos, dtype=torch.bool)
-        out[torch.arange(len(prompts)), pos] = True
+        dev = prompts.tokens.device  # a prompt-side mask, where the prompts live
+        out = torch.zeros(len(prompts), prompts.n_pos, dtype=torch.bool, device=dev)
+        out[torch.arange(len(prompts), device=dev), pos.to(dev)] = True
         return out
 
     def _positions(self, prompts: PromptSet) -> Tensor:

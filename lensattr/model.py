@@ -55,6 +55,7 @@ _GLOBAL_SITES = {
 }
 
 HookFn = Callable[[Tensor], Tensor | None]
+_NOT_CONFIG = {"device", "n_devices"}  # config entries that say where, not what
 
 
 def hook_name(site: Site, layer: int | None = None) -> str:
@@ -88,9 +89,8 @@ class Adapter:
             or getattr(model, "_lensattr_name", None)
             or str(getattr(cfg, "model_name", None) or getattr(cfg, "architecture", "model"))
         )
-        self._fast_ok: bool | None = None
-        self._pattern_editable: bool | None = None
-        # probe results are kept on the model, so each new Adapter does not re-run them
+        # probe results are kept on the model, so each new Adapter does not re-run them; they
+        # hold for one set of weights (see _probe_store)
         if not isinstance(getattr(model, "_lensattr_probes", None), dict):
             model._lensattr_probes = {}
         self._probes: dict = model._lensattr_probes
@@ -150,18 +150,18 @@ class Adapter:
     def pattern_editable(self) -> bool:
         """Do edits made in hook_pattern reach the head outputs? False where the bridge
         delegates attention to the HF module and fires hook_pattern after the fact (e.g. BERT).
-        Probed once per model: with every pattern of layer 0 zeroed, hook_z must be zero."""
-        if self._pattern_editable is None:
-            self._pattern_editable = self._probes.get("pattern_editable")
-        if self._pattern_editable is None:
+        Probed once per set of weights: with every pattern of layer 0 zeroed, hook_z must be
+        zero."""
+        store = self._probe_store()
+        if "pattern_editable" not in store:
             seen = {}
             hooks = {(Site.PATTERN, 0): torch.zeros_like, (Site.Z, 0): lambda z: seen.update(z=z)}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TL warns when the edit is discarded
-                self.forward(torch.zeros(1, 2, dtype=torch.long), hooks=hooks)
-            self._pattern_editable = bool((seen["z"] == 0).all())
-            self._probes["pattern_editable"] = self._pattern_editable
-        return self._pattern_editable
+                self.forward(torch.zeros(1, 2, dtype=torch.long, device=self.device),
+                             hooks=hooks)
+            store["pattern_editable"] = bool((seen["z"] == 0).all())
+        return store["pattern_editable"]
 
     @property
     def has_direct_path(self) -> bool:
@@ -171,7 +171,14 @@ class Adapter:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's weights: where the engine makes its tensors."""
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the model's weights."""
+        floats = (p.dtype for p in self.model.parameters() if p.dtype.is_floating_point)
+        return next(floats, torch.get_default_dtype())
 
     def heads(self) -> list[HeadId]:
         return [HeadId(layer, h) for layer in range(self.n_layers) for h in range(self.n_heads)]
@@ -198,20 +205,58 @@ class Adapter:
         return HeadId(layer, h)
 
     def weights_hash(self) -> str:
-        """A fingerprint of the weights (every parameter's shape, sum and first values): two
-        models with one config but other weights never share a checkpoint."""
-        if "weights_hash" not in self._probes:
-            h = hashlib.sha256()
-            with torch.no_grad():
-                for name, p in self.model.named_parameters():
-                    flat = p.detach().flatten().float().cpu()
-                    h.update(name.encode() + str(tuple(p.shape)).encode())
-                    h.update(flat[:64].numpy().tobytes() + flat.sum().numpy().tobytes())
-            self._probes["weights_hash"] = h.hexdigest()[:16]
-        return self._probes["weights_hash"]
+        """sha256 (16 hex digits) of the weights bit for bit: every parameter's and buffer's
+        name, shape, dtype and raw bytes. Recomputed on every call (0.4-1 s for the 540 MB of
+        SmolLM2-135M on one CPU core), so in-place edits, also through ``.data``, always change
+        it; the same whatever the number of torch threads. Device is left out: a model moved
+        to another device keeps its hash."""
+        h = hashlib.sha256()
+        with torch.no_grad():
+            for kind, name, t in self._weight_tensors():
+                t = t.detach()
+                h.update(f"{kind}|{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+                flat = t.cpu().contiguous().reshape(-1)
+                if flat.numel():
+                    h.update(memoryview(flat.view(torch.uint8).numpy()))
+        value = h.hexdigest()[:16]
+        self._probes["_weights_memo"] = (self._weights_version(), value)
+        return value
+
+    def current_weights_hash(self) -> str:
+        """:meth:`weights_hash`, reused while no parameter or buffer has been replaced or
+        edited in place through autograd-visible ops (each tensor's ``data_ptr`` and
+        ``_version``). Edits through ``.data`` bump no version counter: they are seen by the
+        next full :meth:`weights_hash` (which every new Engine computes)."""
+        memo = self._probes.get("_weights_memo")
+        if memo is not None and memo[0] == self._weights_version():
+            return memo[1]
+        return self.weights_hash()
+
+    def _weight_tensors(self):
+        for name, p in self.model.named_parameters():
+            yield "param", name, p
+        for name, b in self.model.named_buffers():
+            yield "buffer", name, b
+
+    def _weights_version(self) -> tuple:
+        return tuple(
+            (name, t.data_ptr(), t._version, tuple(t.shape), t.dtype, str(t.device))
+            for _, name, t in self._weight_tensors()
+        )
+
+    def _probe_store(self) -> dict:
+        """The model's probe results, emptied when its weights changed since they were made."""
+        h = self.current_weights_hash()
+        if self._probes.get("_weights") != h:
+            memo = self._probes.get("_weights_memo")
+            self._probes.clear()
+            self._probes.update({"_weights": h, "_weights_memo": memo})
+        return self._probes
 
     def config_hash(self) -> str:
-        d = {k: repr(v) for k, v in sorted(vars(self.cfg).items())}
+        """sha256 (16 hex digits) of the config, without the device (where the model runs
+        does not change what it computes beyond rounding)."""
+        d = {k: repr(v) for k, v in sorted(vars(self.cfg).items()) if k not in _NOT_CONFIG}
         return hashlib.sha256(json.dumps(d).encode()).hexdigest()[:16]
 
     # ---- weights -----------------------------------------------------------------------
@@ -221,12 +266,12 @@ class Adapter:
 
     def patterns_from_cache(self, cache) -> list[Tensor]:
         """Attention patterns [batch, head_index, query_pos, key_pos] per layer from a TL
-        ``ActivationCache`` (or a dict with the same keys)."""
+        ``ActivationCache`` (or a dict with the same keys), on the CPU like the claims."""
         out = []
         for layer in range(self.n_layers):
             name = hook_name(Site.PATTERN, layer)
             try:
-                out.append(cache[name].detach())
+                out.append(cache[name].detach().cpu())
             except KeyError:
                 raise ValueError(
                     f"cache: has no attention pattern {name!r}; run the model with "
@@ -251,7 +296,7 @@ class Adapter:
         hooks: dict[tuple[Site, int | None], HookFn] | None = None,
     ) -> Tensor:
         """Logits [batch, pos, d_vocab], with optional hooks attached for this call only."""
-        kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask.to(self.device)}
         with torch.no_grad(), self.hooks(hooks or {}):
             return self.model(tokens.to(self.device), **kw)
 
@@ -363,9 +408,8 @@ class Adapter:
         return store["x"]
 
     def _fast_readout_ok(self, tokens, attention_mask) -> bool:
-        if self._fast_ok is None:
-            self._fast_ok = self._probes.get("fast_readout")
-        if self._fast_ok is None:
+        store = self._probe_store()
+        if "fast_readout" not in store:
             t = tokens[:1]
             m = None if attention_mask is None else attention_mask[:1]
             full = self.forward(t, m)[0]  # [pos, d_vocab]
@@ -373,11 +417,11 @@ class Adapter:
                 resid = self._capture(t, m, None, (Site.RESID_FINAL, None))
                 with torch.no_grad():
                     fast = self.model.ln_final(resid) @ self.model.W_U + self.model.b_U
-                self._fast_ok = bool(torch.allclose(fast[0], full, atol=1e-4, rtol=1e-4))
+                ok = bool(torch.allclose(fast[0], full, atol=1e-4, rtol=1e-4))
             except Exception:  # no ln_final / W_U of the plain kind
-                self._fast_ok = False
-            self._probes["fast_readout"] = self._fast_ok
-        return self._fast_ok
+                ok = False
+            store["fast_readout"] = ok
+        return store["fast_readout"]
 
 
 class _StopForward(Exception):

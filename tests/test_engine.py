@@ -204,8 +204,9 @@ def test_checkpoint_resumes_without_recomputing(random_gpt2, random_prompts, tmp
         answers=random_prompts.answers,
         wrong=random_prompts.wrong,
     )
-    fresh = Engine(random_gpt2, other, LogitDiff(), checkpoint=ck, progress=False)
-    assert fresh._ckpt == {}  # a checkpoint of another run is not reused
+    with pytest.warns(UserWarning, match="no saved result is reused.*differs in prompts"):
+        fresh = Engine(random_gpt2, other, LogitDiff(), checkpoint=ck, progress=False)
+    assert len(fresh._store) == 0  # a checkpoint of another run is not reused
 
 
 def test_edge_edits_through_z_equal_pattern_edits(random_gpt2, random_prompts):
@@ -244,4 +245,6 @@ def test_checkpoint_not_shared_across_weights(random_gpt2, random_prompts, tmp_p
                      bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
     other = boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), "random-gpt2")
     assert Adapter(other).config_hash() == Adapter(random_gpt2).config_hash()
-    assert Engine(other, random_prompts, LogitDiff(), checkpoint=ck, progress=False)._ckpt == {}
+    with pytest.warns(UserWarning, match=r"differs in model weights \(model weights: saved"):
+        e = Engine(other, random_prompts, LogitDiff(), checkpoint=ck, progress=False)
+    assert len(e._store) == 0 and "model config" not in e.checkpoint_reason

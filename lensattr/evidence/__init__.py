@@ -6,6 +6,7 @@ from .interventions import (
     HeadAblation,
     Intervention,
     ablate,
+    digest,
     keep_only,
     remove_direct,
     remove_sources,
@@ -21,4 +22,5 @@ __all__ = [
     "keep_only",
     "remove_sources",
     "remove_direct",
+    "digest",
 ]

@@ -3,32 +3,44 @@
 Many interventions run in one forward pass by stacking copies of the prompt batch along the
 batch dimension (row ``r = k * n_prompts + i`` is intervention ``k`` on prompt ``i``) and letting
 each hook edit only its own rows, with masks. Hooks live only inside the adapter's context.
-Results can be checkpointed to a safetensors file after every chunk, so an interrupted sweep
-resumes where it stopped.
+
+Identity: every result is keyed by the intervention's digest (what it does) within a run key
+(model config and weights, prompts, metric, engine parameters), in memory and in the optional
+checkpoint file, so a result is never handed back for another intervention that happens to
+carry the same label (:mod:`.checkpoint`). An interrupted sweep resumes where it stopped.
+
+Devices: reference activations, masks and accumulators live on the model's device; results
+(metric values, head deltas, the public reference tensors the claims read) come back on the CPU.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..metrics import Metric, MetricError, as_metric, check_metric_output
-from ..model import Adapter, Site
+from ..model import Adapter, ModelError, Site
 from ..prompts import PromptSet
 from ..types import AblationMethod
-from .interventions import Intervention
+from .checkpoint import EvidenceStore
+from .interventions import Intervention, digest
 
-__all__ = ["Engine", "EngineResult"]
+__all__ = ["Engine", "EngineResult", "ENGINE_SEMANTICS"]
 
 _METHOD_CODE = {AblationMethod.ZERO: 1, AblationMethod.MEAN: 2, AblationMethod.RESAMPLE: 3}
+# bump when the numbers the engine computes for one intervention change meaning: saved
+# results of an older definition are then not reused
+ENGINE_SEMANTICS = 1
+# tensors assembled here before one move to the model's device, and every result: named
+# explicitly, so a default device set by the user (torch.set_default_device) changes nothing
+_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -39,18 +51,28 @@ class EngineResult:
         computable, e.g. renormalised knockout with no mass left).
     head_delta: ``[intervention, batch, layer, head_index]`` norm of the change of every head's
         output (z @ W_O) at the metric's read position, or None when not tracked.
+    digests: each intervention's :meth:`~.Intervention.digest` (what keyed its result).
+    n_reused: how many results came from the cache or checkpoint instead of a forward pass.
+    All tensors are on the CPU.
     """
 
     labels: list[str]
     values: Float[Tensor, "intervention batch"]
     head_delta: Float[Tensor, "intervention batch layer head_index"] | None = None
+    digests: list[str] = field(default_factory=list)
+    n_reused: int = 0
 
     def __getitem__(self, label: str) -> Tensor:
         return self.values[self.labels.index(label)]
 
 
 class Engine:
-    """Clean and corrupted reference runs plus batched interventions for one prompt set."""
+    """Clean and corrupted reference runs plus batched interventions for one prompt set.
+
+    ``checkpoint``: a safetensors file; results are saved there after every chunk and reused
+    by a later engine of the same run key (see the module docstring). ``run_parts`` holds the
+    run key's components and ``run_key`` their digest.
+    """
 
     def __init__(
         self,
@@ -74,7 +96,11 @@ class Engine:
         self.progress = progress
         self.bar = None  # an outside progress bar (e.g. the audit's) that run() advances
         a, n = self.adapter, len(prompts)
+        self.device = a.device
+        self.weights_hash = a.weights_hash()  # bit for bit, computed afresh
+        self._editable = a.pattern_editable
         self.W_O = [a.W_O(layer) for layer in range(a.n_layers)]  # [head, d_head, d_model]
+        # z, v, final_scale, z_mean, z_corr: on the model's device; patterns: on the CPU
         self.clean_values, self.z, self.patterns = self._reference(prompts.tokens)
         self.clean = self._metric(self.clean_values, prompts, self.clean_values)
         self.z_mean = [self._masked_mean(z) for z in self.z]  # [pos, head, d_head]
@@ -83,23 +109,31 @@ class Engine:
             cv, self.z_corr, self.patterns_corr = self._reference(prompts.corrupted)
             self.corrupted = self._metric(cv, prompts.corrupted_view(), self.clean_values)
         self._edge_mean: dict[int, Tensor] = {}
-        rows = torch.arange(n)
+        rows = torch.arange(n, device=_CPU)
         pos = self._read_pos(self.readout)
-        self.out_clean = [  # [batch, head, d_model] each head's output at the read position
-            torch.einsum("bhd,hdm->bhm", z[rows, pos], w)
+        self.out_clean = [  # [batch, head, d_model] each head's output at the read position (CPU)
+            torch.einsum("bhd,hdm->bhm", z[rows, pos], w).cpu()
             for z, w in zip(self.z, self.W_O, strict=True)
         ]
-        self._ckpt_path = Path(checkpoint) if checkpoint else None
-        self._ckpt: dict[str, Tensor] = {}
-        key = json.dumps([a.config_hash(), a.weights_hash(), prompts.hash(),
-                          self.metric.describe()], default=str)
-        self.run_key = hashlib.sha256(key.encode()).hexdigest()[:16]
-        if self._ckpt_path is not None and self._ckpt_path.exists():
-            from safetensors import safe_open
+        self.run_parts = {
+            "config": a.config_hash(),
+            "weights": self.weights_hash,
+            "prompts": _prompts_digest(prompts),
+            "metric": digest(_metric_identity(self.metric)),
+            "engine": digest(self._engine_params()),
+        }
+        self._store = EvidenceStore(self.run_parts, checkpoint)
+        self.run_key = self._store.run_key
 
-            with safe_open(str(self._ckpt_path), "pt") as f:
-                same = (f.metadata() or {}).get("run_key") == self.run_key
-            self._ckpt = load_file(str(self._ckpt_path)) if same else {}
+    def _engine_params(self) -> dict:
+        """Every engine setting that changes the numbers of an intervention (batch size and
+        device change only rounding and are left out). Add new value-changing settings here."""
+        return {"semantics": ENGINE_SEMANTICS}
+
+    @property
+    def checkpoint_reason(self) -> str | None:
+        """Why the checkpoint file gave no saved result, when it gave none (else None)."""
+        return self._store.reason
 
     # ---- reference runs ----------------------------------------------------------------
     def _reference(self, tokens):
@@ -119,10 +153,10 @@ class Engine:
         else:
             self.v_corr = v
         z = [store[(Site.Z, layer)] for layer in layers]
-        return values, z, [store[(Site.PATTERN, layer)] for layer in layers]
+        return values, z, [store[(Site.PATTERN, layer)].cpu() for layer in layers]
 
     def _masked_mean(self, z: Tensor) -> Tensor:
-        v = self.prompts.valid.to(z.dtype)[:, :, None, None]  # [batch, pos, 1, 1]
+        v = self.prompts.valid.to(z.device, z.dtype)[:, :, None, None]  # [batch, pos, 1, 1]
         return (z * v).sum(0) / v.sum(0).clamp(min=1)
 
     def _read_pos(self, readout) -> Tensor:
@@ -132,10 +166,12 @@ class Engine:
 
     def _metric(self, values, prompts: PromptSet, clean, invalid: Tensor | None = None
                 ) -> Tensor:
-        """The metric per row, after checking the readout; rows marked ``invalid`` (edits that
-        could not be made) are NaN and exempt from the checks."""
+        """The metric per row (on the CPU), after checking the readout; rows marked ``invalid``
+        (edits that could not be made) are NaN and exempt from the checks. The metric computes
+        on the readout's device."""
         n = values.shape[0]
-        invalid = torch.zeros(n, dtype=torch.bool) if invalid is None else invalid
+        invalid = (torch.zeros(n, dtype=torch.bool, device=values.device) if invalid is None
+                   else invalid.to(values.device))
         values = values.float()
         if (~torch.isfinite(values.reshape(n, -1)).all(1) & ~invalid).any():
             raise MetricError(
@@ -144,7 +180,8 @@ class Engine:
             )
         values[invalid] = 0.0
         out = check_metric_output(self.metric.compute(values, prompts, clean), n,
-                                  self.metric.name).clone()
+                                  self.metric.name).detach().cpu().clone()
+        invalid = invalid.cpu()
         if not torch.isfinite(out[~invalid]).all():
             raise MetricError(f"metric {self.metric.name!r}: returned NaN or inf")
         out[invalid] = float("nan")
@@ -166,7 +203,7 @@ class Engine:
                 raise ValueError(
                     f"rows: expected shape {(n, p)} [batch, pos], got {tuple(ab.rows.shape)}"
                 )
-        if iv.edges and not self.adapter.pattern_editable:
+        if iv.edges and not self._editable:
             first = min(e.head.layer for e in iv.edges)
             upstream = [x.head.layer for x in iv.ablations if x.head.layer < first]
             upstream += [h.layer for h in iv.direct]
@@ -203,80 +240,86 @@ class Engine:
         track_heads: bool = False,
         desc: str = "interventions",
     ) -> EngineResult:
+        """Per-prompt metric values of each intervention. Results are keyed by digest: one
+        already computed in this run (in memory or in the checkpoint) is reused, and two
+        interventions that do the same thing under other labels are computed once."""
+        self._check_weights()
+        self._editable = self.adapter.pattern_editable
         for iv in interventions:
             self.validate(iv)
         labels = [iv.label for iv in interventions]
         if len(set(labels)) != len(labels):
             raise ValueError("interventions: labels must be unique")
+        keys = [iv.digest() for iv in interventions]
         n = len(self.prompts)
         a = self.adapter
-        values = torch.full((len(interventions), n), float("nan"))
-        delta = torch.zeros(len(interventions), n, a.n_layers, a.n_heads) if track_heads else None
-        todo = []
-        for k, iv in enumerate(interventions):
-            key = self._ckpt_key(iv.label)
-            if key in self._ckpt and (not track_heads or "d" + key in self._ckpt):
-                values[k] = self._ckpt[key]
-                if track_heads:
-                    delta[k] = self._ckpt["d" + key]
-            else:
-                todo.append(k)
+        todo: dict[str, int] = {}  # digest -> the first intervention that has it
+        for k, key in enumerate(keys):
+            if self._store.get(key, track_heads) is None:
+                todo.setdefault(key, k)
+        order = list(todo.values())
         per_chunk = max(1, self.batch_size // n)
         own = self.bar is None
         bar = self.bar if not own else tqdm(
-            total=len(todo), desc=desc, disable=not self.progress or not todo, leave=False
+            total=len(order), desc=desc, disable=not self.progress or not order, leave=False
         )
         if not own:
-            bar.update(len(interventions) - len(todo))  # resumed from the checkpoint
-        for start in range(0, len(todo), per_chunk):
-            ks = todo[start : start + per_chunk]
+            bar.update(len(interventions) - len(order))  # reused from memory or checkpoint
+        for start in range(0, len(order), per_chunk):
+            ks = order[start : start + per_chunk]
             v, d = self._run_chunk([interventions[k] for k in ks], track_heads)
             for j, k in enumerate(ks):
-                values[k] = v[j]
-                self._ckpt[self._ckpt_key(interventions[k].label)] = v[j].contiguous()
-                if track_heads:
-                    delta[k] = d[j]
-                    self._ckpt["d" + self._ckpt_key(interventions[k].label)] = d[j].contiguous()
-            self._save_ckpt()
+                self._store.put(keys[k], v[j], d[j] if track_heads else None)
+            self._store.save()
             bar.update(len(ks))
         if own:
             bar.close()
-        return EngineResult(labels, values, delta)
+        values = torch.full((len(interventions), n), float("nan"), device=_CPU)
+        delta = (torch.zeros(len(interventions), n, a.n_layers, a.n_heads, device=_CPU)
+                 if track_heads else None)
+        for k, key in enumerate(keys):
+            v, d = self._store.get(key, track_heads)
+            values[k] = v
+            if track_heads:
+                delta[k] = d
+        reused = sum(1 for k, key in enumerate(keys) if todo.get(key) != k)
+        return EngineResult(labels, values, delta, keys, reused)
 
-    def _ckpt_key(self, label: str) -> str:
-        return hashlib.sha256(label.encode()).hexdigest()[:24]
-
-    def _save_ckpt(self) -> None:
-        if self._ckpt_path is None:
-            return
-        self._ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._ckpt_path.with_suffix(".tmp")
-        save_file(self._ckpt, str(tmp), metadata={"run_key": self.run_key})
-        tmp.replace(self._ckpt_path)
+    def _check_weights(self) -> None:
+        now = self.adapter.current_weights_hash()
+        if now != self.weights_hash:
+            raise ModelError(
+                f"model: its weights changed after this Engine was built (weights hash "
+                f"{self.weights_hash} -> {now}); its reference runs are stale, build a new Engine"
+            )
 
     def _run_chunk(self, ivs: list[Intervention], track: bool):
-        a, n = self.adapter, len(self.prompts)
-        idx = torch.arange(n).repeat(len(ivs))  # row r -> prompt r % n
+        """One forward pass for ``ivs``. Masks and codes are assembled on the CPU (many small
+        writes) and moved to the model's device once per layer; results return on the CPU."""
+        a, n, dev = self.adapter, len(self.prompts), self.device
+        idx = torch.arange(n, device=_CPU).repeat(len(ivs))  # row r -> prompt r % n
         R = idx.shape[0]
-        hooks, invalid = {}, torch.zeros(R, dtype=torch.bool)
+        hooks, invalid = {}, torch.zeros(R, dtype=torch.bool, device=dev)
         p = self.prompts.n_pos
         for layer in sorted(set().union(*(iv.layers() for iv in ivs))):
-            codes = torch.zeros(R, p, a.n_heads, dtype=torch.long)  # [rows, pos, head]
+            codes = torch.zeros(R, p, a.n_heads, dtype=torch.long, device=_CPU)  # [rows, pos, head]
             remove = base = None
-            renorm = torch.zeros(R, a.n_heads, dtype=torch.bool)
+            renorm = torch.zeros(R, a.n_heads, dtype=torch.bool, device=_CPU)
             for k, iv in enumerate(ivs):
                 rows = slice(k * n, (k + 1) * n)
                 for ab in iv.ablations:
                     if ab.head.layer == layer:
-                        at = torch.ones(n, p, dtype=torch.bool) if ab.rows is None else ab.rows
+                        at = (torch.ones(n, p, dtype=torch.bool, device=_CPU) if ab.rows is None
+                              else ab.rows.cpu())
                         c = codes[rows, :, ab.head.head]
                         c[at] = _METHOD_CODE[ab.method]
                 for e in iv.edges:
                     if e.head.layer == layer:
                         if remove is None:
-                            remove = torch.zeros(R, a.n_heads, p, p, dtype=torch.bool)
-                            base = torch.zeros(R, a.n_heads, dtype=torch.long)
-                        remove[rows, e.head.head] |= e.remove
+                            remove = torch.zeros(R, a.n_heads, p, p, dtype=torch.bool,
+                                                 device=_CPU)
+                            base = torch.zeros(R, a.n_heads, dtype=torch.long, device=_CPU)
+                        remove[rows, e.head.head] |= e.remove.cpu()
                         renorm[rows, e.head.head] |= e.renormalise
                         if e.baseline != AblationMethod.ZERO:
                             if (base[rows, e.head.head] > 0).any():
@@ -285,9 +328,11 @@ class Engine:
                                     "with a replacement baseline; merge the masks into one edit"
                                 )
                             base[rows, e.head.head] = _METHOD_CODE[e.baseline]
+            codes, renorm = codes.to(dev), renorm.to(dev)
             edge_z = None
             if remove is not None:
-                if a.pattern_editable:
+                remove, base = remove.to(dev), base.to(dev)
+                if self._editable:
                     hooks[(Site.PATTERN, layer)] = _pattern_hook(remove, renorm, invalid)
                 else:  # attention delegated to HF: edit the head outputs instead (exact)
                     edge_z = self._edge_z_hook(layer, remove, renorm, invalid, idx)
@@ -298,7 +343,7 @@ class Engine:
         if any(iv.direct for iv in ivs):
             self._direct_hooks(ivs, idx, hooks)
         if track:
-            deltas = torch.zeros(R, a.n_layers, a.n_heads)
+            deltas = torch.zeros(R, a.n_layers, a.n_heads, device=dev)
             pos = self._read_pos(self.readout)[idx]
             for layer in range(a.n_layers):
                 inner = hooks.get((Site.Z, layer))
@@ -306,14 +351,15 @@ class Engine:
         prompts = self.prompts.take(idx)
         vals = a.read(prompts.tokens, prompts.attention_mask, self.readout.take(idx), hooks)
         out = self._metric(vals, prompts, self.clean_values[idx], invalid)
-        d = deltas.reshape(len(ivs), n, a.n_layers, a.n_heads) if track else None
+        d = deltas.reshape(len(ivs), n, a.n_layers, a.n_heads).cpu() if track else None
         return out.reshape(len(ivs), n), d
 
     def _direct_hooks(self, ivs, idx, hooks) -> None:
-        n, a = len(self.prompts), self.adapter
+        n, a, dev = len(self.prompts), self.adapter, self.device
         R = idx.shape[0]
-        sub = torch.zeros(R, self.prompts.n_pos, a.d_model)  # [rows, pos, d_model]
-        frozen = torch.zeros(R, dtype=torch.bool)
+        dtype = self.z[0].dtype
+        sub = torch.zeros(R, self.prompts.n_pos, a.d_model, device=dev, dtype=dtype)
+        frozen = torch.zeros(R, dtype=torch.bool, device=_CPU)  # [rows]
         for k, iv in enumerate(ivs):
             rows = slice(k * n, (k + 1) * n)
             for h in iv.direct:
@@ -324,6 +370,7 @@ class Engine:
                     z = z - self.z_corr[h.layer][:, :, h.head]
                 sub[rows] += z @ self.W_O[h.layer][h.head]  # [batch, pos, d_model]
             frozen[rows] = bool(iv.direct)
+        frozen = frozen.to(dev)
         scale = self.final_scale[idx]
 
         def resid(x):
@@ -342,9 +389,10 @@ class Engine:
         from z (renormalising divides what is left by the mass left). It uses the clean
         pattern and values of this layer, which are the in-forward ones because
         :meth:`validate` refuses edits upstream of an edge edit on such models."""
-        pat = self.patterns[layer][idx]  # [rows, head, q, k]
         v = self.v[layer][idx]  # [rows, k, kv_head, d_head]
-        kv = torch.tensor([self.adapter.kv_head(h) for h in range(self.adapter.n_heads)])
+        pat = self.patterns[layer][idx].to(v.device)  # [rows, head, q, k]
+        kv = torch.tensor([self.adapter.kv_head(h) for h in range(self.adapter.n_heads)],
+                          device=v.device)
         v = v[:, :, kv]  # [rows, k, head, d_head], each query head's own values
         cut = pat * remove.to(pat.dtype)  # removed weights
         removed = torch.einsum("rhqk,rkhd->rqhd", cut, v)  # [rows, q, head, d_head]
@@ -363,11 +411,14 @@ class Engine:
         """Add the baseline counterparts of removed per-source terms to z: the corrupted
         prompt's alpha_c[q, s] * v_c[s] (resample) or the prompt-set mean of alpha[q, s] * v[s]
         (mean). Together with the removal this replaces the removed sources' terms."""
-        kv = torch.tensor([self.adapter.kv_head(h) for h in range(self.adapter.n_heads)])
+        dev = self.v[layer].device
+        kv = torch.tensor([self.adapter.kv_head(h) for h in range(self.adapter.n_heads)],
+                          device=dev)
         added = 0.0
         res = remove & (base == _METHOD_CODE[AblationMethod.RESAMPLE])[:, :, None, None]
         if res.any():
-            pat, v = self.patterns_corr[layer][idx], self.v_corr[layer][idx][:, :, kv]
+            v = self.v_corr[layer][idx][:, :, kv]  # [rows, k, head, d_head]
+            pat = self.patterns_corr[layer][idx].to(dev, v.dtype)  # [rows, head, q, k]
             w = pat * res.to(pat.dtype)  # [rows, head, q, k]
             added = added + torch.einsum("rhqk,rkhd->rqhd", w, v)  # [rows, q, head, d_head]
         mean = remove & (base == _METHOD_CODE[AblationMethod.MEAN])[:, :, None, None]
@@ -387,36 +438,40 @@ class Engine:
     def _mean_terms(self, layer: int, kv: Tensor) -> Tensor:
         """Prompt-set mean of the per-source terms alpha[q, s] * v[s]: [head, q, k, d_head]."""
         if layer not in self._edge_mean:
-            pat, v = self.patterns[layer], self.v[layer][:, :, kv]  # v: [batch, k, head, d]
+            v = self.v[layer][:, :, kv]  # [batch, k, head, d_head]
+            pat = self.patterns[layer].to(v.device, v.dtype)  # [batch, head, q, k]
             terms = torch.einsum("bhqk,bkhd->hqkd", pat, v) / pat.shape[0]
             self._edge_mean[layer] = terms
         return self._edge_mean[layer]
 
     def _z_hook(self, layer: int, codes: Tensor, idx: Tensor, edge_z=None):
         mean = self.z_mean[layer]
-        corr = None if self.z_corr is None else self.z_corr[layer]
+        resample = self.z_corr is not None and bool((codes == 3).any())
+        corr = self.z_corr[layer][idx] if resample else None  # [rows, pos, head, d_head]
 
         def hook(z):  # z: [rows, pos, head, d_head]
             if edge_z is not None:
                 z = edge_z(z)
             c = codes.to(z.device)[..., None]  # [rows, pos, head, 1]
             z = torch.where(c == 1, torch.zeros_like(z), z)
-            z = torch.where(c == 2, mean.to(z.dtype)[None], z)
-            if corr is not None and (codes == 3).any():
-                z = torch.where(c == 3, corr[idx].to(z.dtype), z)
+            z = torch.where(c == 2, mean.to(z.device, z.dtype)[None], z)
+            if corr is not None:
+                z = torch.where(c == 3, corr.to(z.device, z.dtype), z)
             return z
 
         return hook
 
     def _track_hook(self, layer, inner, idx, pos, deltas):
-        W_O, clean = self.W_O[layer], self.out_clean[layer]
+        W_O = self.W_O[layer]
+        clean = self.out_clean[layer][idx].to(deltas.device)  # [rows, head, d_model]
+        pos = pos.to(deltas.device)
 
         def hook(z):
             if inner is not None:
                 z = inner(z)
-            rows = torch.arange(z.shape[0])
-            out = torch.einsum("bhd,hdm->bhm", z[rows, pos], W_O)  # [rows, head, d_model]
-            deltas[:, layer] = (out - clean[idx]).norm(dim=-1).cpu()
+            rows = torch.arange(z.shape[0], device=z.device)
+            out = torch.einsum("bhd,hdm->bhm", z[rows, pos.to(z.device)], W_O.to(z.dtype))
+            deltas[:, layer] = (out - clean.to(out.dtype)).norm(dim=-1).to(deltas.device)
             return z
 
         return hook
@@ -430,8 +485,54 @@ def _pattern_hook(remove: Tensor, renorm: Tensor, invalid: Tensor):
             mass = new.sum(-1, keepdim=True)  # [rows, head, query_pos, 1]
             edited = rm.any(-1, keepdim=True) & renorm.to(pattern.device)[:, :, None, None]
             empty = edited & (mass < 1e-6)
-            invalid.logical_or_(empty.flatten(1).any(1).cpu())
+            invalid.logical_or_(empty.flatten(1).any(1).to(invalid.device))
             new = torch.where(edited & ~empty, new / mass.clamp(min=1e-30), new)
         return new
 
     return hook
+
+
+def _prompts_digest(prompts: PromptSet) -> str:
+    """Every field of the prompts that can change a number (all but display text and name);
+    fields added to PromptSet later are included without further code."""
+    skip = {"text", "name"}
+    return digest({f.name: getattr(prompts, f.name) for f in dataclasses.fields(prompts)
+                   if f.name not in skip})
+
+
+def _metric_identity(metric: Metric) -> dict:
+    """The metric's class, description and state; a wrapped callable by its code, constants
+    and closure, so two different callables with one name do not share results."""
+    return {
+        "class": f"{type(metric).__module__}.{type(metric).__qualname__}",
+        "describe": _plain(metric.describe()),
+        "state": _plain(vars(metric)),
+    }
+
+
+def _plain(v, depth: int = 0):
+    """A value :func:`digest` accepts; what it cannot fingerprint becomes its repr (which,
+    when it holds a memory address, only ever prevents reuse)."""
+    if depth > 6:
+        return repr(v)
+    if v is None or isinstance(v, (bool, int, float, str, bytes, Enum, Tensor)):
+        return v
+    if isinstance(v, dict):
+        return {str(k): _plain(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x, depth + 1) for x in v]
+    code = getattr(v, "__code__", None)
+    if callable(v) and code is not None:
+        cells = [c.cell_contents for c in (getattr(v, "__closure__", None) or ())]
+        return {
+            "callable": f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', '')}",
+            "code": _code(code),
+            "defaults": _plain(getattr(v, "__defaults__", None), depth + 1),
+            "closure": _plain(cells, depth + 1),
+        }
+    return repr(v)
+
+
+def _code(code) -> list:
+    consts = [_code(c) if hasattr(c, "co_code") else _plain(c) for c in code.co_consts]
+    return [code.co_code, consts, list(code.co_names)]

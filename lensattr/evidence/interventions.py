@@ -16,11 +16,20 @@
   direct path to the readout) by the ``direct_baseline`` value (zero: removed), with the final
   norm's scale frozen at its clean value.
 * :class:`Intervention` bundles several of them into one forward pass.
+
+Identity: :func:`digest` fingerprints what a value *does*, generically over its dataclass
+fields (tensors by dtype, shape and bytes; fields marked ``unordered`` as multisets; fields
+marked ``identity=False``, such as an intervention's display label, left out), so a field added
+later is part of the identity without further code. Results and checkpoints are keyed by
+``Intervention.digest()``, never by the label.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from jaxtyping import Bool
@@ -36,7 +45,84 @@ __all__ = [
     "remove_sources",
     "keep_only",
     "remove_direct",
+    "digest",
 ]
+
+# field metadata: left out of the digest (display only) / compared as a multiset
+_DISPLAY_ONLY = {"identity": False}
+_UNORDERED = {"unordered": True}
+
+
+def digest(value) -> str:
+    """A sha256 fingerprint (32 hex digits) of what ``value`` is, bit for bit.
+
+    Dataclasses by type name and every field (except those with ``metadata["identity"] is
+    False``; fields with ``metadata["unordered"]`` compare as multisets), tensors by dtype,
+    shape and raw bytes, dicts and sets order-insensitively, sequences in order, enums by type
+    and value, floats exactly. Other types raise TypeError rather than be guessed at."""
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()[:32]
+
+
+def _put(h, tag: bytes, payload: bytes = b"") -> None:
+    h.update(tag + len(payload).to_bytes(8, "little") + payload)
+
+
+def _feed(h, x) -> None:  # one branch per kind of value
+    if x is None:
+        _put(h, b"N")
+    elif isinstance(x, bool):
+        _put(h, b"B", b"1" if x else b"0")
+    elif isinstance(x, Enum):
+        _put(h, b"M", f"{type(x).__module__}.{type(x).__qualname__}".encode())
+        _feed(h, x.value)
+    elif isinstance(x, int):
+        _put(h, b"I", str(int(x)).encode())
+    elif isinstance(x, float):
+        _put(h, b"F", float(x).hex().encode())
+    elif isinstance(x, str):
+        _put(h, b"S", x.encode())
+    elif isinstance(x, bytes):
+        _put(h, b"Y", x)
+    elif isinstance(x, torch.Tensor):
+        t = x.detach().cpu().contiguous().reshape(-1)
+        _put(h, b"T", f"{t.dtype}|{tuple(x.shape)}".encode())
+        _put(h, b"", t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        _put(h, b"D", f"{type(x).__module__}.{type(x).__qualname__}".encode())
+        for f in dataclasses.fields(x):
+            if f.metadata.get("identity", True):
+                _put(h, b"f", f.name.encode())
+                v = getattr(x, f.name)
+                if f.metadata.get("unordered"):
+                    _feed_unordered(h, v)
+                else:
+                    _feed(h, v)
+        _put(h, b"d")
+    elif isinstance(x, dict):
+        _put(h, b"K", str(len(x)).encode())
+        for kd, vd in sorted((digest(k), digest(v)) for k, v in x.items()):
+            _put(h, b"k", kd.encode() + vd.encode())
+    elif isinstance(x, (set, frozenset)):
+        _feed_unordered(h, x)
+    elif isinstance(x, (tuple, list)):
+        kind = type(x) if hasattr(x, "_fields") else tuple  # NamedTuples (HeadId) by name
+        _put(h, b"L", f"{kind.__module__}.{kind.__qualname__}|{len(x)}".encode())
+        for v in x:
+            _feed(h, v)
+    else:
+        raise TypeError(
+            f"digest: cannot fingerprint a {type(x).__name__}; intervention fields must be "
+            "tensors, numbers, strings, enums, None, dataclasses or containers of these"
+        )
+
+
+def _feed_unordered(h, items) -> None:
+    subs = sorted(digest(v) for v in items)
+    _put(h, b"U", str(len(subs)).encode())
+    for d in subs:
+        _put(h, b"u", d.encode())
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +148,8 @@ class HeadAblation:
 
 @dataclass(frozen=True, eq=False)
 class EdgeEdit:
+    """Edit one head's attention rows; ``remove`` is ``[batch, query_pos, key_pos]`` bool."""
+
     head: HeadId
     remove: Bool[Tensor, "batch query_pos key_pos"]
     renormalise: bool = False
@@ -86,16 +174,39 @@ class EdgeEdit:
 
 @dataclass(frozen=True, eq=False)
 class Intervention:
-    """One forward pass's worth of edits, with a label for tables and checkpoints."""
+    """One forward pass's worth of edits, with a label to display.
 
-    label: str
-    ablations: tuple[HeadAblation, ...] = ()
-    edges: tuple[EdgeEdit, ...] = ()
-    direct: tuple[HeadId, ...] = ()
+    The label is a name for tables only: results are keyed by :meth:`digest`, what the edits
+    do. The order of ``ablations``, ``edges`` and ``direct`` does not matter (edits of one
+    layer are combined; direct paths are summed), so the digest treats them as multisets; two
+    ablations of one head at overlapping positions, where the order would matter, are refused.
+    """
+
+    label: str = field(metadata=_DISPLAY_ONLY)
+    ablations: tuple[HeadAblation, ...] = field(default=(), metadata=_UNORDERED)
+    edges: tuple[EdgeEdit, ...] = field(default=(), metadata=_UNORDERED)
+    direct: tuple[HeadId, ...] = field(default=(), metadata=_UNORDERED)
     direct_baseline: AblationMethod = AblationMethod.ZERO
 
     def __post_init__(self):
-        object.__setattr__(self, "direct_baseline", AblationMethod(self.direct_baseline))
+        set_ = object.__setattr__
+        set_(self, "ablations", tuple(self.ablations))
+        set_(self, "edges", tuple(self.edges))
+        set_(self, "direct", tuple(HeadId(*h) for h in self.direct))
+        set_(self, "direct_baseline", AblationMethod(self.direct_baseline))
+        for i, a in enumerate(self.ablations):
+            for b in self.ablations[i + 1 :]:
+                if a.head == b.head and (
+                    a.rows is None or b.rows is None or bool((a.rows & b.rows).any())
+                ):  # which replacement wins would depend on the order
+                    raise ValueError(
+                        f"ablations: {self.label!r} ablates head {a.head} twice at the same "
+                        "positions; give each head one ablation per position"
+                    )
+
+    def digest(self) -> str:
+        """Fingerprint of what this intervention does (every field but the label)."""
+        return digest(self)
 
     def layers(self) -> set[int]:
         return {a.head.layer for a in self.ablations} | {e.head.layer for e in self.edges}
