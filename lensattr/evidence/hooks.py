@@ -1,0 +1,158 @@
+"""Hook builders of the batched engine: head ablations (per position), edge edits through the
+pattern or through hook_z, replacement-baseline terms, direct paths and head-output tracking.
+
+A mixin of :class:`lensattr.evidence.engine.Engine`: the methods read the engine's reference
+tensors (clean and corrupted z, values and patterns, means, the final norm's scale).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..model import Site
+from ..types import AblationMethod
+
+__all__ = ["HookBuilders", "METHOD_CODE", "pattern_hook"]
+
+METHOD_CODE = {AblationMethod.ZERO: 1, AblationMethod.MEAN: 2, AblationMethod.RESAMPLE: 3}
+_CPU = torch.device("cpu")
+
+
+class HookBuilders:
+    def _direct_hooks(self, ivs, idx, hooks) -> None:
+        n, a, dev = len(self.prompts), self.adapter, self.device
+        R = idx.shape[0]
+        dtype = self.z[0].dtype
+        sub = torch.zeros(R, self.prompts.n_pos, a.d_model, device=dev, dtype=dtype)
+        frozen = torch.zeros(R, dtype=torch.bool, device=_CPU)  # [rows]
+        for k, iv in enumerate(ivs):
+            rows = slice(k * n, (k + 1) * n)
+            for h in iv.direct:
+                z = self.z[h.layer][:, :, h.head]  # [batch, pos, d_head]
+                if iv.direct_baseline == AblationMethod.MEAN:
+                    z = z - self.z_mean[h.layer][None, :, h.head]
+                elif iv.direct_baseline == AblationMethod.RESAMPLE:
+                    z = z - self.z_corr[h.layer][:, :, h.head]
+                sub[rows] += z @ self.W_O[h.layer][h.head]  # [batch, pos, d_model]
+            frozen[rows] = bool(iv.direct)
+        frozen = frozen.to(dev)
+        scale = self.final_scale[idx]
+
+        def resid(x):
+            return x - sub.to(x.device, x.dtype)
+
+        def freeze(s):
+            return torch.where(frozen.to(s.device)[:, None, None], scale.to(s.dtype), s)
+
+        hooks[(Site.RESID_FINAL, None)] = resid
+        hooks[(Site.LN_FINAL_SCALE, None)] = freeze
+
+    def _edge_z_hook(self, layer, remove, renorm, invalid, idx):
+        """Edge edits through hook_z, for models whose hook_pattern edits are discarded.
+
+        Removing sources S from a row subtracts their per-source terms alpha[q, s] * v[s]
+        from z (renormalising divides what is left by the mass left). It uses the clean
+        pattern and values of this layer, which are the in-forward ones because
+        :meth:`validate` refuses edits upstream of an edge edit on such models."""
+        v = self.v[layer][idx]  # [rows, k, kv_head, d_head]
+        pat = self.patterns[layer][idx].to(v.device)  # [rows, head, q, k]
+        kv = torch.tensor([self.adapter.kv_head(h) for h in range(self.adapter.n_heads)],
+                          device=v.device)
+        v = v[:, :, kv]  # [rows, k, head, d_head], each query head's own values
+        cut = pat * remove.to(pat.dtype)  # removed weights
+        removed = torch.einsum("rhqk,rkhd->rqhd", cut, v)  # [rows, q, head, d_head]
+        left = (pat - cut).sum(-1).transpose(1, 2)[..., None]  # [rows, q, head, 1]
+        edited = remove.any(-1).transpose(1, 2)[..., None] & renorm[:, None, :, None]
+        empty = edited & (left < 1e-6)
+        invalid.logical_or_(empty.flatten(1).any(1))
+
+        def edit(z):
+            out = z - removed.to(z.dtype)
+            return torch.where(edited & ~empty, out / left.clamp(min=1e-30).to(z.dtype), out)
+
+        return edit
+
+    def _edge_baseline_hook(self, layer, remove, base, idx, inner=None):
+        """Add the baseline counterparts of removed per-source terms to z: the corrupted
+        prompt's alpha_c[q, s] * v_c[s] (resample) or the prompt-set mean of alpha[q, s] * v[s]
+        (mean). Together with the removal this replaces the removed sources' terms."""
+        dev = self.v[layer].device
+        kv = torch.tensor([self.adapter.kv_head(h) for h in range(self.adapter.n_heads)],
+                          device=dev)
+        added = 0.0
+        res = remove & (base == METHOD_CODE[AblationMethod.RESAMPLE])[:, :, None, None]
+        if res.any():
+            v = self.v_corr[layer][idx][:, :, kv]  # [rows, k, head, d_head]
+            pat = self.patterns_corr[layer][idx].to(dev, v.dtype)  # [rows, head, q, k]
+            w = pat * res.to(pat.dtype)  # [rows, head, q, k]
+            added = added + torch.einsum("rhqk,rkhd->rqhd", w, v)  # [rows, q, head, d_head]
+        mean = remove & (base == METHOD_CODE[AblationMethod.MEAN])[:, :, None, None]
+        if mean.any():
+            terms = self._mean_terms(layer, kv)  # [head, q, k, d_head]
+            added = added + torch.einsum("rhqk,hqkd->rqhd", mean.to(terms.dtype), terms)
+
+        def edit(z):
+            if inner is not None:
+                z = inner(z)
+            if isinstance(added, float):  # nothing removed under a replacement baseline
+                return z
+            return z + added.to(z.device, z.dtype)
+
+        return edit
+
+    def _mean_terms(self, layer: int, kv: Tensor) -> Tensor:
+        """Prompt-set mean of the per-source terms alpha[q, s] * v[s]: [head, q, k, d_head]."""
+        if layer not in self._edge_mean:
+            v = self.v[layer][:, :, kv]  # [batch, k, head, d_head]
+            pat = self.patterns[layer].to(v.device, v.dtype)  # [batch, head, q, k]
+            terms = torch.einsum("bhqk,bkhd->hqkd", pat, v) / pat.shape[0]
+            self._edge_mean[layer] = terms
+        return self._edge_mean[layer]
+
+    def _z_hook(self, layer: int, codes: Tensor, idx: Tensor, edge_z=None):
+        mean = self.z_mean[layer]
+        resample = self.z_corr is not None and bool((codes == 3).any())
+        corr = self.z_corr[layer][idx] if resample else None  # [rows, pos, head, d_head]
+
+        def hook(z):  # z: [rows, pos, head, d_head]
+            if edge_z is not None:
+                z = edge_z(z)
+            c = codes.to(z.device)[..., None]  # [rows, pos, head, 1]
+            z = torch.where(c == 1, torch.zeros_like(z), z)
+            z = torch.where(c == 2, mean.to(z.device, z.dtype)[None], z)
+            if corr is not None:
+                z = torch.where(c == 3, corr.to(z.device, z.dtype), z)
+            return z
+
+        return hook
+
+    def _track_hook(self, layer, inner, idx, pos, deltas):
+        W_O = self.W_O[layer]
+        clean = self.out_clean[layer][idx].to(deltas.device)  # [rows, head, d_model]
+        pos = pos.to(deltas.device)
+
+        def hook(z):
+            if inner is not None:
+                z = inner(z)
+            rows = torch.arange(z.shape[0], device=z.device)
+            out = torch.einsum("bhd,hdm->bhm", z[rows, pos.to(z.device)], W_O.to(z.dtype))
+            deltas[:, layer] = (out - clean.to(out.dtype)).norm(dim=-1).to(deltas.device)
+            return z
+
+        return hook
+
+
+def pattern_hook(remove: Tensor, renorm: Tensor, invalid: Tensor):
+    def hook(pattern):  # [rows, head, query_pos, key_pos]
+        rm = remove.to(pattern.device)
+        new = pattern.masked_fill(rm, 0.0)
+        if renorm.any():
+            mass = new.sum(-1, keepdim=True)  # [rows, head, query_pos, 1]
+            edited = rm.any(-1, keepdim=True) & renorm.to(pattern.device)[:, :, None, None]
+            empty = edited & (mass < 1e-6)
+            invalid.logical_or_(empty.flatten(1).any(1).to(invalid.device))
+            new = torch.where(edited & ~empty, new / mass.clamp(min=1e-30), new)
+        return new
+
+    return hook
