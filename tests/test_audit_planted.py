@@ -1,6 +1,7 @@
 """The audit on the bundled planted model gives every planted head its planted verdict."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -75,6 +76,19 @@ def test_constant_trigger_pair(result):
     assert q.labels_by_baseline == "zero=compensated,mean=inert,resample=inert"
     assert p.compensated_under == "zero:L1H4" and q.compensated_under == "zero:L0H4"
     assert p.baseline_sensitive and q.baseline_sensitive
+
+
+def test_report_flags_baseline_sensitive_heads(result, tmp_path):
+    page = result.report(tmp_path / "r.html").read_text()
+    assert page.count("label changes with the baseline") == 2  # L0H4 and L1H4 only
+
+
+def test_renormalised_knockout_is_defined(result):
+    """Edited only on the read rows the claim is about (no longer NaN for every head)."""
+    for lh in ((0, 0), (0, 1), (0, 4)):
+        assert math.isfinite(row(result, *lh).knockout_claimed_renorm)
+    # L0H0 at END: S1 0.7, the rest 0.3 on BOS and fillers with zero value -> all of it goes
+    assert row(result, 0, 0).knockout_claimed_renorm == pytest.approx(4 / M0, abs=0.01)
 
 
 def test_axes_beside_labels(result):

@@ -222,6 +222,11 @@ def render_report(
     keys = [(int(r.layer), int(r.head)) for r in heads[["layer", "head"]].itertuples()]
     cols = [c for c in ("head_type", "verdict") if c in heads.columns]
     notes = dict(zip(keys, (" · ".join(map(_fmt, r)) for r in heads[cols].values), strict=True))
+    if {"baseline_sensitive", "labels_by_baseline"} <= set(heads.columns):
+        for k, flag, by in zip(keys, heads["baseline_sensitive"], heads["labels_by_baseline"],
+                               strict=True):
+            if bool(flag):  # a head whose label changes with the ablation baseline
+                notes[k] += f" · ⚠ label changes with the baseline ({_fmt(by)})"
     in_table = set(keys)
     extra = sorted(k for k in ((int(a), int(b)) for a, b in patterns) if k not in in_table)
     order = list(dict.fromkeys(keys + extra))  # table heads first, then any other pattern
