@@ -10,8 +10,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import tasks as _tasks
 from .audit_result import Audit
+from .audit_setup import (
+    baselines,
+    patterns_from_cache,
+    read_rows,
+    resolve_heads,
+    resolve_task,
+    with_bos_role,
+)
 from .claims import compute_claims
 from .claims.head_types import SINK_ROLES
 from .compare.compensation import candidate_partners
@@ -32,7 +39,6 @@ from .evidence.sweeps import (
 from .locus import locus_edges, needs_locus
 from .metrics import as_metric
 from .model import Adapter
-from .prompts import PromptSet
 from .tables import HeadResult, edge_rows, head_row, position_name, source_positions
 from .types import AblationMethod
 
@@ -82,69 +88,71 @@ def audit(
     t0 = time.time()
     th = thresholds or Thresholds()
     adapter = model if isinstance(model, Adapter) else Adapter(model)
-    prompts, metric, task_name = _resolve_task(task, metric, n_prompts, seed, adapter.model)
+    prompts, metric, task_name = resolve_task(task, metric, n_prompts, seed, adapter.model)
     given_hash = prompts.hash()  # the user's prompts, before a BOS role is recognised
-    prompts = _with_bos_role(prompts, adapter)
+    prompts = with_bos_role(prompts, adapter)
     n = len(prompts)
-    heads = _resolve_heads(adapter, heads)
-    methods, primary = _baselines(prompts, ablation)
+    heads = resolve_heads(adapter, heads)
+    methods, primary = baselines(prompts, ablation)
     need = min_prompts(len(heads), th.alpha)
     too_few = None
     if n < need:
         too_few = (f"Too few prompts: with {n} prompt(s) no sign-flip test can reach q < "
-                   f"{th.alpha} after correction across {len(heads)} heads; at least {need} "
+                   f"{th.alpha} after correction across {len(heads)} head(s); at least {need} "
                    "prompts are needed for any verdict.")
         warnings.warn(too_few + " Every head will be 'undetermined'.", stacklevel=2)
     engine = Engine(
         adapter, prompts, metric, batch_size=batch_size, progress=False, checkpoint=checkpoint
     )
-    patterns = engine.patterns if cache is None else _patterns_from_cache(adapter, cache, prompts)
-    read_rows = _read_rows(metric, prompts, engine)
-    claims = compute_claims(patterns, prompts, read_rows, causal=adapter.is_causal)
+    patterns = engine.patterns if cache is None else patterns_from_cache(adapter, cache, prompts)
+    rows = read_rows(metric, prompts, engine)
+    claims = compute_claims(patterns, prompts, rows, causal=adapter.is_causal)
     direct = engine.final_scale is not None and adapter.has_direct_path
     bar = tqdm(desc="lensattr audit", unit="iv", disable=not progress, total=0)
     engine.bar = bar
 
-    # ---- evidence: solo ablations (tracked, for partner candidates) and edits -------------
-    values, head_delta = {}, {}
-    for m in methods:
-        res = _run(engine, ablation_sweep(heads, m), track=True)
-        values.update(_values(res))
-        head_delta[m.value] = res.head_delta
-    plan = row_split_sweep(heads, primary, claims.read_rows)
-    for m in methods:
-        plan += claim_sweep(heads, claims.claimed, claims.allowed, claims.sink, m,
-                            remove=m == primary, read_rows=claims.read_rows)
-        if direct:
-            plan += direct_sweep(heads, m)
-    if claims.sink.any():
-        plan += sink_sweep(heads, claims.allowed, claims.sink, primary)
-    if prompts.corrupted is None:
-        everything = ablate(*adapter.heads(), method=AblationMethod.ZERO)
-        plan.append(dataclasses.replace(everything, label="reference:all-zero"))
-    sources, source_names = source_positions(prompts, claims, claims.read_pos, max_edge_sources)
-    plan += edge_sweep(heads, claims.read_rows, sources, prompts.n_pos, primary)
-    values.update(_values(_run(engine, plan)))
-    if prompts.corrupted is not None:
-        den, reference = engine.corrupted - engine.clean, "corrupted prompts (m_c - m0)"
-    else:
-        den = values["reference:all-zero"] - engine.clean
-        reference = "all heads zero-ablated (no corrupted prompts)"
-    eff = Effects(values, engine.clean, den, seed)
-    b = primary.value
-    focus = [h for h in heads if too_few is None and needs_locus(
-        eff(label(b, h)), eff(label(f"read-{b}", h)), eff(label(f"other-{b}", h)), th)]
-    locus = locus_edges(lambda ivs: _values(_run(engine, ivs)), eff, focus, primary, claims,
-                        prompts, max_edge_sources)
+    try:
+        # ---- evidence: solo ablations (tracked, for partner candidates) and edits -------------
+        values, head_delta = {}, {}
+        for m in methods:
+            res = _run(engine, ablation_sweep(heads, m), track=True)
+            values.update(_values(res))
+            head_delta[m.value] = res.head_delta
+        plan = row_split_sweep(heads, primary, claims.read_rows)
+        for m in methods:
+            plan += claim_sweep(heads, claims.claimed, claims.allowed, claims.sink, m,
+                                remove=m == primary, read_rows=claims.read_rows)
+            if direct:
+                plan += direct_sweep(heads, m)
+        if claims.sink.any():
+            plan += sink_sweep(heads, claims.allowed, claims.sink, primary)
+        if prompts.corrupted is None:
+            everything = ablate(*adapter.heads(), method=AblationMethod.ZERO)
+            plan.append(dataclasses.replace(everything, label="reference:all-zero"))
+        sources, source_names = source_positions(prompts, claims, claims.read_pos, max_edge_sources)
+        plan += edge_sweep(heads, claims.read_rows, sources, prompts.n_pos, primary)
+        values.update(_values(_run(engine, plan)))
+        if prompts.corrupted is not None:
+            den, reference = engine.corrupted - engine.clean, "corrupted prompts (m_c - m0)"
+        else:
+            den = values["reference:all-zero"] - engine.clean
+            reference = "all heads zero-ablated (no corrupted prompts)"
+        eff = Effects(values, engine.clean, den, seed)
+        b = primary.value
+        focus = [h for h in heads if too_few is None and needs_locus(
+            eff(label(b, h)), eff(label(f"read-{b}", h)), eff(label(f"other-{b}", h)), th)]
+        locus = locus_edges(lambda ivs: _values(_run(engine, ivs)), eff, focus, primary, claims,
+                            prompts, max_edge_sources)
 
-    # ---- compensation partners, under every baseline --------------------------------------
-    out_clean = torch.stack(list(engine.out_clean), 1)  # [batch, layer, head, d_model]
-    for m in methods:
-        cands = candidate_partners(head_delta[m.value], out_clean, heads)
-        weak = [h for h in heads if _maybe_small(eff(label(m.value, h)), th)]
-        pairs = sorted({tuple(sorted((h, c))) for h in weak for c in cands[h]})
-        values.update(_values(_run(engine, joint_sweep(pairs, m))))
-    bar.close()
+        # ---- compensation partners, under every baseline --------------------------------------
+        out_clean = torch.stack(list(engine.out_clean), 1)  # [batch, layer, head, d_model]
+        for m in methods:
+            cands = candidate_partners(head_delta[m.value], out_clean, heads)
+            weak = [h for h in heads if _maybe_small(eff(label(m.value, h)), th)]
+            pairs = sorted({tuple(sorted((h, c))) for h in weak for c in cands[h]})
+            values.update(_values(_run(engine, joint_sweep(pairs, m))))
+    finally:
+        bar.close()
 
     # ---- verdicts under every baseline; the label follows the primary ----------------------
     jd = judge(eff, heads, methods, claims.striking, direct, th, too_few)
@@ -212,60 +220,6 @@ def _maybe_small(e: Estimate, th: Thresholds) -> bool:
     return not (e.lo >= th.tau or e.hi <= -th.tau)
 
 
-def _baselines(prompts: PromptSet, ablation) -> tuple[list[AblationMethod], AblationMethod]:
-    """Baselines computed: zero always, mean on aligned prompts (a per-position mean over
-    prompts means nothing otherwise), resample with corrupted prompts. Primary: resample, else
-    mean, else zero, unless ``ablation`` says otherwise."""
-    methods = [AblationMethod.ZERO]
-    if prompts.aligned:
-        methods.append(AblationMethod.MEAN)
-    if prompts.corrupted is not None:
-        methods.append(AblationMethod.RESAMPLE)
-    if ablation is None:
-        return methods, methods[-1]
-    try:
-        primary = AblationMethod(ablation)
-    except ValueError:
-        raise ValueError(
-            f"ablation: expected one of {[m.value for m in AblationMethod]}, got {ablation!r}"
-        ) from None
-    if primary not in methods:
-        why = ("needs corrupted prompts in the task" if primary == AblationMethod.RESAMPLE
-               else "needs aligned prompts (one length, no padding, roles at fixed positions)")
-        raise ValueError(f"ablation: {primary.value!r} {why}")
-    return methods, primary
-
-
-def _read_rows(metric, prompts: PromptSet, engine: Engine) -> torch.Tensor:
-    """[batch, pos] bool: the positions the metric reads."""
-    fn = getattr(metric, "read_positions", None)
-    if fn is not None:
-        return torch.as_tensor(fn(prompts)).bool().cpu() & prompts.valid
-    n, p = prompts.tokens.shape
-    rows = torch.zeros(n, p, dtype=torch.bool)
-    pos = engine.readout.positions
-    if pos is None and getattr(metric, "position_role", "END") is None:
-        return prompts.valid.clone()  # pooled or whole-sequence metric: every real token
-    pos = engine._read_pos(engine.readout) if pos is None else pos
-    rows[torch.arange(n), pos.cpu()] = True
-    return rows
-
-
-def _with_bos_role(prompts: PromptSet, adapter: Adapter) -> PromptSet:
-    """Add a BOS role when the prompts declare no sink role and every prompt's first real token
-    is the tokenizer's BOS token; never names a content token "BOS"."""
-    if any(r in prompts.roles for r in SINK_ROLES):
-        return prompts
-    tok = getattr(adapter.model, "tokenizer", None)
-    bos = getattr(tok, "bos_token_id", None)
-    if bos is None:
-        return prompts
-    first = prompts.valid.long().argmax(1)
-    if not bool((prompts.tokens[torch.arange(len(prompts)), first] == bos).all()):
-        return prompts
-    return dataclasses.replace(prompts, roles={**prompts.roles, "BOS": first})
-
-
 def _run(engine: Engine, interventions: list, track: bool = False):
     bar = engine.bar
     if bar is not None:
@@ -300,44 +254,6 @@ def _tensors(results, claims, prompts, engine, methods, adapter) -> dict:
     if prompts.aligned:
         tensors["pattern_mean"] = claims.patterns.mean(0)
     return tensors
-
-
-def _resolve_heads(adapter: Adapter, heads) -> list:
-    if heads is None:
-        return adapter.heads()
-    if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
-        raise ValueError(
-            f"heads: expected a list of HeadId(layer, head), got {type(heads).__name__}"
-        )
-    chosen = [adapter.check_head(h, "heads") for h in heads]
-    if not chosen:
-        raise ValueError("heads: expected at least one head, got an empty list")
-    if len(set(chosen)) != len(chosen):
-        raise ValueError("heads: the same head is listed twice")
-    return sorted(chosen)
-
-
-def _resolve_task(task, metric, n_prompts, seed, model) -> tuple[PromptSet, object, str]:
-    if isinstance(task, str):
-        task = _tasks.get(task)
-    if isinstance(task, _tasks.Task):
-        prompts = task.prompts(n_prompts, seed, model)
-        return prompts, as_metric(metric or task.metric()), task.name
-    if isinstance(task, PromptSet):
-        if metric is None:
-            raise ValueError("metric: required when auditing a bare PromptSet")
-        return task.first(n_prompts), as_metric(metric), task.name  # n_prompts: the first n
-    raise TypeError(f"task: expected a task name, Task or PromptSet, got {type(task).__name__}")
-
-
-def _patterns_from_cache(adapter: Adapter, cache, prompts: PromptSet) -> list[torch.Tensor]:
-    pats = adapter.patterns_from_cache(cache)
-    want = (len(prompts), adapter.n_heads, prompts.n_pos, prompts.n_pos)
-    if tuple(pats[0].shape) != want:
-        raise ValueError(
-            f"cache: patterns of shape {tuple(pats[0].shape)}, expected {want} for these prompts"
-        )
-    return pats
 
 
 def _versions() -> dict:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import lensattr
-from lensattr.audit import _baselines, _with_bos_role
+from lensattr.audit_setup import baselines as _baselines
+from lensattr.audit_setup import with_bos_role as _with_bos_role
 from lensattr.claims import compute_claims, type_scores
 from lensattr.claims.head_types import label_types, sink_mask
 from lensattr.evidence import Engine, ablate, remove_sources
@@ -143,7 +144,7 @@ def test_left_padded_read_rows_follow_the_metric(random_gpt2):
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
     p = PromptSet(tokens=toks, attention_mask=mask, answers=[3, 3], wrong=[4, 4],
                   roles={"END": [4, 4]})
-    from lensattr.audit import _read_rows
+    from lensattr.audit_setup import read_rows as _read_rows
 
     e = Engine(random_gpt2, p, LogitDiff(), progress=False)
     rows = _read_rows(LogitDiff(), p, e)
