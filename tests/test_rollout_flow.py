@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from lensattr.claims.flow import FlowBudgetError, attention_flow, flow
-from lensattr.claims.rollout import attention_rollout, mix_residual, rollout
+from lensattr.claims.rollout import (
+    attention_rollout,
+    head_averaged,
+    layer_matrices,
+    mix_residual,
+    rollout,
+)
+
+from .test_architectures import build
 
 nx = pytest.importorskip("networkx")
 
@@ -96,3 +104,22 @@ def test_rollout_and_flow_on_a_model(random_gpt2, weights):
     assert torch.isfinite(f.values[:, 5]).all() and torch.isnan(f.values[:, :5]).all()
     # each flow is at most the capacity into the output node (a row of A~ sums to 1)
     assert (f.values[:, 5] <= 1 + 1e-9).all() and (f.values[:, 5] > 0).all()
+
+
+def test_encoder_rollout_flow_and_cache_path():
+    """BERT: bidirectional (rollout fills the upper triangle), padding ignored; a TL cache
+    gives the same matrices as lensattr's own run."""
+    model = build("bert")
+    tokens = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    r = rollout(model, tokens, mask)
+    assert (r.final[0].triu(1) > 0).any()
+    assert (r.final[1, :3, 3:] == 0).all()
+    torch.testing.assert_close(r.final[1, :3].sum(-1), torch.ones(3, dtype=torch.float64))
+    f = flow(model, tokens, mask)
+    assert torch.isfinite(f.values[0]).all() and torch.isnan(f.values[1, 3:]).all()
+    with pytest.raises(ValueError, match="causal=False"):
+        attention_flow(r.mixed, mask, causal=True)
+    _, cache = model.run_with_cache(tokens[:1])
+    torch.testing.assert_close(mix_residual(head_averaged(model, cache)),
+                               layer_matrices(model, tokens[:1]))

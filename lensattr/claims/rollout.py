@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ..model import Adapter, Site
 
-__all__ = ["Rollout", "mix_residual", "attention_rollout", "layer_matrices", "WEIGHTS"]
+__all__ = ["Rollout", "mix_residual", "attention_rollout", "layer_matrices", "head_averaged",
+           "WEIGHTS"]
 
 WEIGHTS = ("half", "norms")
 
@@ -71,6 +72,13 @@ class Rollout:
         return pd.DataFrame({"prompt": idx[:, 0].numpy(), "query_pos": idx[:, 1].numpy(),
                              "key_pos": idx[:, 2].numpy(),
                              "rollout": self.final.reshape(-1).numpy()})
+
+
+def head_averaged(model, cache) -> Float[Tensor, "batch layer query_pos key_pos"]:
+    """Head-averaged attention per layer from a bridge ``ActivationCache`` (or a dict with
+    the same keys), ready for :func:`mix_residual`."""
+    adapter = model if isinstance(model, Adapter) else Adapter(model)
+    return torch.stack([p.double().mean(1) for p in adapter.patterns_from_cache(cache)], 1)
 
 
 def attention_rollout(
