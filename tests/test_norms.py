@@ -81,6 +81,8 @@ def test_norm_attention_equals_slow_reference(family, value_bias):
         assert torch.isfinite(got.bias_norm).all() and (got.bias_norm > 0).any()
     if value_bias == "include":
         assert torch.isnan(got.bias_norm).all()
+    n_pairs = 21 if adapter.is_causal else 36  # 6 tokens: causal keeps k <= q
+    assert len(got.to_frame()) == 2 * adapter.n_layers * adapter.n_heads * n_pairs
 
 
 def test_residual_variant_decomposes_the_model_tensor():

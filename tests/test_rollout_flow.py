@@ -118,6 +118,7 @@ def test_encoder_rollout_flow_and_cache_path():
     torch.testing.assert_close(r.final[1, :3].sum(-1), torch.ones(3, dtype=torch.float64))
     f = flow(model, tokens, mask)
     assert torch.isfinite(f.values[0]).all() and torch.isnan(f.values[1, 3:]).all()
+    assert len(f.to_frame()) == 25 + 9 and len(r.to_frame()) == 2 * 25
     with pytest.raises(ValueError, match="causal=False"):
         attention_flow(r.mixed, mask, causal=True)
     _, cache = model.run_with_cache(tokens[:1])

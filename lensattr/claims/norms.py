@@ -78,7 +78,7 @@ class NormAttention:
         b, n_l, n_h, q, k = self.per_head.shape
         share = self.normalised("per_head")
         idx = torch.cartesian_prod(*(torch.arange(n) for n in (b, n_l, n_h, q, k)))
-        keep = (idx[:, 4] <= idx[:, 3]) if self.meta.get("causal", True) else slice(None)
+        keep = (idx[:, 4] <= idx[:, 3]) if self.meta.get("causal", False) else slice(None)
         idx = idx[keep]
         return pd.DataFrame({
             "prompt": idx[:, 0].numpy(), "layer": idx[:, 1].numpy(), "head": idx[:, 2].numpy(),
