@@ -34,6 +34,9 @@ class Site(str, Enum):
     SCORES = "scores"  # blocks.L.attn.hook_attn_scores
     V = "v"  # blocks.L.attn.hook_v            [batch, pos, kv_head_index, d_head]
     RESID_PRE = "resid_pre"  # blocks.L.hook_resid_pre
+    RESID_MID = "resid_mid"  # blocks.L.hook_resid_mid  (pre-norm: resid_pre + attention out)
+    LN1_IN = "ln1_in"  # blocks.L.ln1.hook_in  (post-norm encoders: resid_pre + attention out)
+    LN1_SCALE = "ln1_scale"  # blocks.L.ln1.hook_scale  [batch, pos, 1]
     BLOCK_OUT = "block_out"  # blocks.L.hook_out  [batch, pos, d_model]; the last one = final hidden
     RESID_FINAL = "resid_final"  # ln_final.hook_in   [batch, pos, d_model]
     LN_FINAL_SCALE = "ln_final_scale"  # ln_final.hook_scale
@@ -46,6 +49,9 @@ _LAYER_SITES = {
     Site.SCORES: "blocks.{layer}.attn.hook_attn_scores",
     Site.V: "blocks.{layer}.attn.hook_v",
     Site.RESID_PRE: "blocks.{layer}.hook_resid_pre",
+    Site.RESID_MID: "blocks.{layer}.hook_resid_mid",
+    Site.LN1_IN: "blocks.{layer}.ln1.hook_in",
+    Site.LN1_SCALE: "blocks.{layer}.ln1.hook_scale",
     Site.BLOCK_OUT: "blocks.{layer}.hook_out",
 }
 _GLOBAL_SITES = {
@@ -263,6 +269,49 @@ class Adapter:
     def W_O(self, layer: int) -> torch.Tensor:
         """Output weights of one layer: [head_index, d_head, d_model]."""
         return self.model.W_O[layer].detach()
+
+    def W_V(self, layer: int) -> torch.Tensor:
+        """Value weights per *query* head (key/value heads repeated under grouped-query
+        attention): [head_index, d_model, d_head]."""
+        w = self.model.W_V[layer].detach()  # [kv_head_index, d_model, d_head]
+        return w.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
+    def b_V(self, layer: int) -> torch.Tensor:
+        """Value biases per query head, zeros for bias-free projections: [head_index, d_head]."""
+        try:
+            b = self.model.b_V[layer].detach()  # [kv_head_index, d_head]
+        except AttributeError:  # TL raises for bias-free checkpoints (Llama)
+            return torch.zeros(self.n_heads, self.d_head, device=self.device, dtype=self.dtype)
+        return b.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
+    def ln1(self, layer: int) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of block ``layer``'s first norm, each [d_model] (bias zeros for
+        RMSNorm). In a post-norm encoder (BERT) it is the norm after attention + residual."""
+        ln = self.model.blocks[layer].ln1
+        w = getattr(ln, "weight", None)
+        w = torch.ones(self.d_model, device=self.device) if w is None else w.detach()
+        b = getattr(ln, "bias", None)
+        b = torch.zeros_like(w) if b is None else b.detach()
+        return w, b
+
+    @property
+    def post_norm(self) -> bool:
+        """True for post-norm encoders (BERT: norm after attention + residual), False for
+        pre-norm decoders (norm inside each block's input)."""
+        return not self.is_causal
+
+    def circuits(self):
+        """TransformerLens's factored per-head circuits (QK, OV), each a ``FactoredMatrix``
+        [layer, head_index, d_model, d_model], key/value heads repeated under GQA."""
+        return self.model.QK, self.model.OV
+
+    def composition_scores(self, mode: str) -> Tensor:
+        """TransformerLens's ``all_composition_scores(mode)``: [layer, head, layer, head]."""
+        return self.model.all_composition_scores(mode).scores.detach()
+
+    def embed_unembed(self) -> tuple[Tensor, Tensor]:
+        """(W_E [d_vocab, d_model], W_U [d_model, d_vocab])."""
+        return self.model.W_E.detach(), self.model.W_U.detach()
 
     def patterns_from_cache(self, cache) -> list[Tensor]:
         """Attention patterns [batch, head_index, query_pos, key_pos] per layer from a TL

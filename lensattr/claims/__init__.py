@@ -9,7 +9,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..prompts import PromptSet
+from .circuits import CompositionScores, composition_scores, copying_scores, head_circuits
 from .claimed_sets import claimed_sets
+from .flow import Flow, FlowBudgetError, attention_flow, flow
 from .head_types import (
     STRIKING,
     TYPE_NAMES,
@@ -19,6 +21,8 @@ from .head_types import (
     sink_mask,
     type_scores,
 )
+from .norms import NormAttention, norm_attention
+from .rollout import Rollout, attention_rollout, mix_residual, rollout
 
 __all__ = [
     "Claims",
@@ -28,6 +32,21 @@ __all__ = [
     "TYPE_NAMES",
     "STRIKING",
     "DIFFUSE",
+    # value-aware and multi-layer claims (issue 9, parts 4-5)
+    "NormAttention",
+    "norm_attention",
+    "Rollout",
+    "rollout",
+    "attention_rollout",
+    "mix_residual",
+    "Flow",
+    "FlowBudgetError",
+    "flow",
+    "attention_flow",
+    "head_circuits",
+    "CompositionScores",
+    "composition_scores",
+    "copying_scores",
 ]
 
 DIFFUSE = 0.8  # normalised entropy at the read position at or above which a head is "diffuse"

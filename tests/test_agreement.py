@@ -1,0 +1,48 @@
+"""Rank agreement: equals scipy's rho and tau-b (ties included); 1 for identical inputs, ~0
+for independent ones; per layer rows; CIs cover the point."""
+
+import pytest
+import torch
+
+from lensattr.compare.agreement import kendall, rank_agreement, spearman
+
+stats = pytest.importorskip("scipy.stats")
+
+
+def test_spearman_kendall_equal_scipy_with_ties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randint(0, 5, (12,), generator=g).double()  # many ties
+        y = x + torch.randint(0, 4, (12,), generator=g).double()
+        assert abs(spearman(x, y).item() - stats.spearmanr(x, y).statistic) < 1e-12
+        assert abs(kendall(x, y).item() - stats.kendalltau(x, y).statistic) < 1e-12
+
+
+def test_identical_is_one_independent_is_near_zero():
+    g = torch.Generator().manual_seed(1)
+    claim = torch.rand(20, 3, 8, generator=g)  # [batch, layer, head]
+    same = rank_agreement(claim, claim.clone(), layer_dim=1, n_boot=200)
+    assert len(same) == 4 and same["layer"].isna().sum() == 1
+    assert (same["rho"] == 1).all() and (same["tau"] == 1).all()
+    assert (same["rho_lo"] > 0.99).all()
+    other = torch.rand(20, 3, 8, generator=g)
+    ind = rank_agreement(claim, other, n_boot=200)
+    assert abs(ind["rho"].item()) < 0.35 and abs(ind["tau"].item()) < 0.25
+    assert ind["rho_lo"].item() < ind["rho"].item() < ind["rho_hi"].item()
+    assert ind["rho_lo"].item() < 0 < ind["rho_hi"].item()
+    # per-prompt pairing (token importances): identical -> 1; reversed -> -1
+    tok = torch.rand(10, 7, generator=g)
+    pp = rank_agreement(tok, tok, how="per_prompt", n_boot=100)
+    assert pp["rho"].item() == pytest.approx(1.0) and pp["tau_lo"].item() == pytest.approx(1.0)
+    assert rank_agreement(tok, -tok, how="per_prompt", n_boot=50)["tau"].item() == -1
+
+
+def test_nan_items_left_out_and_bad_input():
+    x = torch.rand(6, 5)
+    x[:, 0] = torch.nan
+    r = rank_agreement(x, x, n_boot=20)
+    assert r["n_items"].item() == 4 and r["rho"].item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        rank_agreement(torch.rand(3, 4), torch.rand(3, 5))
+    with pytest.raises(ValueError, match="how"):
+        rank_agreement(x, x, how="pooled")
