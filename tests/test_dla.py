@@ -175,6 +175,7 @@ def test_planted_compensators(planted):
         ref = e.run([remove_direct((0, 3), baseline=b), ablate((0, 3), method=b)]).values
         torch.testing.assert_close(c.direct, ref[0] - e.clean, atol=1e-4, rtol=0)
         torch.testing.assert_close(c.total, ref[1] - e.clean, atol=1e-4, rtol=0)
+        torch.testing.assert_close(c.direct_minus_total, ref[0] - ref[1], atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(f[[f"p{i}" for i in range(len(p))]].sum(axis=0)
                                                 .values, dtype=torch.float32),
                                    c.total, atol=1e-4, rtol=0)

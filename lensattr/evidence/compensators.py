@@ -57,6 +57,13 @@ class Compensators:
     meta: dict = field(default_factory=dict)
 
     @property
+    def direct_minus_total(self) -> Float[Tensor, " batch"]:
+        """direct - total per prompt, in metric units: the quantity whose sign-aware,
+        normalised form (divided by the effect reference, times the sign of the direct effect)
+        the verdicts test for ``compensated`` (``compare/judge.py::_compensations``)."""
+        return self.direct - self.total
+
+    @property
     def delta(self) -> Float[Tensor, "batch component"]:
         return self.ablated - self.clean
 
