@@ -202,3 +202,15 @@ def test_bad_input(planted):
     bert = build("bert")
     with pytest.raises(ModelError, match="random-bert.*post-norm encoder"):
         direct_logit_attribution(bert, prompts(), LogitDiff())
+
+
+def test_readme_example_runs():
+    """The README's residual-path example runs and shows what it says."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    code = text.split("## Residual-path decomposition")[1].split("```python")[1].split("```")[0]
+    ns = {"lensattr": lensattr}
+    exec(code, ns)
+    assert ns["c"].top_heads(1) == [HeadId(1, 0)]
+    assert abs(float(ns["src"].by_role()["S1"].mean()) - 3.0) < 2e-3
