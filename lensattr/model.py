@@ -13,13 +13,14 @@ import operator
 import warnings
 from collections.abc import Callable, Iterator
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .types import HeadId
 
-__all__ = ["Site", "Adapter", "ModelError", "hook_name"]
+__all__ = ["Site", "Adapter", "ModelError", "FinalNorm", "hook_name"]
 
 
 class ModelError(ValueError):
@@ -41,6 +42,10 @@ class Site(str, Enum):
     RESID_FINAL = "resid_final"  # ln_final.hook_in   [batch, pos, d_model]
     LN_FINAL_SCALE = "ln_final_scale"  # ln_final.hook_scale
     LN_FINAL_OUT = "ln_final_out"  # ln_final.hook_out (the normalised final stream)
+    EMBED = "embed"  # hook_embed          [batch, pos, d_model] token embedding
+    POS_EMBED = "pos_embed"  # hook_pos_embed  [batch, pos, d_model]; fires only with learned
+    #                                            absolute positions (GPT-2), not rotary
+    MLP_OUT = "mlp_out"  # blocks.L.hook_mlp_out  [batch, pos, d_model], with its output bias
 
 
 _LAYER_SITES = {
@@ -53,11 +58,14 @@ _LAYER_SITES = {
     Site.LN1_IN: "blocks.{layer}.ln1.hook_in",
     Site.LN1_SCALE: "blocks.{layer}.ln1.hook_scale",
     Site.BLOCK_OUT: "blocks.{layer}.hook_out",
+    Site.MLP_OUT: "blocks.{layer}.hook_mlp_out",
 }
 _GLOBAL_SITES = {
     Site.RESID_FINAL: "ln_final.hook_in",
     Site.LN_FINAL_SCALE: "ln_final.hook_scale",
     Site.LN_FINAL_OUT: "ln_final.hook_out",
+    Site.EMBED: "hook_embed",
+    Site.POS_EMBED: "hook_pos_embed",
 }
 
 HookFn = Callable[[Tensor], Tensor | None]
@@ -313,6 +321,33 @@ class Adapter:
         """(W_E [d_vocab, d_model], W_U [d_model, d_vocab])."""
         return self.model.W_E.detach(), self.model.W_U.detach()
 
+    def b_O(self, layer: int) -> Tensor | None:
+        """Attention output bias of one layer [d_model] (shared by its heads), or None."""
+        return _optional(lambda: self.model.blocks[layer].attn.b_O)
+
+    def mlp_b_out(self, layer: int) -> Tensor | None:
+        """The MLP's output bias [d_model], or None (bias-free, or no MLP)."""
+        return _optional(lambda: self.model.blocks[layer].mlp.b_out)
+
+    def unembed(self) -> tuple[Tensor, Tensor | None]:
+        """(W_U [d_model, d_vocab], b_U [d_vocab] or None)."""
+        return self.model.W_U.detach(), _optional(lambda: self.model.b_U)
+
+    def final_norm(self) -> FinalNorm:
+        """The final norm's kind and its (unfolded) weight and bias, as the bridge runs it:
+        ``layernorm``: (x - mean(x)) / s * weight + bias; ``rmsnorm``: x / s * weight; s is
+        ``ln_final.hook_scale`` (Site.LN_FINAL_SCALE)."""
+        kind = str(getattr(self.cfg, "normalization_type", None) or "")
+        ln = getattr(self.model, "ln_final", None)
+        weight = _optional(lambda: ln.weight) if ln is not None else None
+        if kind not in ("LN", "RMS") or weight is None:
+            raise ModelError(
+                f"model {self.name!r}: final norm of type {kind or 'none'!r}; the direct path "
+                "needs a LayerNorm or RMSNorm with a weight (ln_final)"
+            )
+        bias = _optional(lambda: ln.bias) if kind == "LN" else None
+        return FinalNorm("layernorm" if kind == "LN" else "rmsnorm", weight, bias)
+
     def patterns_from_cache(self, cache) -> list[Tensor]:
         """Attention patterns [batch, head_index, query_pos, key_pos] per layer from a TL
         ``ActivationCache`` (or a dict with the same keys), on the CPU like the claims."""
@@ -471,6 +506,21 @@ class Adapter:
                 ok = False
             store["fast_readout"] = ok
         return store["fast_readout"]
+
+
+class FinalNorm(NamedTuple):
+    kind: str  # "layernorm" or "rmsnorm"
+    weight: Tensor  # [d_model]
+    bias: Tensor | None  # [d_model]
+
+
+def _optional(get) -> Tensor | None:
+    """A weight that a model may lack (bias-free projections raise or give None)."""
+    try:
+        t = get()
+    except (AttributeError, KeyError, IndexError):
+        return None
+    return None if t is None else t.detach()
 
 
 class _StopForward(Exception):

@@ -102,6 +102,10 @@ def _routing(eff: Effects, h: HeadId, b: str, e_h: Estimate, th: Thresholds) -> 
 
 
 def _compensations(eff, heads, b, e, direct, th) -> list[Compensation]:
+    """Partners by joint ablation, and the sign-aware direct - total effect
+    s * (m(direct-<b>) - m(<b>)) / den. The same direct - total, per prompt in metric units,
+    is ``lensattr.evidence.compensators(...).direct_minus_total``, which also names the heads
+    whose direct effects make up the difference."""
     v, m0, den = eff.values, eff.m0, eff.den
     tests = []  # (head index, partner, joint, interaction num, sign)
     for i, h in enumerate(heads):

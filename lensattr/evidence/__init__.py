@@ -1,5 +1,8 @@
 """What heads actually do: batched interventions and their effects."""
 
+from .compensators import Compensators, compensators
+from .decomposition import SourceDLA, source_dla, source_terms, source_terms_along
+from .dla import DLA, Component, direct_logit_attribution
 from .engine import Engine, EngineResult
 from .interventions import (
     EdgeEdit,
@@ -13,6 +16,15 @@ from .interventions import (
 )
 
 __all__ = [
+    "direct_logit_attribution",
+    "DLA",
+    "Component",
+    "source_terms",
+    "source_terms_along",
+    "source_dla",
+    "SourceDLA",
+    "compensators",
+    "Compensators",
     "Engine",
     "EngineResult",
     "EdgeEdit",
