@@ -24,6 +24,8 @@ class ModelInfo:
     contains: str
     builder: Callable[[], tuple[object, object]]  # -> (hf_model, tokenizer)
     logits_meaningful: bool = True  # False: encoder without a trained output head
+    source: str = ""  # where the weights come from (a package, a file), when not in the repo
+    license: str = ""  # the weights' license, when not the repository's own
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -75,7 +77,9 @@ def load_model(name_or_path: str, *, device: str | None = None, **boot_kwargs):
 
     ``name_or_path`` is, in this order: a bundled model name (``lensattr models`` lists them;
     built offline), a local folder holding an HF checkpoint as ``*.safetensors`` (never a
-    pickled ``.bin``), or a hub name (needs a reachable hub or a warm HF cache).
+    pickled ``.bin``), a ``.gguf`` file (or a folder holding exactly one, and no
+    ``config.json``; dequantised to float32 and cached, see :mod:`lensattr.gguf_loading`), or a
+    hub name (needs a reachable hub or a warm HF cache).
     """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ModelError(f"name_or_path: expected a model name or folder, got {name_or_path!r}")
@@ -87,6 +91,11 @@ def load_model(name_or_path: str, *, device: str | None = None, **boot_kwargs):
         bridge._lensattr_logits_meaningful = info.logits_meaningful
         return bridge
     path = Path(name_or_path)
+    gguf = _gguf_file(path)
+    if gguf is not None:
+        from .gguf_loading import load_gguf
+
+        return boot_bridge(*load_gguf(gguf), gguf.stem, device=device)
     if path.exists():
         return _load_folder(path, device)
     if name_or_path.startswith((".", "/")) or os.sep in name_or_path and path.suffix:
@@ -94,9 +103,24 @@ def load_model(name_or_path: str, *, device: str | None = None, **boot_kwargs):
     return _load_hub(name_or_path, device, boot_kwargs)
 
 
+def _gguf_file(path: Path) -> Path | None:
+    """The GGUF file ``path`` names: itself, or the only ``*.gguf`` of a folder that has no
+    ``config.json``; None when it names no GGUF file."""
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ModelError(f"name_or_path: folder {str(path)!r} holds several GGUF files "
+                         f"{[p.name for p in found]}; pass the path of one of them")
+    return found[0] if found else None
+
+
 def _load_folder(path: Path, device):
     if not path.is_dir():
-        raise ModelError(f"name_or_path: {str(path)!r} is a file; expected a model folder")
+        raise ModelError(f"name_or_path: {str(path)!r} is a file; expected a model folder or "
+                         "a .gguf file")
     if not (path / "config.json").exists():
         raise ModelError(f"name_or_path: folder {str(path)!r} has no config.json")
     if not list(path.glob("*.safetensors")):
