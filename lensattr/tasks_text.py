@@ -164,6 +164,8 @@ def word_tokens(tokenizer) -> torch.Tensor:
     words = tok.batch_decode([[i] for i in ids])
     cand = [(i, w) for i, w in zip(ids, words, strict=True)
             if len(w) >= 4 and w[0] == " " and w[1:].isascii() and w[1:].isalpha()]
+    if not cand:
+        return torch.zeros(0, dtype=torch.long)
     back = tok([w for _, w in cand], add_special_tokens=False)["input_ids"]
     return torch.tensor(sorted(i for (i, _), b in zip(cand, back, strict=True) if b == [i]))
 
