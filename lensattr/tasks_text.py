@@ -59,8 +59,9 @@ def _refuse(task: str, problem: str) -> ModelError:
 
 
 def _tokenizer(model, task: str):
-    tok = getattr(model, "tokenizer", model)
-    if tok is None or not callable(tok):
+    """The tokenizer of a model (a bridge), or ``model`` itself when it is a tokenizer."""
+    tok = model.tokenizer if hasattr(model, "tokenizer") else model
+    if tok is None or not hasattr(tok, "convert_ids_to_tokens"):
         raise ModelError(f"task {task!r}: the model has no tokenizer to build prompts with")
     return tok
 

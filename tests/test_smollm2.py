@@ -138,6 +138,12 @@ def test_tasks_refuse_a_tokenizer_without_bos():
     with pytest.raises(ModelError, match="no BOS token"):
         ioi_prompts(tok, 2)
 
+    class NoTokenizer:
+        tokenizer = None
+
+    with pytest.raises(ModelError, match="has no tokenizer"):
+        lensattr.tasks.get("capital-recall").prompts(2, model=NoTokenizer())
+
 
 def test_task_names_do_not_clash():
     names = [t.name for t in lensattr.tasks.list_tasks()]
