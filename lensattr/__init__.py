@@ -10,7 +10,7 @@ The front door::
 
 __version__ = "0.1.0"
 
-from . import tasks
+from . import tasks, tasks_text  # noqa: F401  (tasks_text registers ioi, repeat-tokens, ...)
 from .audit import audit
 from .audit_result import Audit, AuditLoadError
 from .compare.verdicts import Thresholds

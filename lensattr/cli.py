@@ -84,6 +84,10 @@ def _models(args) -> int:
             f"{m.name}\n  {m.description}\n  size: {m.size}\n  recipe: {m.recipe}\n"
             f"  contains: {m.contains}"
         )
+        if m.source:
+            print(f"  source: {m.source}")
+        if m.license:
+            print(f"  license: {m.license}")
     return 0
 
 

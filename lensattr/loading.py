@@ -24,6 +24,8 @@ class ModelInfo:
     contains: str
     builder: Callable[[], tuple[object, object]]  # -> (hf_model, tokenizer)
     logits_meaningful: bool = True  # False: encoder without a trained output head
+    source: str = ""  # where the weights come from (a package, a file), when not in the repo
+    license: str = ""  # the weights' license, when not the repository's own
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -87,6 +89,8 @@ def load_model(
     * a bundled model name (``lensattr models`` lists them; built offline);
     * an existing local folder holding an HF checkpoint as ``*.safetensors`` (never a pickled
       ``.bin``);
+    * a ``.gguf`` file (or a folder holding exactly one, and no ``config.json``): dequantised
+      to float32 and cached, see :mod:`lensattr.gguf_loading`;
     * a hub id, ``org/name`` or a bare legacy name such as ``gpt2`` (dots allowed:
       ``EleutherAI/pythia-1.4b``); needs a reachable hub or a warm HF cache.
 
@@ -108,15 +112,19 @@ def load_model(
         bridge._lensattr_logits_meaningful = info.logits_meaningful
         return bridge
     path = Path(name_or_path).expanduser()
+    gguf = _gguf_file(path)
+    if gguf is not None:
+        _no_tokenizer(tokenizer, f"GGUF file {str(gguf)!r} (its own tokenizer is loaded)")
+        from .gguf_loading import load_gguf
+
+        return boot_bridge(*load_gguf(gguf), gguf.stem, device=device)
     if path.exists():
         _no_tokenizer(tokenizer, f"folder {name_or_path!r} (its own tokenizer is loaded)")
         return _load_folder(path, device)
     if not is_hub_id(name_or_path):
         hint = ""
         if path.suffix.lower() == ".gguf":
-            hint = (" (a GGUF file: dequantise it with transformers' AutoModelForCausalLM."
-                    "from_pretrained(folder, gguf_file=...) and pass the model with its "
-                    "tokenizer: load_model(hf_model, tokenizer=tok))")
+            hint = " (a GGUF file loads from its path, but there is no file there)"
         raise ModelError(
             f"name_or_path: no such file or folder {name_or_path!r}{hint}; it looks like a local "
             "path, not a hub id (org/name), so the hub was not tried"
@@ -181,9 +189,24 @@ def _load_in_memory(hf_model, tokenizer, name: str | None, device):
     return boot_bridge(hf_model, tokenizer, label, device=device)
 
 
+def _gguf_file(path: Path) -> Path | None:
+    """The GGUF file ``path`` names: itself, or the only ``*.gguf`` of a folder that has no
+    ``config.json``; None when it names no GGUF file."""
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ModelError(f"name_or_path: folder {str(path)!r} holds several GGUF files "
+                         f"{[p.name for p in found]}; pass the path of one of them")
+    return found[0] if found else None
+
+
 def _load_folder(path: Path, device):
     if not path.is_dir():
-        raise ModelError(f"name_or_path: {str(path)!r} is a file; expected a model folder")
+        raise ModelError(f"name_or_path: {str(path)!r} is a file; expected a model folder or "
+                         "a .gguf file")
     if not (path / "config.json").exists():
         raise ModelError(f"name_or_path: folder {str(path)!r} has no config.json")
     if not list(path.glob("*.safetensors")):

@@ -46,9 +46,10 @@ def test_missing_paths_fail_at_once(hub_calls, tmp_path, monkeypatch, name):
     assert hub_calls == []  # the hub was never tried
 
 
-def test_gguf_hint(hub_calls):
-    with pytest.raises(ModelError, match="GGUF.*load_model\\(hf_model, tokenizer=tok\\)"):
+def test_missing_gguf_is_named(hub_calls):
+    with pytest.raises(ModelError, match="no such file or folder 'mine.gguf' .*GGUF file"):
         lensattr.load_model("mine.gguf")
+    assert hub_calls == []
 
 
 def test_is_hub_id():
