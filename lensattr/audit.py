@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import warnings
 
@@ -41,6 +42,7 @@ from .metrics import as_metric
 from .model import Adapter
 from .tables import HeadResult, edge_rows, head_row, position_name, source_positions
 from .types import AblationMethod
+from .value_claims import claims_vs_edges, norm_shares
 
 __all__ = ["audit", "Audit"]
 
@@ -180,9 +182,14 @@ def audit(
             locus=locus.get(h),
         ))  # fmt: skip
 
-    heads_df = pd.DataFrame([head_row(r, claims, prompts) for r in results])
+    norm = norm_shares(engine, adapter, prompts)
+    agreement = claims_vs_edges(
+        claims, norm, heads, sources, {r.head: [e.per_prompt for e in r.edges] for r in results},
+        seed,
+    )
+    heads_df = pd.DataFrame([head_row(r, claims, prompts, norm) for r in results])
     heads_df = heads_df.astype({"partner_layer": "Int64", "partner_head": "Int64"})
-    edges_df = edge_rows(results, claims, prompts, sources, source_names)
+    edges_df = edge_rows(results, claims, prompts, sources, source_names, norm)
     tensors = _tensors(results, claims, prompts, engine, methods, adapter)
     meta = _meta(
         adapter,
@@ -199,6 +206,9 @@ def audit(
     meta["prompts_hash"] = given_hash
     meta["sink_roles"] = [r for r in SINK_ROLES if r in prompts.roles]
     meta["heads_audited"] = [list(h) for h in heads]
+    meta["agreement"] = json.loads(agreement.to_json(orient="records"))
+    meta["norm_attention"] = ("Kobayashi et al. 2020: ||alpha[q, s] v[s] W_O|| per head (value "
+                              "bias included), each row divided by its sum")
     meta["min_prompts_for_a_verdict"] = need
     tok = getattr(adapter.model, "tokenizer", None)
     if tok is not None:  # the example prompt as text, for the report

@@ -138,6 +138,13 @@ class Audit:
         _check_files(d, doc)
         return cls(heads=heads, edges=edges, tensors=tensors, meta=doc["meta"])
 
+    @property
+    def agreement(self) -> pd.DataFrame:
+        """Rank agreement (Spearman rho, Kendall tau, bootstrap CIs over prompts), per layer and
+        over all layers, of raw and of norm-based attention from the read rows with the
+        single-edge removal effects: which claim agrees better with the causal evidence."""
+        return pd.DataFrame(self.meta.get("agreement", []))
+
     # ---- display -----------------------------------------------------------------------
     def summary(self) -> str:
         m = self.meta

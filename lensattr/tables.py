@@ -100,7 +100,8 @@ def _locus(r: HeadResult) -> str:
     return "both"
 
 
-def head_row(r: HeadResult, claims: Claims, prompts: PromptSet) -> dict:
+def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tensor | None = None
+             ) -> dict:
     L, H = r.head.layer, r.head.head
     v = r.verdict
     row = {
@@ -116,6 +117,13 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet) -> dict:
     row["top_source"] = _mode_name(prompts, claims.top_source[:, L, H])
     row["top_mass"] = float(claims.top_mass[:, L, H].mean())
     row["sink_mass"] = float(claims.sink_mass_read[L, H])
+    if norm is not None:  # norm-based attention (Kobayashi 2020) at the read rows
+        w = claims.read_rows.float()[:, :, None]
+        at = (torch.nan_to_num(norm[:, L, H]) * w).sum(1) / w.sum(1).clamp(min=1)  # [b, k]
+        top = at.max(-1)
+        row["norm_top_source"] = _mode_name(prompts, top.indices)
+        row["norm_top_mass"] = float(top.values.mean())
+        row["norm_sink_mass"] = float((at * claims.sink.float()).sum(-1).mean())
     row["entropy"] = float(claims.entropy_read[L, H])
     row["diffuse"] = bool(claims.diffuse[L, H])
     for m in ("zero", "mean", "resample"):
@@ -159,7 +167,8 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet) -> dict:
 
 
 def edge_rows(
-    results: list[HeadResult], claims: Claims, prompts: PromptSet, sources, names
+    results: list[HeadResult], claims: Claims, prompts: PromptSet, sources, names,
+    norm: torch.Tensor | None = None,
 ) -> pd.DataFrame:
     """One row per head and examined source: attention from the read rows (summed over them,
     averaged over prompts), the share of prompts whose claimed set holds it, and the effect of
@@ -172,6 +181,7 @@ def edge_rows(
         L, H = r.head.layer, r.head.head
         w = read.float()[:, :, None]
         alpha = (claims.patterns[:, L, H] * w).sum(1)  # [batch, k]: attention from read rows
+        nrm = None if norm is None else (torch.nan_to_num(norm[:, L, H]) * w).sum(1)
         claimed = (claims.claimed[:, L, H] & read[:, :, None]).any(1)  # [batch, k]
         for src, name, e in zip(sources, names, r.edges, strict=True):
             ok = src >= 0
@@ -185,6 +195,8 @@ def edge_rows(
                 "source_pos": int(src[0]) if prompts.aligned else math.nan,
                 "is_sink": bool(claims.sink[rows_idx, s][ok].all()),
                 "attention": float(torch.where(ok, alpha[rows_idx, s], torch.nan).nanmean()),
+                "norm_attention": math.nan if nrm is None
+                else float(torch.where(ok, nrm[rows_idx, s], torch.nan).nanmean()),
                 "claimed_share": float(claimed[rows_idx, s][ok].float().mean()),
                 "baseline": r.verdict.baseline,
                 **_ci("effect_remove", e),
@@ -197,6 +209,8 @@ def edge_rows(
                     "query_pos": q, "source_role": position_name(prompts, k), "source_pos": k,
                     "is_sink": bool(claims.sink[:, k].all()),
                     "attention": float(claims.patterns[:, L, H, q, k].mean()),
+                    "norm_attention": math.nan if norm is None
+                    else float(norm[:, L, H, q, k].nanmean()),
                     "claimed_share": float(claims.claimed[:, L, H, q, k].float().mean()),
                     "baseline": r.verdict.baseline, **_ci("effect_remove", e),
                 })  # fmt: skip

@@ -193,3 +193,18 @@ def test_without_corrupted_prompts_uses_stated_reference(model):
 def test_repr_html_and_summary(result):
     assert "<table" in result._repr_html_()
     assert "faithful" in result.summary()
+
+
+def test_norm_based_claims_and_agreement(result):
+    """Value-aware claims: the decoy's norm-based attention points at the real source, and
+    norm-based attention ranks the edges closer to their removal effects than raw attention."""
+    d = row(result, 0, 1)
+    assert d.top_source == "DECOY" and d.norm_top_source == "S1"
+    assert d.norm_top_mass == pytest.approx(1.0, abs=1e-3)  # DECOY's value is zero
+    e = result.edges
+    dec = e[(e.layer == 0) & (e["head"] == 1)].set_index("source_role")
+    assert dec.loc["DECOY", "norm_attention"] < 1e-3 < dec.loc["S1", "norm_attention"]
+    ag = result.agreement
+    assert set(ag.claim) == {"attention", "norm_attention"}
+    over_all = ag[ag.layer.isna()].set_index("claim")
+    assert over_all.loc["norm_attention", "rho"] > over_all.loc["attention", "rho"]
