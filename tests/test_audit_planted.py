@@ -208,3 +208,14 @@ def test_norm_based_claims_and_agreement(result):
     assert set(ag.claim) == {"attention", "norm_attention"}
     over_all = ag[ag.layer.isna()].set_index("claim")
     assert over_all.loc["norm_attention", "rho"] > over_all.loc["attention", "rho"]
+
+
+def test_one_prompt_gives_no_confident_verdict(model):
+    """n = 1: no interval, no test can pass; every head is undetermined, saying why."""
+    with pytest.warns(UserWarning, match="Too few prompts"):
+        r = lensattr.audit(model, "planted-copy", n_prompts=1, progress=False)
+    h = r.heads
+    assert (h.verdict == "undetermined").all() and (h.verdict_rule == "too_few_prompts").all()
+    assert h.ablation_resample_lo.isna().all() and h.ablation_resample_hi.isna().all()
+    assert h.reason.str.startswith("Too few prompts").all() and (h.carriers == "").all()
+    assert r.meta["min_prompts_for_a_verdict"] == 9  # 2 / 2**9 * 10 heads < 0.05
