@@ -156,19 +156,26 @@ class Audit:
         cols = [
             "layer",
             "head",
-            "head_type",
+            "head_type_read",
             "top_source",
             "top_mass",
+            "norm_top_source",
             f"ablation_{m.get('primary_ablation', 'zero')}",
             "routing",
             "verdict",
             "verdict_share",
             "partner",
+            "compensated_under",
         ]
         cols = [c for c in cols if c in self.heads.columns]
         lines.append(self.heads[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
         counts = self.heads["verdict"].value_counts().to_dict() if len(self.heads) else {}
         lines.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        if "baseline_sensitive" in self.heads.columns and self.heads["baseline_sensitive"].any():
+            flagged = self.heads[self.heads["baseline_sensitive"].astype(bool)]
+            names = ", ".join(f"L{r.layer}H{r.head}" for r in flagged.itertuples())
+            lines.append(f"label changes with the ablation baseline: {names} "
+                         "(see labels_by_baseline)")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

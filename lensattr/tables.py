@@ -119,11 +119,19 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tens
     row["sink_mass"] = float(claims.sink_mass_read[L, H])
     if norm is not None:  # norm-based attention (Kobayashi 2020) at the read rows
         w = claims.read_rows.float()[:, :, None]
-        at = (torch.nan_to_num(norm[:, L, H]) * w).sum(1) / w.sum(1).clamp(min=1)  # [b, k]
-        top = at.max(-1)
-        row["norm_top_source"] = _mode_name(prompts, top.indices)
-        row["norm_top_mass"] = float(top.values.mean())
-        row["norm_sink_mass"] = float((at * claims.sink.float()).sum(-1).mean())
+        nr = norm[:, L, H]  # [b, q, k]; NaN rows: the head writes nothing there
+        defined = (torch.isfinite(nr).all(-1).float() * w[..., 0])  # [b, q]
+        at = (torch.nan_to_num(nr) * defined[..., None]).sum(1)  # [b, k]
+        got = defined.sum(1) > 0  # prompts where a read row has shares
+        at = at / defined.sum(1, keepdim=True).clamp(min=1)
+        if got.any():
+            top = at[got].max(-1)
+            row["norm_top_source"] = _mode_name(prompts.take(got.nonzero()[:, 0]), top.indices)
+            row["norm_top_mass"] = float(top.values.mean())
+            row["norm_sink_mass"] = float((at[got] * claims.sink[got].float()).sum(-1).mean())
+        else:
+            row["norm_top_source"] = "(writes nothing)"
+            row["norm_top_mass"] = row["norm_sink_mass"] = math.nan
     row["entropy"] = float(claims.entropy_read[L, H])
     row["diffuse"] = bool(claims.diffuse[L, H])
     for m in ("zero", "mean", "resample"):

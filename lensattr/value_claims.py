@@ -23,11 +23,15 @@ from .claims import Claims
 from .claims.norms import norm_attention_from
 from .compare.agreement import rank_agreement
 
-__all__ = ["norm_shares", "claims_vs_edges"]
+__all__ = ["norm_shares", "claims_vs_edges", "QUIET"]
+
+QUIET = 1e-3  # a head's row norm below this fraction of its layer's median row norm: no shares
 
 
 def norm_shares(engine, adapter, prompts) -> Float[Tensor, "batch layer head_index q k"]:
-    """Norm-based attention of every head, each row divided by its sum (NaN rows: nothing)."""
+    """Norm-based attention of every head, each row divided by its sum. Rows where the head
+    writes (almost) nothing -- total norm below ``QUIET`` times the layer's median row norm,
+    e.g. a head resting on a zero-value BOS -- are NaN: their shares would be noise."""
     L = range(adapter.n_layers)
     na = norm_attention_from(
         patterns=[p.float().cpu() for p in engine.patterns],
@@ -37,7 +41,13 @@ def norm_shares(engine, adapter, prompts) -> Float[Tensor, "batch layer head_ind
     )
     pair = (prompts.valid[:, :, None] & prompts.valid[:, None, :]).float()  # [b, q, k]
     na.per_head = na.per_head * pair[:, None, None]
-    return na.normalised("per_head")
+    share = na.normalised("per_head")
+    # a row whose head writes (almost) nothing has no meaningful shares: NaN, not noise
+    total = na.per_head.sum(-1)  # [b, L, H, q]
+    ok = prompts.valid[:, None, None, :].expand_as(total)
+    ref = torch.stack([total[:, la][ok[:, la]].median() for la in L])  # per layer
+    quiet = total < QUIET * ref[None, :, None, None]
+    return share.masked_fill(quiet[..., None], math.nan)
 
 
 def claims_vs_edges(
