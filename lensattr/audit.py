@@ -182,10 +182,10 @@ def audit(
             locus=locus.get(h),
         ))  # fmt: skip
 
-    norm = norm_shares(engine, adapter, prompts)
+    norm, norm_abs = norm_shares(engine, adapter, prompts)
     agreement = claims_vs_edges(
-        claims, norm, heads, sources, {r.head: [e.per_prompt for e in r.edges] for r in results},
-        seed,
+        claims, norm_abs, heads, sources,
+        {r.head: [e.per_prompt for e in r.edges] for r in results}, seed,
     )
     heads_df = pd.DataFrame([head_row(r, claims, prompts, norm) for r in results])
     heads_df = heads_df.astype({"partner_layer": "Int64", "partner_head": "Int64"})

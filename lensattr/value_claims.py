@@ -28,10 +28,14 @@ __all__ = ["norm_shares", "claims_vs_edges", "QUIET"]
 QUIET = 1e-3  # a head's row norm below this fraction of its layer's median row norm: no shares
 
 
-def norm_shares(engine, adapter, prompts) -> Float[Tensor, "batch layer head_index q k"]:
+PerEdge = Float[Tensor, "batch layer head_index q k"]
+
+
+def norm_shares(engine, adapter, prompts) -> tuple[PerEdge, PerEdge]:
     """Norm-based attention of every head, each row divided by its sum. Rows where the head
     writes (almost) nothing -- total norm below ``QUIET`` times the layer's median row norm,
-    e.g. a head resting on a zero-value BOS -- are NaN: their shares would be noise."""
+    e.g. a head resting on a zero-value BOS -- are NaN: their shares would be noise.
+    Returns (shares, absolute norms ||alpha[q, s] f(x_s)||)."""
     L = range(adapter.n_layers)
     na = norm_attention_from(
         patterns=[p.float().cpu() for p in engine.patterns],
@@ -47,14 +51,17 @@ def norm_shares(engine, adapter, prompts) -> Float[Tensor, "batch layer head_ind
     ok = prompts.valid[:, None, None, :].expand_as(total)
     ref = torch.stack([total[:, la][ok[:, la]].median() for la in L])  # per layer
     quiet = total < QUIET * ref[None, :, None, None]
-    return share.masked_fill(quiet[..., None], math.nan)
+    return share.masked_fill(quiet[..., None], math.nan), na.per_head
 
 
 def claims_vs_edges(
     claims: Claims, norm: Tensor, heads, sources: list[Tensor], edge_effects: dict, seed: int
 ) -> pd.DataFrame:
     """Rank agreement, per layer, of raw and of norm-based attention from the read rows to each
-    examined source with |effect of removing that edge| (per prompt, the verdict's baseline).
+    examined source with |effect of removing that edge| (per prompt, the verdict's baseline),
+    ranking every (head, source) item of a layer together. Raw attention is a share of its own
+    row; the norm-based claim is the absolute norm ||alpha f||, which is comparable across heads
+    (a head that moves nothing claims nothing). ``norm``: absolute norms [b, L, H, q, k];
     ``edge_effects``: head -> list of per-prompt effects, one per source."""
     n = claims.patterns.shape[0]
     rows = claims.read_rows.float()[:, :, None]  # [b, q, 1]
