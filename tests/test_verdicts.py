@@ -147,3 +147,10 @@ def test_same_layer_heads_can_be_partners():
     cands = candidate_partners(delta, out, heads)
     assert cands[heads[0]] == [heads[1]] and cands[heads[1]] == [heads[0]]
     assert cands[heads[2]] == []
+
+
+def test_unbounded_interval_says_the_reference_is_the_problem():
+    e = Estimate(0.2, -math.inf, math.inf, torch.full((4,), 0.2))
+    v = decide(ev(e), TH)
+    assert v.label == "undetermined" and v.rule == "reference_not_significant"
+    assert "reference run does not move the metric" in v.reason

@@ -264,6 +264,11 @@ def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
         why = (f"The head's {b} effect could not be computed (the reference run does not move "
                "the metric, or every prompt was undefined).")
         return out("undetermined", "effect_undefined", why, nan)
+    if not (math.isfinite(e.lo) and math.isfinite(e.hi)):
+        why = (f"The {b} effect {e.value:.3f} has an unbounded interval: the reference run "
+               "does not move the metric significantly on these prompts, so no effect can be "
+               "normalised by it; use prompts whose corruption changes the metric.")
+        return out("undetermined", "reference_not_significant", why, nan)
     if e.lo > th.delta or e.hi < -th.delta:
         why = (f"The {b} effect {_ci(e)} clears the null margin but is not significant after "
                f"correction across heads (q = {ev.q:.3g} >= {th.alpha}): more prompts would "
