@@ -150,7 +150,9 @@ def audit(
         out_clean = torch.stack(list(engine.out_clean), 1)  # [batch, layer, head, d_model]
         for m in methods:
             cands = candidate_partners(head_delta[m.value], out_clean, heads)
-            weak = [h for h in heads if _maybe_small(eff(label(m.value, h)), th)]
+            # partners only decide verdicts: none to search when the prompts cannot support one
+            weak = [h for h in heads
+                    if too_few is None and _maybe_small(eff(label(m.value, h)), th)]
             pairs = sorted({tuple(sorted((h, c))) for h in weak for c in cands[h]})
             values.update(_values(_run(engine, joint_sweep(pairs, m))))
     finally:
