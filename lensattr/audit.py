@@ -107,7 +107,7 @@ def audit(
         adapter, prompts, metric, batch_size=batch_size, progress=False, checkpoint=checkpoint
     )
     patterns = engine.patterns if cache is None else patterns_from_cache(adapter, cache, prompts)
-    rows = read_rows(metric, prompts, engine)
+    rows = read_rows(metric, prompts)
     claims = compute_claims(patterns, prompts, rows, causal=adapter.is_causal)
     direct = engine.final_scale is not None and adapter.has_direct_path
     bar = tqdm(desc="lensattr audit", unit="iv", disable=not progress, total=0)

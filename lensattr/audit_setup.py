@@ -9,8 +9,7 @@ import torch
 
 from . import tasks as _tasks
 from .claims.head_types import SINK_ROLES
-from .evidence import Engine
-from .metrics import as_metric
+from .metrics import Metric, as_metric
 from .model import Adapter
 from .prompts import PromptSet
 from .types import AblationMethod
@@ -49,19 +48,10 @@ def baselines(prompts: PromptSet, ablation) -> tuple[list[AblationMethod], Ablat
     return methods, primary
 
 
-def read_rows(metric, prompts: PromptSet, engine: Engine) -> torch.Tensor:
-    """[batch, pos] bool: the positions the metric reads."""
-    fn = getattr(metric, "read_positions", None)
-    if fn is not None:
-        return torch.as_tensor(fn(prompts)).bool().cpu() & prompts.valid
-    n, p = prompts.tokens.shape
-    rows = torch.zeros(n, p, dtype=torch.bool)
-    pos = engine.readout.positions
-    if pos is None and getattr(metric, "position_role", "END") is None:
-        return prompts.valid.clone()  # pooled or whole-sequence metric: every real token
-    pos = engine._read_pos(engine.readout) if pos is None else pos
-    rows[torch.arange(n), pos.cpu()] = True
-    return rows
+def read_rows(metric: Metric, prompts: PromptSet) -> torch.Tensor:
+    """[batch, pos] bool: the positions the metric reads (its own ``read_positions``), real
+    tokens only, on the CPU like the claims."""
+    return torch.as_tensor(metric.read_positions(prompts)).bool().cpu() & prompts.valid
 
 
 def with_bos_role(prompts: PromptSet, adapter: Adapter) -> PromptSet:

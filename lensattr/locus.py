@@ -23,7 +23,7 @@ from .evidence.sweeps import edge_sweep, label
 from .prompts import PromptSet
 from .types import AblationMethod, HeadId
 
-__all__ = ["LocusEdges", "needs_locus", "locus_edges"]
+__all__ = ["LocusEdges", "effect_locus", "needs_locus", "locus_edges"]
 
 
 @dataclass
@@ -35,6 +35,24 @@ class LocusEdges:
     row_effect: Estimate  # the head ablated at that row only
     sources: list[int]
     edges: list[Estimate]  # per source: the edge (row -> source) removed
+
+
+def effect_locus(e: Estimate, read: Estimate, other: Estimate, relevant: bool) -> str:
+    """Where a relevant head's effect lives (the table's ``effect_locus``): ``read rows`` when
+    ablating it at the read rows alone gives >= 0.7 of its effect and the other rows < 0.3,
+    ``other rows`` the other way round, else ``both``; ``n/a`` when not relevant or unmeasured.
+    :func:`needs_locus`, which decides whose edges are examined elsewhere, uses the looser
+    half-and-half split, so every ``other rows`` head and the other-dominated ``both`` heads
+    get examined where their effect lives."""
+    if not (math.isfinite(read.value) and math.isfinite(other.value)):
+        return "n/a"
+    if not relevant or abs(e.value) < 1e-9:
+        return "n/a"
+    if abs(read.value) >= 0.7 * abs(e.value) and abs(other.value) < 0.3 * abs(e.value):
+        return "read rows"
+    if abs(other.value) >= 0.7 * abs(e.value) and abs(read.value) < 0.3 * abs(e.value):
+        return "other rows"
+    return "both"
 
 
 def needs_locus(e: Estimate, read: Estimate, other: Estimate, th: Thresholds) -> bool:

@@ -11,7 +11,7 @@ import torch
 from .claims import Claims
 from .compare.stats import Estimate
 from .compare.verdicts import HeadEvidence, Verdict
-from .locus import LocusEdges
+from .locus import LocusEdges, effect_locus
 from .prompts import PromptSet
 from .types import HeadId
 
@@ -86,20 +86,6 @@ class HeadResult:
     locus: LocusEdges | None = None  # edges at the row where the effect lives, if not read
 
 
-def _locus(r: HeadResult) -> str:
-    """Where the head's effect lives: at the metric's read rows, at other rows, or both."""
-    e, rd, ot = r.evidence.effect, r.split["read"], r.split["other"]
-    if r.evidence.too_few or not (math.isfinite(rd.value) and math.isfinite(ot.value)):
-        return "n/a"
-    if r.verdict.relevance != "relevant" or abs(e.value) < 1e-9:
-        return "n/a"
-    if abs(rd.value) >= 0.7 * abs(e.value) and abs(ot.value) < 0.3 * abs(e.value):
-        return "read rows"
-    if abs(ot.value) >= 0.7 * abs(e.value) and abs(rd.value) < 0.3 * abs(e.value):
-        return "other rows"
-    return "both"
-
-
 def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tensor | None = None
              ) -> dict:
     L, H = r.head.layer, r.head.head
@@ -138,7 +124,9 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tens
         row.update(_ci(f"ablation_{m}", r.effects.get(m, _NAN)))
     row.update(_ci("effect_read_rows", r.split["read"]))
     row.update(_ci("effect_other_rows", r.split["other"]))
-    row["effect_locus"] = _locus(r)
+    ev = r.evidence
+    row["effect_locus"] = "n/a" if ev.too_few else effect_locus(
+        ev.effect, r.split["read"], r.split["other"], r.verdict.relevance == "relevant")
     row.update(_ci("knockout_claimed", r.knockouts["remove"]))
     row.update(_ci("knockout_unclaimed", r.knockouts["keep"]))
     row.update(_ci("knockout_claimed_renorm", r.knockouts["renorm"]))

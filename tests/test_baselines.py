@@ -146,6 +146,5 @@ def test_left_padded_read_rows_follow_the_metric(random_gpt2):
                   roles={"END": [4, 4]})
     from lensattr.audit_setup import read_rows as _read_rows
 
-    e = Engine(random_gpt2, p, LogitDiff(), progress=False)
-    rows = _read_rows(LogitDiff(), p, e)
+    rows = _read_rows(LogitDiff(), p)
     assert rows.nonzero().tolist() == [[0, 4], [1, 4]]

@@ -35,7 +35,6 @@ from .interventions import Intervention, digest
 
 __all__ = ["Engine", "EngineResult", "ENGINE_SEMANTICS"]
 
-_METHOD_CODE = METHOD_CODE
 # bump when the numbers the engine computes for one intervention change meaning: saved
 # results of an older definition are then not reused
 ENGINE_SEMANTICS = 1
@@ -313,7 +312,7 @@ class Engine(HookBuilders):
                         at = (torch.ones(n, p, dtype=torch.bool, device=_CPU) if ab.rows is None
                               else ab.rows.cpu())
                         c = codes[rows, :, ab.head.head]
-                        c[at] = _METHOD_CODE[ab.method]
+                        c[at] = METHOD_CODE[ab.method]
                 for e in iv.edges:
                     if e.head.layer == layer:
                         if remove is None:
@@ -328,7 +327,7 @@ class Engine(HookBuilders):
                                     f"interventions: {iv.label!r} edits head {e.head} twice "
                                     "with a replacement baseline; merge the masks into one edit"
                                 )
-                            base[rows, e.head.head] = _METHOD_CODE[e.baseline]
+                            base[rows, e.head.head] = METHOD_CODE[e.baseline]
             codes, renorm = codes.to(dev), renorm.to(dev)
             edge_z = None
             if remove is not None:
