@@ -54,6 +54,12 @@ def _audit(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads: expected a positive integer, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     model = load_model(model_name)
     ckpt = out / "evidence.ckpt.safetensors"
@@ -114,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="lensattr-out", help="output folder")
     a.add_argument("--n-prompts", type=int, default=None, help="number of prompts")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, usually one per core; on a "
+                   "machine shared with other busy processes, 1 is often faster)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(fn=_audit)
     sub.add_parser("models", help="list bundled models").set_defaults(fn=_models)

@@ -280,9 +280,23 @@ class Adapter:
         return hashlib.sha256(json.dumps(d).encode()).hexdigest()[:16]
 
     # ---- weights -----------------------------------------------------------------------
+    def _stacked(self, name: str) -> Tensor | None:
+        """The bridge's stacked weight ``name`` (W_Q, b_O, ...: [layer, ...]), detached, or
+        None where the model has none. The bridge stacks every layer on each access, so it is
+        kept (with the probes: dropped when the weights change)."""
+        return self._stacked_all()[name]
+
+    def _stacked_all(self) -> dict[str, Tensor | None]:
+        store = self._probe_store()
+        if "_stacked" not in store:
+            store["_stacked"] = {
+                name: _optional(lambda name=name: getattr(self.model, name))
+                for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")}
+        return store["_stacked"]
+
     def W_O(self, layer: int) -> torch.Tensor:
         """Output weights of one layer: [head_index, d_head, d_model]."""
-        return self.model.W_O[layer].detach()
+        return self._stacked("W_O")[layer]
 
     def W_V(self, layer: int) -> torch.Tensor:
         """Value weights per *query* head (key/value heads repeated under grouped-query
@@ -370,19 +384,21 @@ class Adapter:
             scale = self.d_head ** -0.5 if getattr(hf_attn, "scale_attn_weights", True) else 1.0
             if getattr(hf_attn, "scale_attn_by_inverse_layer_idx", False):
                 scale = scale / float(layer + 1)
-        m = self.model
+        stacked = self._stacked_all()
 
-        def bias(get, shape):
-            b = _optional(get)
-            return torch.zeros(shape, device=self.device, dtype=self.dtype) if b is None else b
+        def get(name, shape=None):
+            b = stacked[name]
+            if b is None:
+                return torch.zeros(shape, device=self.device, dtype=self.dtype)
+            return b[layer]
 
         kvh = self.n_kv_heads
         return BareLayer(
             ln1=ln1, ln2=ln2, mlp=mlp,
-            W_Q=m.W_Q[layer].detach(), b_Q=bias(lambda: m.b_Q[layer], (self.n_heads, self.d_head)),
-            W_K=m.W_K[layer].detach(), b_K=bias(lambda: m.b_K[layer], (kvh, self.d_head)),
-            W_V=m.W_V[layer].detach(), b_V=bias(lambda: m.b_V[layer], (kvh, self.d_head)),
-            W_O=self.W_O(layer), b_O=bias(lambda: m.b_O[layer], (self.d_model,)),
+            W_Q=get("W_Q"), b_Q=get("b_Q", (self.n_heads, self.d_head)),
+            W_K=get("W_K"), b_K=get("b_K", (kvh, self.d_head)),
+            W_V=get("W_V"), b_V=get("b_V", (kvh, self.d_head)),
+            W_O=get("W_O"), b_O=get("b_O", (self.d_model,)),
             scale=float(scale),
             parallel=bool(getattr(self.cfg, "parallel_attn_mlp", False)),
             rotary=getattr(self.cfg, "positional_embedding_type", "") == "rotary",

@@ -126,3 +126,19 @@ def test_memory_budget_bounds_chunks_and_refuses_too_small(random_gpt2, random_p
     torch.testing.assert_close(tight.run(ivs).values, roomy.run(ivs).values)
     with pytest.raises(ValueError, match="batch_size"):
         Engine(random_gpt2, random_prompts, LogitDiff(), progress=False, batch_size=0)
+
+
+@pytest.mark.parametrize("name", ["planted-copy", "induction"])
+def test_audit_verdicts_equal_the_bridge_audit(name):
+    """The whole audit on the hook-free engine gives the bridge engine's verdicts and numbers."""
+    task = lensattr.tasks.get(name)
+    model = lensattr.load_model(task.model)
+    fast = lensattr.audit(model, task, n_prompts=10, progress=False)
+    slow = lensattr.audit(model, task, n_prompts=10, progress=False, fast=False)
+    assert fast.meta["engine"]["path"] == "hook-free" and slow.meta["engine"]["path"] == "bridge"
+    assert fast.meta["engine"]["forward_work"] < slow.meta["engine"]["forward_work"]
+    cols = ["verdict", "verdict_rule", "labels_by_baseline", "compensated_under", "carriers"]
+    assert fast.heads[cols].equals(slow.heads[cols])
+    num = fast.heads.select_dtypes("number").columns
+    diff = (fast.heads[num] - slow.heads[num]).abs().max().max()
+    assert diff < 1e-4, diff

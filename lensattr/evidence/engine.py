@@ -135,6 +135,8 @@ class Engine(HookBuilders):
         if fast:
             self._bare, self.fast_reason = self._make_bare()
         self.n_rows = {"bare": 0, "bridge": 0}  # rows computed on each path
+        # forward work done, in clean forward passes of one prompt (layers x positions run)
+        self.work = 0.0
         self._bytes_per_position = self._position_bytes()
         if self.memory_budget is not None and self.memory_budget < self._bytes_per_position * (
                 1 if self.fast else self.prompts.n_pos):
@@ -447,9 +449,11 @@ class Engine(HookBuilders):
                 self._reach(iv)[1] for iv in ivs)
             vals = self._bare.run(idx, layer, first, hooks, self.readout.take(idx))
             self.n_rows["bare"] += R
+            self.work += R * (a.n_layers - layer) * (p - first) / (a.n_layers * p)
         else:
             vals = a.read(prompts.tokens, prompts.attention_mask, self.readout.take(idx), hooks)
             self.n_rows["bridge"] += R
+            self.work += R
         out = self._metric(vals, prompts, self.clean_values[idx], invalid)
         d = deltas.reshape(len(ivs), n, a.n_layers, a.n_heads).cpu() if track else None
         return out.reshape(len(ivs), n), d
