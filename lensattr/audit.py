@@ -40,6 +40,7 @@ from .evidence.sweeps import (
 from .locus import locus_edges, needs_locus
 from .metrics import as_metric
 from .model import Adapter
+from .screening import edge_screen
 from .tables import HeadResult, edge_rows, head_row, position_name, source_positions
 from .types import AblationMethod
 from .value_claims import claims_vs_edges, norm_shares
@@ -65,6 +66,7 @@ def audit(
     heads=None,
     fast: bool = True,
     memory_budget: int | None = None,
+    screen: str = "auto",
 ) -> Audit:
     """Audit every head of ``model`` on ``task``.
 
@@ -93,6 +95,9 @@ def audit(
             full bridge forward (the reference). ``meta["engine"]`` says which path ran.
         memory_budget: bytes of working memory per forward chunk (default: unbounded;
             ``batch_size`` still caps rows).
+        screen: ``"auto"`` skips the single-edge sweep of heads whose exact effect is shown
+            to be inside the null margin (no verdict reads it; see :mod:`lensattr.screening`);
+            ``"none"`` measures every head's edges.
     """
     t0 = time.time()
     th = thresholds or Thresholds()
@@ -126,6 +131,16 @@ def audit(
             res = _run(engine, ablation_sweep(heads, m), track=True)
             values.update(_values(res))
             head_delta[m.value] = res.head_delta
+        if prompts.corrupted is None:
+            everything = ablate(*adapter.heads(), method=AblationMethod.ZERO)
+            ref = dataclasses.replace(everything, label="reference:all-zero")
+            values.update(_values(_run(engine, [ref])))
+            den = values["reference:all-zero"] - engine.clean
+            reference = "all heads zero-ablated (no corrupted prompts)"
+        else:
+            den, reference = engine.corrupted - engine.clean, "corrupted prompts (m_c - m0)"
+        eff = Effects(values, engine.clean, den, seed)
+        edge_heads, screening = edge_screen(heads, eff, primary, th, screen)
         plan = row_split_sweep(heads, primary, claims.read_rows)
         for m in methods:
             plan += claim_sweep(heads, claims.claimed, claims.allowed, claims.sink, m,
@@ -134,18 +149,9 @@ def audit(
                 plan += direct_sweep(heads, m)
         if claims.sink.any():
             plan += sink_sweep(heads, claims.allowed, claims.sink, primary)
-        if prompts.corrupted is None:
-            everything = ablate(*adapter.heads(), method=AblationMethod.ZERO)
-            plan.append(dataclasses.replace(everything, label="reference:all-zero"))
         sources, source_names = source_positions(prompts, claims, claims.read_pos, max_edge_sources)
-        plan += edge_sweep(heads, claims.read_rows, sources, prompts.n_pos, primary)
+        plan += edge_sweep(edge_heads, claims.read_rows, sources, prompts.n_pos, primary)
         values.update(_values(_run(engine, plan)))
-        if prompts.corrupted is not None:
-            den, reference = engine.corrupted - engine.clean, "corrupted prompts (m_c - m0)"
-        else:
-            den = values["reference:all-zero"] - engine.clean
-            reference = "all heads zero-ablated (no corrupted prompts)"
-        eff = Effects(values, engine.clean, den, seed)
         b = primary.value
         focus = [h for h in heads if too_few is None and needs_locus(
             eff(label(b, h)), eff(label(f"read-{b}", h)), eff(label(f"other-{b}", h)), th)]
@@ -170,7 +176,7 @@ def audit(
     results = []
     for i, h in enumerate(heads):
         ev, verdict = jd.evidence[primary.value][i], jd.verdicts[primary.value][i]
-        edge_est = [eff(label(f"edge-{primary.value}", h, extra=f"@{j}"))
+        edge_est = [eff.get(label(f"edge-{primary.value}", h, extra=f"@{j}"))
                     for j in range(len(sources))]
         knock = {k: eff.get(label(f"{k}-{primary.value}", h)) for k in ("remove", "keep", "sink")}
         results.append(HeadResult(
@@ -218,6 +224,7 @@ def audit(
     meta["norm_attention"] = ("Kobayashi et al. 2020: ||alpha[q, s] v[s] W_O|| per head (value "
                               "bias included), each row divided by its sum")
     meta["min_prompts_for_a_verdict"] = need
+    meta["screening"] = screening
     meta["engine"] = {
         "path": "hook-free" if engine.fast else "bridge",
         "why_not_hook_free": engine.fast_reason,

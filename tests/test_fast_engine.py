@@ -142,3 +142,28 @@ def test_audit_verdicts_equal_the_bridge_audit(name):
     num = fast.heads.select_dtypes("number").columns
     diff = (fast.heads[num] - slow.heads[num]).abs().max().max()
     assert diff < 1e-4, diff
+
+
+def test_edge_screen_skips_only_heads_shown_null_and_keeps_verdicts():
+    """screen='auto' measures no single edge of a head whose effect interval lies inside the
+    null margin; every verdict and every other number equals the exhaustive audit's."""
+    task = lensattr.tasks.get("planted-copy")
+    model = lensattr.load_model(task.model)
+    auto = lensattr.audit(model, task, n_prompts=12, progress=False)
+    full = lensattr.audit(model, task, n_prompts=12, progress=False, screen="none")
+    skipped = [tuple(h) for h in auto.meta["screening"]["edges_not_measured"]]
+    assert skipped and full.meta["screening"]["edges_not_measured"] == []
+    th, b = auto.meta["thresholds"]["delta"], auto.meta["primary_ablation"]
+    for _, row in auto.heads.iterrows():
+        inside = -th <= row[f"ablation_{b}_lo"] and row[f"ablation_{b}_hi"] <= th
+        assert ((row["layer"], row["head"]) in skipped) == inside
+    assert auto.heads["verdict"].equals(full.heads["verdict"])
+    e_auto, e_full = auto.edges, full.edges
+    gone = e_auto[["layer", "head"]].apply(tuple, axis=1).isin(skipped)
+    col = "effect_remove"
+    assert e_auto.loc[gone, col].isna().all() and e_full.loc[gone, col].notna().any()
+    kept = ~gone
+    diff = (e_auto.loc[kept, col] - e_full.loc[kept, col]).abs().max()
+    assert diff < 1e-9
+    with pytest.raises(ValueError, match="screen: expected one of"):
+        lensattr.audit(model, task, n_prompts=12, progress=False, screen="fast")
