@@ -223,3 +223,15 @@ def test_minilm_edits_through_z():
     assert same.delta.abs().max() < 1e-5
     moved = run_edits(s, unit, uniform_rows(s.allowed, 1)[None])
     assert moved.delta.abs().max() > 1e-4
+
+
+def test_cli_explain(tmp_path, capsys):
+    from lensattr.cli import main
+
+    out = tmp_path / "ex"
+    assert main(["explain", "--tests", "permuted", "--heads", "0,1", "--n-prompts", "2",
+                 "--n-permutations", "3", "--out", str(out)]) == 0
+    back = ExplanationTests.load(out)
+    assert list(back["permuted_summary"]["unit"]) == ["L0H1", "L0", "L1"]
+    assert main(["explain", "--heads", "0;1", "--out", str(out)]) == 2
+    assert "--heads: expected layer,head" in capsys.readouterr().err
