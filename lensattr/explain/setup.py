@@ -66,7 +66,7 @@ def prepare(model, task, metric=None, n_prompts=None, seed: int = 0, rows: str =
         eps = check_eps(eps)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    prompts, metric, name = resolve_task(task, metric, n_prompts, seed, adapter)
+    prompts, metric, name = resolve_task(task, metric, n_prompts, seed, adapter.model)
     prompts.validate_vocab(adapter.d_vocab)
     prompts.validate_length(getattr(adapter.cfg, "n_ctx", None))
     clean = CleanRun(adapter, prompts, metric)
