@@ -14,6 +14,7 @@ from . import tasks, tasks_text  # noqa: F401  (tasks_text registers ioi, repeat
 from .audit import audit
 from .audit_result import Audit, AuditLoadError
 from .compare.verdicts import Thresholds
+from .explain import ExplanationTests, explanation_tests
 from .loading import list_models, load_model
 from .metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric, Metric
 from .model import Adapter
@@ -38,4 +39,6 @@ __all__ = [
     "Thresholds",
     "HeadId",
     "AblationMethod",
+    "explanation_tests",
+    "ExplanationTests",
 ]

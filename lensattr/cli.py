@@ -82,6 +82,40 @@ def _audit(args) -> int:
     return 0
 
 
+def _explain(args) -> int:
+    from .explain import explanation_tests
+    from .loading import load_model
+
+    out = Path(args.out)
+    check_out(out)
+    model = load_model(args.model or _task_model(args.task))
+    heads = [_head_arg(h) for h in args.heads] if args.heads else None
+    result = explanation_tests(model, args.task, tests=args.tests, heads=heads, eps=args.eps,
+                               n_prompts=args.n_prompts, seed=args.seed,
+                               n_permutations=args.n_permutations, steps=args.steps)
+    result.save(out)
+    print(result.summary())
+    print(f"wrote {out}/ (explain.json, one CSV per table)")
+    return 0
+
+
+def _head_arg(text: str) -> tuple[int, int]:
+    try:
+        layer, head = (int(x) for x in text.split(","))
+    except ValueError:
+        raise CLIError(f"--heads: expected layer,head such as 0,1, got {text!r}") from None
+    return layer, head
+
+
+def _task_model(name: str) -> str:
+    from . import tasks as task_registry
+
+    try:
+        return task_registry.get(name).model
+    except KeyError as err:
+        raise CLIError(err.args[0]) from None
+
+
 def _models(args) -> int:
     from .loading import list_models
 
@@ -125,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine shared with other busy processes, 1 is often faster)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(fn=_audit)
+    e = sub.add_parser("explain", help="tests of attention-as-explanation (permuted, "
+                       "adversarial, uniform/frozen, token attributions)")
+    e.add_argument("--model", default=None, help="model (default: the task's model)")
+    e.add_argument("--task", default="planted-copy")
+    e.add_argument("--out", default="lensattr-explain", help="output folder")
+    e.add_argument("--tests", nargs="+", default=["permuted", "baselines", "adversarial",
+                                                  "attributions"])
+    e.add_argument("--heads", nargs="+", default=None, metavar="L,H",
+                   help="heads as layer,head (default: every head)")
+    e.add_argument("--eps", type=float, default=None, help="metric change counted as none")
+    e.add_argument("--n-prompts", type=int, default=None)
+    e.add_argument("--n-permutations", type=int, default=50)
+    e.add_argument("--steps", type=int, default=100, help="adversarial search steps")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(fn=_explain)
     sub.add_parser("models", help="list bundled models").set_defaults(fn=_models)
     sub.add_parser("tasks", help="list tasks").set_defaults(fn=_tasks)
     return p
