@@ -1,5 +1,5 @@
 /* lensattr report: renders head cards and tables on demand from the JSON data block.
-   Every string from the data goes through textContent / setAttribute, never innerHTML. */
+   Every string from the data goes through textContent / setAttribute, never as markup. */
 (function () {
   "use strict";
   var D = JSON.parse(document.getElementById("lensattr-data").textContent);
