@@ -65,8 +65,11 @@
     }
     var id = "lensattr-view-" + (++viewSerial);
     add(host, el("div", {id: id}));
+    var attention = att.map(function (row) {  // stored in permille
+      return row.map(function (v) { return v / 1000; });
+    });
     window.CircuitsVis.render(id, window.CircuitsVis.AttentionPattern,
-      {tokens: view.tokens, attention: att, maskUpperTri: view.causal});
+      {tokens: view.tokens, attention: attention, maskUpperTri: view.causal});
   }
 
   function evidenceTable(rows) {

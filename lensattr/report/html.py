@@ -57,7 +57,7 @@ def _pattern_data(name: str, tokens: Sequence[str], patterns: Mapping, keys: lis
             raise ValueError(f"patterns: {name!r} of L{layer}H{head} has shape {a.shape}, "
                              f"expected ({n}, {n}) [query_pos, key_pos] for its {n} tokens")
         causal &= not bool(np.any(np.triu(a, 1) > 1e-8))
-        mats.append(np.round(a, 3).tolist())
+        mats.append(np.rint(a * 1000).astype(int).tolist())  # permille: a compact page
     return {"name": name, "tokens": tokens, "causal": causal}, mats
 
 
