@@ -11,7 +11,6 @@ as complete. :meth:`Audit.load` checks everything ``audit.json`` records and rai
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import os
 import secrets
@@ -186,11 +185,22 @@ class Audit:
         )
 
     def _repr_html_(self) -> str:
-        m = self.meta
-        head = html.escape(
-            f"Audit of {m.get('model')} on {m.get('task')} ({m.get('n_prompts')} prompts)"
-        )
-        return f"<h4>{head}</h4>" + self.heads.to_html(index=False, float_format="%.3f")
+        """Notebook display: the one-line summary, verdict counts and the verdict grid."""
+        from .report.grid import notebook_html
+
+        return notebook_html(self.heads, self.meta, self.report_inputs()["run"])
+
+    def plot(self, kind: str = "grid", *, save: str | Path | None = None, **kwargs):
+        """A matplotlib figure of this audit (needs ``pip install "lensattr[plot]"``).
+
+        kind: ``grid`` (verdict grid), ``scatter`` (claim vs effect per head, with CIs),
+        ``heatmap`` (a heads column, layer x head), ``positions`` (a [layer, pos] tensor),
+        ``tokens`` (a [query_pos, key_pos] map, e.g. rollout or flow; pass ``data=``).
+        save: write the figure there too (``.png``, ``.svg`` or ``.pdf``). Returns the Figure.
+        """
+        from .report.figures import plot_audit
+
+        return plot_audit(self, kind, save=save, **kwargs)
 
     def report(self, path: str | Path) -> Path:
         """Write the self-contained HTML report for this audit."""
@@ -199,20 +209,28 @@ class Audit:
         return write_report(path, **self.report_inputs())
 
     def report_inputs(self) -> dict:
+        """Arguments of :func:`lensattr.report.write_report`: tables, the example prompt's
+        patterns (and the mean over prompts as a second view), clean/corrupted means."""
+        def per_head(pat):
+            return {(int(r.layer), int(r.head)): pat[int(r.layer), int(r.head)].numpy()
+                    for r in self.heads.itertuples()}
+
         pat = self.tensors.get("pattern_example")
-        patterns = (
-            {}
-            if pat is None
-            else {
-                (int(r.layer), int(r.head)): pat[int(r.layer), int(r.head)].numpy()
-                for r in self.heads.itertuples()
-            }
-        )
+        patterns = {} if pat is None else per_head(pat)
         toks = self.tensors.get("example_tokens")
         tokens = self.meta.get("example_text_tokens") or (
             [str(int(t)) for t in toks] if toks is not None else []
         )
-        return {"heads": self.heads, "patterns": patterns, "tokens": tokens, "meta": self.meta}
+        views = []
+        mean = self.tensors.get("pattern_mean")
+        if mean is not None and mean.shape[-1] == len(tokens) and mean.ndim == 4:
+            n = self.meta.get("n_prompts")
+            views.append((f"mean over {n} prompts (positions of prompt 0)", tokens,
+                          per_head(mean)))
+        run = {k: float(self.tensors[f"{k}_metric"].float().mean())
+               for k in ("clean", "corrupted") if f"{k}_metric" in self.tensors}
+        return {"heads": self.heads, "patterns": patterns, "tokens": tokens, "meta": self.meta,
+                "edges": self.edges, "views": views, "run": run}
 
 
 def _dtypes(df: pd.DataFrame) -> dict:

@@ -1,4 +1,4 @@
-"""``lensattr`` command line: ``audit``, ``models``, ``tasks``."""
+"""``lensattr`` command line: ``audit``, ``report``, ``models``, ``tasks``."""
 
 from __future__ import annotations
 
@@ -139,43 +139,73 @@ def _tasks(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .audit_result import Audit
+
+    d = Path(args.dir)
+    result = Audit.load(d)  # an unreadable folder is an AuditLoadError (a ValueError)
+    out = Path(args.out) if args.out else d / "report.html"
+    t0 = time.time()
+    written = [result.report(out)]
+    if args.figures:
+        from .report.figures import write_figures
+
+        written += write_figures(result, d / "figures")
+    print(f"wrote {', '.join(map(str, written))} in {time.time() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
-        prog="lensattr", description="Audit attention claims against causal evidence."
+        prog="lensattr", description="Audit attention claims against causal evidence.",
+        formatter_class=fmt,
     )
+    p.add_argument("--version", action="version", version=f"lensattr {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("audit", help="audit every head of a model on a task")
+    a = sub.add_parser("audit", help="audit every head of a model on a task", formatter_class=fmt)
     a.add_argument(
         "--model",
         default=None,
-        help="bundled name, local folder or hub name (default: the task's model)",
+        help="bundled name, local folder or hub name; None: the task's model",
     )
     a.add_argument("--task", default="planted-copy", help="task name (see `lensattr tasks`)")
     a.add_argument("--out", default="lensattr-out", help="output folder")
-    a.add_argument("--n-prompts", type=int, default=None, help="number of prompts")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--n-prompts", type=int, default=None,
+                   help="number of prompts; None: the task's own number")
+    a.add_argument("--seed", type=int, default=0, help="random seed")
     a.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, usually one per core; on a "
+                   help="torch CPU threads (None: torch's choice, usually one per core; on a "
                    "machine shared with other busy processes, 1 is often faster)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(fn=_audit)
     e = sub.add_parser("explain", help="tests of attention-as-explanation (permuted, "
-                       "adversarial, uniform/frozen, token attributions)")
+                       "adversarial, uniform/frozen, token attributions)", formatter_class=fmt)
     e.add_argument("--model", default=None, help="model (default: the task's model)")
-    e.add_argument("--task", default="planted-copy")
+    e.add_argument("--task", default="planted-copy", help="task name")
     e.add_argument("--out", default="lensattr-explain", help="output folder")
     e.add_argument("--tests", nargs="+", default=["permuted", "baselines", "adversarial",
-                                                  "attributions"])
+                                                  "attributions"], help="tests to run")
     e.add_argument("--heads", nargs="+", default=None, metavar="L,H",
                    help="heads as layer,head (default: every head)")
     e.add_argument("--eps", type=float, default=None, help="metric change counted as none")
-    e.add_argument("--n-prompts", type=int, default=None)
-    e.add_argument("--n-permutations", type=int, default=50)
+    e.add_argument("--n-prompts", type=int, default=None, help="number of prompts")
+    e.add_argument("--n-permutations", type=int, default=50, help="permutations per head")
     e.add_argument("--steps", type=int, default=100, help="adversarial search steps")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="random seed")
     e.set_defaults(fn=_explain)
-    sub.add_parser("models", help="list bundled models").set_defaults(fn=_models)
-    sub.add_parser("tasks", help="list tasks").set_defaults(fn=_tasks)
+    r = sub.add_parser("report", help="rebuild the HTML report (and figures) from a saved audit",
+                       formatter_class=fmt)
+    r.add_argument("dir", help="folder holding a saved audit (audit.json, heads.csv, ...)")
+    r.add_argument("--out", default=None, help="report file; None: DIR/report.html")
+    r.add_argument("--figures", action="store_true",
+                   help="also write PNG and SVG figures to DIR/figures (needs matplotlib)")
+    r.set_defaults(fn=_report)
+    sub.add_parser("models", help="list bundled models", formatter_class=fmt
+                   ).set_defaults(fn=_models)
+    sub.add_parser("tasks", help="list tasks", formatter_class=fmt).set_defaults(fn=_tasks)
     return p
 
 

@@ -1,207 +1,97 @@
 """One offline, self-contained HTML page for an attention audit.
 
-The page holds the audit's metadata, a verdict summary, the per-head table and,
-for each head, its attention pattern on one example prompt drawn by circuitsvis'
-``AttentionPattern``. circuitsvis' own ``RenderedHTML.local_src`` inlines its
-1.3 MB JavaScript bundle into every view (and ``str()`` loads it from a CDN), so
-we inline the bundle once and call ``CircuitsVis.render(id, CircuitsVis.
-AttentionPattern, props)`` per head. Each view's container first holds a static
-SVG heatmap, which React replaces when JavaScript runs. Nothing is fetched.
+The first screen is static HTML (summary line, verdict grid, the heads that matter most). Head
+cards and the sortable heads/edges tables are drawn in the browser, on demand, from one JSON
+block, so a 270-head report stays small and fast. circuitsvis' ``RenderedHTML.local_src``
+would inline its 1.3 MB bundle into every view (and ``str()`` loads it from a CDN), so the
+bundle is inlined once and a card calls ``CircuitsVis.render(id, CircuitsVis.
+AttentionPattern, props)`` when it opens. Nothing is fetched; every string is escaped (HTML
+escaping in the static part, ``textContent`` in the script, ``\\u003c`` in the JSON).
 """
 
 from __future__ import annotations
 
 import html
-import importlib.util
-import json
-import numbers
-import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-MISSING = "–"  # shown for NaN / None / "not computed"
+from .assets import app_script, circuitsvis_bundle, script_json, stylesheet
+from .cards import BASELINE_COLUMNS, make_card
+from .data import EDGES_FIRST, HEADS_FIRST, effect_column, encode, primary_baseline, table_spec
+from .grid import VERDICT_COLOURS, grid_html, summary_line, top_heads, top_heads_html
+from .grid import verdict_chips as _chips
 
-VERDICT_COLOURS: dict[str, str] = {
-    "faithful": "#a8e0b4",  # green
-    "misleading": "#f2a3a3",  # red
-    "compensated": "#f8c27a",  # orange
-    "inert": "#bdbdbd",  # grey
-    "negligible": "#e8e8e8",  # light grey
-    "partial": "#fbe98a",  # yellow
-    "undetermined": "#fbe98a",  # yellow
-    "diffuse": "#cfe0f5",  # pale blue (claim-side flag)
-}
+__all__ = ["render_report", "write_report", "circuitsvis_bundle"]
 
-_META_FIRST = ("model", "task", "metric", "n_prompts", "versions")
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:.5em 0}
-th,td{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.scroll{overflow-x:auto}section.head{border-top:1px solid #ddd;margin-top:1em}
-.fallback{font-size:12px;color:#555}.view{max-width:640px}h3 small{color:#666;font-weight:normal}
-.tok{border:1px solid #ddd;margin:1px;padding:0 2px;white-space:pre;font-family:monospace}
-"""
-
-
-@lru_cache(maxsize=1)
-def circuitsvis_bundle() -> str:
-    """circuitsvis' browser bundle (defines the global ``CircuitsVis``), safe to inline.
-
-    Found through the import system without importing circuitsvis (which imports torch).
-    ``</script`` inside the bundle (it occurs in a JS string literal) is written as
-    ``<\\/script``, the same string in JavaScript, so it cannot close our tag.
-    """
-    spec = importlib.util.find_spec("circuitsvis")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("circuitsvis is not installed; it is needed for the HTML report")
-    path = Path(next(iter(spec.submodule_search_locations))) / "dist" / "cdn" / "iife.js"
-    js = path.read_text(encoding="utf-8")
-    return re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE)
-
-
-def _js(obj: object) -> str:
-    """JSON for inside a <script> element: no ``<``, ``>`` or ``&`` can break out."""
-    text = json.dumps(obj, allow_nan=False)  # ensure_ascii also escapes U+2028/U+2029
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def _is_missing(value: object) -> bool:
-    if value is None:
-        return True
-    try:
-        return bool(pd.api.types.is_scalar(value) and pd.isna(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def _fmt(value: object) -> str:
-    """Plain text of one value: floats to 3 decimals, NaN/None as ``MISSING``."""
-    if _is_missing(value):
-        return MISSING
-    if isinstance(value, bool | np.bool_):
-        return str(bool(value))
-    if isinstance(value, numbers.Integral):
-        return str(int(value))
-    if isinstance(value, numbers.Real):
-        return f"{float(value):.3f}"
-    if isinstance(value, list | tuple | set | np.ndarray):
-        return ", ".join(_fmt(v) for v in value)
-    return str(value)
-
-
-def _verdict_td(value: object) -> str:
-    text = _fmt(value)
-    colour = VERDICT_COLOURS.get(text.strip().lower())
-    style = f' style="background:{colour}"' if colour else ""
-    return f"<td{style}>{html.escape(text)}</td>"
+View = tuple[str, Sequence[str], Mapping[tuple[int, int], np.ndarray]]
 
 
 def _meta_table(meta: Mapping) -> str:
-    keys = [k for k in _META_FIRST if k in meta] + [k for k in meta if k not in _META_FIRST]
     rows = []
-    for key in keys:
-        value = meta[key]
-        cell = _meta_table(value) if isinstance(value, Mapping) else html.escape(_fmt(value))
+    for key, value in meta.items():
+        if isinstance(value, Mapping):
+            cell = _meta_table(value)
+        elif isinstance(value, list | tuple) and len(value) > 12:
+            cell = html.escape(f"{len(value)} items: {str(value[:6])[:-1]}, …]")
+        else:
+            cell = html.escape(str(encode(value) if not isinstance(value, list | tuple)
+                                   else value))
         rows.append(f"<tr><th>{html.escape(str(key))}</th><td>{cell}</td></tr>")
     return f"<table class='meta'>{''.join(rows)}</table>"
 
 
-def _summary_table(heads: pd.DataFrame) -> str:
-    if "verdict" not in heads.columns:
-        return "<p>No verdict column.</p>"
-    counts = Counter(_fmt(v) for v in heads["verdict"])
-    rows = [
-        f"<tr>{_verdict_td(verdict)}<td class='num'>{n}</td></tr>"
-        for verdict, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    ]
-    return f"<table class='summary'><tr><th>verdict</th><th>heads</th></tr>{''.join(rows)}</table>"
-
-
-def _ci_columns(columns: Sequence[str]) -> set[str]:
-    """Columns X that have both ``X_lo`` and ``X_hi`` beside them."""
-    present = set(columns)
-    return {c for c in columns if f"{c}_lo" in present and f"{c}_hi" in present}
-
-
-def _heads_table(heads: pd.DataFrame, anchors: list[str | None]) -> str:
-    columns = [str(c) for c in heads.columns]
-    with_ci = _ci_columns(columns)
-    hidden = {f"{c}_{s}" for c in with_ci for s in ("lo", "hi")}
-    shown = [c for c in columns if c not in hidden]
-    header = "".join(f"<th>{html.escape(c)}{' [CI]' if c in with_ci else ''}</th>" for c in shown)
-    body = []
-    for anchor, (_, row) in zip(anchors, heads.iterrows(), strict=True):
-        cells = []
-        for col in shown:
-            value = row[col]
-            if col == "verdict":
-                cells.append(_verdict_td(value))
-                continue
-            text = _fmt(value)
-            if col in with_ci and text != MISSING:
-                lo, hi = row[f"{col}_lo"], row[f"{col}_hi"]
-                if not (_is_missing(lo) and _is_missing(hi)):
-                    text = f"{text} [{_fmt(lo)}, {_fmt(hi)}]"
-            cell = html.escape(text)
-            if col == "head" and anchor:
-                cell = f"<a href='#{anchor}'>{cell}</a>"
-            cls = " class='num'" if isinstance(value, numbers.Number) else ""
-            cells.append(f"<td{cls}>{cell}</td>")
-        body.append(f"<tr>{''.join(cells)}</tr>")
-    return f"<div class='scroll'><table><tr>{header}</tr>{''.join(body)}</table></div>"
-
-
-def _svg_heatmap(pattern: np.ndarray, tokens: Sequence[str]) -> str:
-    """Static fallback: one rect per (query, key) with attention ≥ 0.005, darker = more."""
+def _pattern_data(name: str, tokens: Sequence[str], patterns: Mapping, keys: list) -> tuple:
+    tokens = [str(t) for t in tokens]
     n = len(tokens)
-    cell = max(3, min(14, 320 // max(n, 1)))
-    rects = []
-    for q, k in zip(*np.nonzero(pattern >= 0.005), strict=True):
-        v = float(pattern[q, k])
-        tip = html.escape(f"{tokens[q]} ({q}) → {tokens[k]} ({k}): {v:.3f}")
-        rects.append(
-            f"<rect x='{k * cell}' y='{q * cell}' width='{cell}' height='{cell}' "
-            f"fill='#1f4e9c' fill-opacity='{min(v, 1.0):.3f}'><title>{tip}</title></rect>"
-        )
-    size = n * cell
-    return (
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{size}' height='{size}' "
-        f"style='border:1px solid #999;background:#fff'>{''.join(rects)}</svg>"
-    )
+    mats, causal = [], True
+    for layer, head in keys:
+        p = patterns.get((layer, head))
+        if p is None:
+            mats.append(None)
+            continue
+        a = np.nan_to_num(np.asarray(p, dtype=float), nan=0.0, posinf=0.0, neginf=0.0)
+        if a.shape != (n, n):
+            raise ValueError(f"patterns: {name!r} of L{layer}H{head} has shape {a.shape}, "
+                             f"expected ({n}, {n}) [query_pos, key_pos] for its {n} tokens")
+        causal &= not bool(np.any(np.triu(a, 1) > 1e-8))
+        mats.append(np.rint(a * 1000).astype(int).tolist())  # permille: a compact page
+    return {"name": name, "tokens": tokens, "causal": causal}, mats
 
 
-def _head_section(
-    idx: int, layer: int, head: int, pattern: object, tokens: list[str], note: str
-) -> str:
-    div_id = f"lensattr-head-{idx}"
-    title = f"<h3 id='sec-{idx}'>L{layer}H{head} <small>{html.escape(note)}</small></h3>"
-    if pattern is None:
-        return f"<section class='head'>{title}<p>No attention pattern recorded.</p></section>"
-    a = np.nan_to_num(np.asarray(pattern, dtype=float), nan=0.0, posinf=0.0, neginf=0.0)
-    if a.shape != (len(tokens), len(tokens)):
-        raise ValueError(
-            f"pattern of L{layer}H{head} has shape {a.shape}, expected "
-            f"({len(tokens)}, {len(tokens)}) [query_pos, key_pos]"
-        )
-    causal = not bool(np.any(np.triu(a, 1) > 1e-8))
-    props = {"tokens": tokens, "attention": np.round(a, 4).tolist(), "maskUpperTri": causal}
-    fallback = (
-        f"<div class='fallback'>{_svg_heatmap(a, tokens)}<br>Static view (JavaScript off): "
-        "row = query, column = key; darker = more attention.</div>"
-    )
-    script = (
-        f"<script>if (window.CircuitsVis) CircuitsVis.render({_js(div_id)}, "
-        f"CircuitsVis.AttentionPattern, {_js(props)});</script>"
-    )
-    view = f"<div id='{div_id}' class='view'>{fallback}</div>"
-    return f"<section class='head'>{title}{view}{script}</section>"
+def page_data(heads: pd.DataFrame, edges: pd.DataFrame | None, meta: Mapping,
+              views: Sequence[View]) -> dict:
+    """Everything the page's script draws from: cards, patterns per view, table specs."""
+    meta = dict(meta)
+    keys = [(int(r.layer), int(r.head)) for r in heads[["layer", "head"]].itertuples()]
+    primary = primary_baseline(heads, meta)
+    tokens0 = [str(t) for t in views[0][1]] if views else []
+    groups = {}
+    if edges is not None and len(edges) and {"layer", "head"} <= set(edges.columns):
+        groups = {(int(k[0]), int(k[1])): g for k, g in edges.groupby(["layer", "head"])}
+    cards = [make_card(row, groups.get(k), tokens0, primary)
+             for k, (_, row) in zip(keys, heads.iterrows(), strict=True)]
+    vs, pats = [], []
+    for name, toks, patterns in views:
+        v, mats = _pattern_data(name, toks, patterns, keys)
+        vs.append(v)
+        pats.append(mats)
+    top = top_heads(heads, meta, n=1)
+    default = keys.index(tuple(int(x) for x in top[0][0][1:].split("H"))) if top else 0
+    edge_spec = None
+    if edges is not None and len(edges):
+        ed = edges
+        if "verdict" in heads.columns and {"layer", "head"} <= set(edges.columns):
+            v = heads[["layer", "head", "verdict"]]
+            ed = edges.merge(v, on=["layer", "head"], how="left")
+        edge_spec = table_spec(ed, EDGES_FIRST)
+    return {
+        "colours": VERDICT_COLOURS, "views": vs, "patterns": pats, "cards": cards,
+        "default_card": default, "baseline_columns": BASELINE_COLUMNS,
+        "heads": table_spec(heads, HEADS_FIRST, effect_column(heads, meta)), "edges": edge_spec,
+    }
 
 
 def render_report(
@@ -210,42 +100,49 @@ def render_report(
     tokens: Sequence[str],
     meta: Mapping,
     title: str = "lensattr audit",
+    *,
+    edges: pd.DataFrame | None = None,
+    views: Sequence[View] = (),
+    run: Mapping | None = None,
 ) -> str:
     """The full HTML document of an audit report (offline, self-contained).
 
-    heads: one row per head, with at least ``layer`` and ``head``; every column is
-        shown; a column X with ``X_lo``/``X_hi`` beside it is shown as "X [lo, hi]".
-    patterns: (layer, head) -> attention [query_pos, key_pos] of one example prompt.
-    tokens: that prompt's token strings. meta: JSON-able metadata, shown as a table.
+    heads: one row per head, with at least ``layer`` and ``head``; a column X with
+        ``X_lo``/``X_hi`` beside it is shown as "X [lo, hi]"; ``verdict`` and ``reason`` first.
+    patterns: (layer, head) -> attention [query_pos, key_pos] on the example prompt whose
+        token strings are ``tokens``. views: more (name, tokens, patterns) for the card's
+        prompt picker (e.g. the mean over prompts). edges: the single-edge table (optional).
+    meta: JSON-able metadata (folded away under "run details"). run: ``clean``/``corrupted``
+        mean metric values for the one-line summary (optional).
     """
-    tokens = [str(t) for t in tokens]
-    keys = [(int(r.layer), int(r.head)) for r in heads[["layer", "head"]].itertuples()]
-    cols = [c for c in ("head_type", "verdict") if c in heads.columns]
-    notes = dict(zip(keys, (" · ".join(map(_fmt, r)) for r in heads[cols].values), strict=True))
-    if {"baseline_sensitive", "labels_by_baseline"} <= set(heads.columns):
-        for k, flag, by in zip(keys, heads["baseline_sensitive"], heads["labels_by_baseline"],
-                               strict=True):
-            if bool(flag):  # a head whose label changes with the ablation baseline
-                notes[k] += f" · ⚠ label changes with the baseline ({_fmt(by)})"
-    in_table = set(keys)
-    extra = sorted(k for k in ((int(a), int(b)) for a, b in patterns) if k not in in_table)
-    order = list(dict.fromkeys(keys + extra))  # table heads first, then any other pattern
-    position = {k: i for i, k in enumerate(order)}
-    sections = [
-        _head_section(i, *key, patterns.get(key), tokens, notes.get(key, ""))
-        for i, key in enumerate(order)
-    ]
-    anchors = [f"sec-{position[k]}" for k in keys]
+    if not {"layer", "head"} <= set(heads.columns):
+        raise ValueError("heads: needs 'layer' and 'head' columns, got "
+                         f"{list(heads.columns)[:8]}")
+    all_views = [("example prompt 0", tokens, patterns), *views]
+    data = page_data(heads, edges, meta, all_views)
     t = html.escape(title)
-    prompt = "".join(f"<span class='tok'>{html.escape(tok)}</span>" for tok in tokens)
+    prompt = "".join(f"<span class='tok'>{html.escape(str(tok))}</span>" for tok in tokens)
     return (
         f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{t}</title>"
-        f"<style>{_CSS}</style>\n<script>{circuitsvis_bundle()}\n</script></head>\n<body>"
-        f"<h1>{t}</h1><h2>Run</h2>{_meta_table(meta)}<h2>Verdicts</h2>{_summary_table(heads)}"
-        f"<h2>Heads ({len(heads)})</h2>{_heads_table(heads, anchors)}\n"
-        f"<h2>Attention patterns</h2><p>Example prompt: {prompt}</p>\n"
-        + "\n".join(sections)
-        + "\n</body></html>\n"
+        f"<meta name='viewport' content='width=device-width'><style>{stylesheet()}</style>"
+        f"</head>\n<body><header class='top'><h1>{t}</h1>"
+        f"<div class='oneline'>{summary_line(meta, heads, run)}</div>"
+        f"<div class='chips'>{_chips(heads)}</div>"
+        f"<details class='run'><summary>run details</summary><p>Example prompt: {prompt}</p>"
+        f"{_meta_table(meta)}</details></header>\n<main>"
+        f"<div class='first'><div>{grid_html(heads, meta)}</div><div class='top-heads'>"
+        f"<h2>Heads that matter most</h2>{top_heads_html(heads, meta)}</div></div>\n"
+        "<noscript><p>JavaScript is off: head cards and tables need it; the numbers are in "
+        "heads.csv and edges.csv beside this report.</p></noscript>"
+        "<section class='panel'><h2>Head card <span class='muted'>(click a cell of the grid)"
+        "</span></h2><div id='card'></div></section>\n"
+        f"<section class='panel'><h2>Heads ({len(heads)})</h2><div id='heads-table'></div>"
+        "</section>\n<section class='panel'><details id='edges-details'><summary><h2 "
+        f"style='display:inline'>Edges ({0 if edges is None else len(edges)})</h2></summary>"
+        "<div id='edges-table'></div></details></section></main>\n"
+        f"<script type='application/json' id='lensattr-data'>{script_json(data)}</script>\n"
+        f"<script>{circuitsvis_bundle()}\n</script>\n<script>{app_script()}</script>\n"
+        "</body></html>\n"
     )
 
 
@@ -256,9 +153,14 @@ def write_report(
     tokens: Sequence[str],
     meta: Mapping,
     title: str = "lensattr audit",
+    **kwargs,
 ) -> Path:
-    """Write :func:`render_report` to ``path`` (UTF-8, parent folders created)."""
+    """Write :func:`render_report` to ``path`` (UTF-8, parent folders created); keyword
+    arguments (``edges``, ``views``, ``run``) go to :func:`render_report`."""
     out = Path(path)
+    if out.exists() and out.is_dir():
+        raise ValueError(f"path: {str(out)!r} is a folder; expected the report's file name")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(heads, patterns, tokens, meta, title), encoding="utf-8")
+    out.write_text(render_report(heads, patterns, tokens, meta, title, **kwargs),
+                   encoding="utf-8")
     return out
