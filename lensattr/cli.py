@@ -64,13 +64,15 @@ def _audit(args) -> int:
         seed=args.seed,
         progress=not args.quiet,
         checkpoint=str(ckpt),
+        claims=args.claims,
     )
     result.save(out)
     result.report(out / "report.html")
     ckpt.unlink(missing_ok=True)
     print(result.summary())
     print(
-        f"wrote {out / 'heads.csv'}, {out / 'edges.csv'}, {out / 'audit.json'}, "
+        f"wrote {out / 'heads.csv'}, {out / 'edges.csv'}, {out / 'tokens.csv'}, "
+        f"{out / 'audit.json'}, "
         f"{out / 'report.html'} in {time.time() - t0:.1f} s"
     )
     return 0
@@ -115,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--n-prompts", type=int, default=None, help="number of prompts")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument("--claims", default=None,
+                   help="claim sources to compare with the evidence, comma list of raw, norm, "
+                        "rollout, flow (default: raw,norm,rollout, plus flow on models of at "
+                        "most 12 layers when python-igraph is installed)")
     a.set_defaults(fn=_audit)
     sub.add_parser("models", help="list bundled models").set_defaults(fn=_models)
     sub.add_parser("tasks", help="list tasks").set_defaults(fn=_tasks)
