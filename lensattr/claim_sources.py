@@ -36,12 +36,16 @@ from .compare.agreement import spearman
 from .prompts import PromptSet
 
 __all__ = ["CLAIM_SOURCES", "COLUMN", "FLOW_MAX_LAYERS", "resolve_claims", "layer_claims",
-           "head_claim_columns", "at_rows"]
+           "head_claim_columns", "at_rows", "MissingExtraError"]
 
 CLAIM_SOURCES = ("raw", "norm", "rollout", "flow")
 # the name each claim source goes by in the edges table and in the agreement table
 COLUMN = {"raw": "attention", "norm": "norm_attention", "rollout": "rollout", "flow": "flow"}
 FLOW_MAX_LAYERS = 12
+
+
+class MissingExtraError(ImportError, ValueError):
+    """A requested claim source needs an optional dependency that is not installed."""
 
 
 def resolve_claims(claims, n_layers: int) -> tuple[str, ...]:
@@ -65,7 +69,7 @@ def resolve_claims(claims, n_layers: int) -> tuple[str, ...]:
                              f"{list(CLAIM_SOURCES)}")
         chosen.add("raw")
         if "flow" in chosen and importlib.util.find_spec("igraph") is None:
-            raise ImportError('claims: "flow" needs python-igraph (a compiled max-flow solver): '
+            raise MissingExtraError('claims: "flow" needs python-igraph (a compiled max-flow solver): '
                               'pip install "lensattr[flow]"  (or: pip install igraph)')
     return tuple(c for c in CLAIM_SOURCES if c in chosen)
 

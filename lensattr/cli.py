@@ -49,6 +49,10 @@ def _audit(args) -> int:
         raise CLIError(err.args[0]) from None
     out = Path(args.out)
     check_out(out)  # before any work: loading the model can take minutes
+    if args.claims is not None:  # a bad --claims is refused before the model loads
+        from .claim_sources import resolve_claims
+
+        resolve_claims(args.claims, 0)
     model_name = args.model or task.model
     if args.quiet:  # also the Hugging Face loading bars
         from transformers.utils import logging as hf_logging
