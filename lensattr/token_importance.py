@@ -71,11 +71,19 @@ class TokenImportance:
             df[f"occlusion_{name}"] = x[b_idx, pos].numpy().astype(float)
         return df
 
-    def agreement(self, seed: int = 0, n_boot: int = 500) -> pd.DataFrame:
-        """Per layer, rank agreement of every claim with every |occlusion| (items: the real
-        positions of one prompt; ``how="per_prompt"``). Rows: claim, evidence, layer, ..."""
+    def agreement(self, seed: int = 0, n_boot: int = 500, evidence=("zero",)) -> pd.DataFrame:
+        """Per layer, rank agreement of every claim with |occlusion| of each kind in
+        ``evidence`` (items: the real positions of one prompt; ``how="per_prompt"``). Rows:
+        claim, evidence, layer, rho, CIs. The default leaves ``corrupted`` out: corrupted
+        prompts differ from the clean ones at one or two positions, so that occlusion is
+        exactly 0 everywhere else and a rank correlation over those ties means nothing."""
+        bad = [e for e in evidence if e not in self.occlusion]
+        if bad:
+            raise ValueError(f"evidence: no occlusion {bad}; expected some of "
+                             f"{list(self.occlusion)}")
         frames = []
-        for ev, occ in self.occlusion.items():
+        for ev in evidence:
+            occ = self.occlusion[ev]
             if torch.isnan(occ).all():
                 continue
             for name, x in self.claims.items():

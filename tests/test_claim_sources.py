@@ -98,8 +98,7 @@ def test_agree_columns_and_agreement_table(result):
     assert h.loc[(0, 1), "agree_norm"] > h.loc[(0, 1), "agree_raw"]
     ag = result.agreement
     assert set(ag.claim) == {"attention", "norm_attention", "rollout", "flow"}
-    assert set(ag.evidence) == {"|edge removal effect|", "|occlusion (zero)|",
-                                "|occlusion (corrupted)|"}
+    assert set(ag.evidence) == {"|edge removal effect|", "|occlusion (zero)|"}
     for _, g in ag.groupby([ag.evidence, ag.layer.astype(str)]):
         assert g.best.any() and (g.loc[g.best, "rho"] == g.rho.max()).all()
     assert {"rho_lo", "rho_hi", "tau", "n_prompts"} <= set(ag.columns)
@@ -185,7 +184,8 @@ def test_tokens_table_round_trip_and_validation(result, tmp_path):
 
 
 def test_claims_subset_leaves_the_others_out(model):
-    a = lensattr.audit(model, "planted-copy", progress=False, claims=["raw"], n_prompts=8)
+    a = lensattr.audit(model, "planted-copy", progress=False, claims=["raw"], n_prompts=12,
+                       heads=[(0, 1), (1, 0)])
     assert a.meta["claims"] == ["raw"]
     assert "rollout" not in a.edges.columns and "flow" not in a.tokens.columns
     assert "agree_norm" not in a.heads.columns and "agree_raw" in a.heads.columns
