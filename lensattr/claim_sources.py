@@ -69,8 +69,9 @@ def resolve_claims(claims, n_layers: int) -> tuple[str, ...]:
                              f"{list(CLAIM_SOURCES)}")
         chosen.add("raw")
         if "flow" in chosen and importlib.util.find_spec("igraph") is None:
-            raise MissingExtraError('claims: "flow" needs python-igraph (a compiled max-flow solver): '
-                              'pip install "lensattr[flow]"  (or: pip install igraph)')
+            raise MissingExtraError(
+                'claims: "flow" needs python-igraph (a compiled max-flow solver): '
+                'pip install "lensattr[flow]"  (or: pip install igraph)')
     return tuple(c for c in CLAIM_SOURCES if c in chosen)
 
 
