@@ -100,8 +100,9 @@ def occlusion(model, prompts: PromptSet, metric, replace: str = "zero", batch_si
               ) -> Float[Tensor, "batch pos"]:
     """``m(token at p occluded) - m0`` for every prompt and real position p (NaN at padding):
     the token embedding at p replaced by zeros (``"zero"``) or by the corrupted prompt's token
-    embedding there (``"corrupted"``). One forward per (prompt, position), ``batch_size`` rows
-    at a time."""
+    embedding there (``"corrupted"``; positions where the corrupted token is the clean one are
+    exactly 0 and not run). One forward per (prompt, position), ``batch_size`` rows at a
+    time."""
     if replace not in REPLACE:
         raise ValueError(f"replace: expected one of {REPLACE}, got {replace!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -122,7 +123,12 @@ def occlusion(model, prompts: PromptSet, metric, replace: str = "zero", batch_si
         _, st = adapter.run_with_cache(prompts.corrupted, cm, sites=(Site.EMBED,))
         emb = st[(Site.EMBED, None)]  # [batch, pos, d_model]
     out = torch.full(prompts.tokens.shape, math.nan)
-    for chunk in prompts.valid.nonzero().split(batch_size):
+    todo = prompts.valid
+    if emb is not None:  # the same token at p: replacing its embedding by itself changes nothing
+        same = prompts.valid & (prompts.corrupted == prompts.tokens)
+        out[same] = 0.0
+        todo = todo & ~same
+    for chunk in todo.nonzero().split(batch_size):
         bi, pi = chunk[:, 0], chunk[:, 1]
         sub = prompts.take(bi)
 

@@ -145,10 +145,17 @@ def test_token_table_claims(result, model, task_prompts):
     ro = rollout(model, p.tokens).final[:, end]
     got = torch.tensor(t.sort_values(["prompt", "pos"]).rollout.values).reshape(ro.shape)
     torch.testing.assert_close(got, ro, atol=1e-6, rtol=1e-6)
-    # corrupted prompts differ only at S1: occluding any other token by its corrupted
-    # embedding changes nothing
-    same = t.pos != int(p.roles["S1"][0])
-    assert (t.occlusion_corrupted[same] == 0).all()
+    # corrupted prompts differ only at S1: there, replacing S1's embedding by the corrupted
+    # token's is running the corrupted prompt (positions are embedded apart); elsewhere 0
+    s1 = int(p.roles["S1"][0])
+    assert (p.corrupted != p.tokens).sum(1).eq(1).all()
+    rows = torch.arange(len(p))
+    with torch.no_grad():
+        ld = [(lg[rows, end, p.answers] - lg[rows, end, p.wrong])
+              for lg in (model(p.tokens), model(p.corrupted))]
+    got = torch.tensor(t[t.pos == s1].sort_values("prompt").occlusion_corrupted.values)
+    torch.testing.assert_close(got, (ld[1] - ld[0]).double(), atol=1e-4, rtol=1e-4)
+    assert (t.occlusion_corrupted[t.pos != s1] == 0).all()
 
 
 def test_dla_columns_equal_direct_logit_attribution(result, model, task_prompts):
