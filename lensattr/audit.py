@@ -64,6 +64,8 @@ def audit(
     checkpoint: str | None = None,
     max_edge_sources: int = 24,
     heads=None,
+    fast: bool = True,
+    memory_budget: int | None = None,
     claims=None,
 ) -> Audit:
     """Audit every head of ``model`` on ``task``.
@@ -88,6 +90,11 @@ def audit(
         n_boot: ignored (intervals are Fieller's, which need no resampling); kept so older
             calls keep working.
         progress: one progress bar over the whole audit, with an ETA.
+        fast: run interventions on the hook-free forward where it reproduces the bridge
+            (causal decoders; see :mod:`lensattr.evidence.bare`); ``False`` runs every one as a
+            full bridge forward (the reference). ``meta["engine"]`` says which path ran.
+        memory_budget: bytes of working memory per forward chunk (default: unbounded;
+            ``batch_size`` still caps rows).
         claims: claim sources compared with the evidence, some of ``["raw", "norm",
             "rollout", "flow"]`` (or a comma string); ``raw`` is always included. Default:
             raw, norm, rollout, and flow on models of at most 12 layers when python-igraph
@@ -114,9 +121,8 @@ def audit(
                    f"{th.alpha} after correction across {len(heads)} head(s); at least {need} "
                    "prompts are needed for any verdict.")
         warnings.warn(too_few + " Every head will be 'undetermined'.", stacklevel=2)
-    engine = Engine(
-        adapter, prompts, metric, batch_size=batch_size, progress=False, checkpoint=checkpoint
-    )
+    engine = Engine(adapter, prompts, metric, batch_size=batch_size, progress=False,
+                    checkpoint=checkpoint, fast=fast, memory_budget=memory_budget)
     patterns = engine.patterns if cache is None else patterns_from_cache(adapter, cache, prompts)
     rows = read_rows(metric, prompts)
     claims = compute_claims(patterns, prompts, rows, causal=adapter.is_causal)
@@ -220,6 +226,15 @@ def audit(
     meta["agreement"] = json.loads(cc.agreement.to_json(orient="records"))
     meta.update(cc.meta)
     meta["min_prompts_for_a_verdict"] = need
+    meta["engine"] = {
+        "path": "hook-free" if engine.fast else "bridge",
+        "why_not_hook_free": engine.fast_reason,
+        "rows": dict(engine.n_rows),
+        "forward_work": round(engine.work, 2),
+        "forward_work_unit": "one clean forward pass of one prompt (layers x positions run "
+        "by the edits: from the first edited layer and query position on)",
+        "threads": torch.get_num_threads(),
+    }
     tok = getattr(adapter.model, "tokenizer", None)
     if tok is not None:  # the example prompt as text, for the report
         meta["example_text_tokens"] = [tok.decode([i]) for i in prompts.tokens[0].tolist()]

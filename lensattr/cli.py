@@ -58,6 +58,12 @@ def _audit(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads: expected a positive integer, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     model = load_model(model_name)
     ckpt = out / "evidence.ckpt.safetensors"
@@ -120,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="lensattr-out", help="output folder")
     a.add_argument("--n-prompts", type=int, default=None, help="number of prompts")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, usually one per core; on a "
+                   "machine shared with other busy processes, 1 is often faster)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--claims", default=None,
                    help="claim sources to compare with the evidence, comma list of raw, norm, "

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .types import HeadId
 
-__all__ = ["Site", "Adapter", "ModelError", "FinalNorm", "hook_name"]
+__all__ = ["Site", "Adapter", "ModelError", "FinalNorm", "BareLayer", "hook_name"]
 
 
 class ModelError(ValueError):
@@ -46,6 +46,9 @@ class Site(str, Enum):
     POS_EMBED = "pos_embed"  # hook_pos_embed  [batch, pos, d_model]; fires only with learned
     #                                            absolute positions (GPT-2), not rotary
     MLP_OUT = "mlp_out"  # blocks.L.hook_mlp_out  [batch, pos, d_model], with its output bias
+    K = "k"  # blocks.L.attn.hook_k  [batch, pos, kv_head_index, d_head], before rotary
+    COS = "cos"  # blocks.L.attn.hook_cos  [1 or batch, pos, rotary_dim] (rotary models only)
+    SIN = "sin"  # blocks.L.attn.hook_sin
 
 
 _LAYER_SITES = {
@@ -59,6 +62,9 @@ _LAYER_SITES = {
     Site.LN1_SCALE: "blocks.{layer}.ln1.hook_scale",
     Site.BLOCK_OUT: "blocks.{layer}.hook_out",
     Site.MLP_OUT: "blocks.{layer}.hook_mlp_out",
+    Site.K: "blocks.{layer}.attn.hook_k",
+    Site.COS: "blocks.{layer}.attn.hook_cos",
+    Site.SIN: "blocks.{layer}.attn.hook_sin",
 }
 _GLOBAL_SITES = {
     Site.RESID_FINAL: "ln_final.hook_in",
@@ -274,9 +280,23 @@ class Adapter:
         return hashlib.sha256(json.dumps(d).encode()).hexdigest()[:16]
 
     # ---- weights -----------------------------------------------------------------------
+    def _stacked(self, name: str) -> Tensor | None:
+        """The bridge's stacked weight ``name`` (W_Q, b_O, ...: [layer, ...]), detached, or
+        None where the model has none. The bridge stacks every layer on each access, so it is
+        kept (with the probes: dropped when the weights change)."""
+        return self._stacked_all()[name]
+
+    def _stacked_all(self) -> dict[str, Tensor | None]:
+        store = self._probe_store()
+        if "_stacked" not in store:
+            store["_stacked"] = {
+                name: _optional(lambda name=name: getattr(self.model, name))
+                for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")}
+        return store["_stacked"]
+
     def W_O(self, layer: int) -> torch.Tensor:
         """Output weights of one layer: [head_index, d_head, d_model]."""
-        return self.model.W_O[layer].detach()
+        return self._stacked("W_O")[layer]
 
     def W_V(self, layer: int) -> torch.Tensor:
         """Value weights per *query* head (key/value heads repeated under grouped-query
@@ -347,6 +367,42 @@ class Adapter:
             )
         bias = _optional(lambda: ln.bias) if kind == "LN" else None
         return FinalNorm("layernorm" if kind == "LN" else "rmsnorm", weight, bias)
+
+    def bare_layer(self, layer: int) -> BareLayer:
+        """Block ``layer`` as plain tensors, its norms and its HF MLP module, for the
+        hook-free forward of :mod:`lensattr.evidence.bare` (which checks it against the bridge
+        before use). Raises ModelError for a block it cannot take apart."""
+        block = self.model.blocks[layer]
+        try:  # the bridge's norms (their arithmetic, e.g. TL's own LayerNorm), HF's MLP
+            ln1, ln2 = block.ln1, block.ln2
+            mlp = block.mlp.original_component
+            hf_attn = block.attn.original_component
+        except AttributeError as e:
+            raise ModelError(f"model {self.name!r}: block {layer} has no HF submodules") from e
+        scale = getattr(hf_attn, "scaling", None)
+        if scale is None:  # GPT-2 keeps flags instead of a scale
+            scale = self.d_head ** -0.5 if getattr(hf_attn, "scale_attn_weights", True) else 1.0
+            if getattr(hf_attn, "scale_attn_by_inverse_layer_idx", False):
+                scale = scale / float(layer + 1)
+        stacked = self._stacked_all()
+
+        def get(name, shape=None):
+            b = stacked[name]
+            if b is None:
+                return torch.zeros(shape, device=self.device, dtype=self.dtype)
+            return b[layer]
+
+        kvh = self.n_kv_heads
+        return BareLayer(
+            ln1=ln1, ln2=ln2, mlp=mlp,
+            W_Q=get("W_Q"), b_Q=get("b_Q", (self.n_heads, self.d_head)),
+            W_K=get("W_K"), b_K=get("b_K", (kvh, self.d_head)),
+            W_V=get("W_V"), b_V=get("b_V", (kvh, self.d_head)),
+            W_O=get("W_O"), b_O=get("b_O", (self.d_model,)),
+            scale=float(scale),
+            parallel=bool(getattr(self.cfg, "parallel_attn_mlp", False)),
+            rotary=getattr(self.cfg, "positional_embedding_type", "") == "rotary",
+        )
 
     def patterns_from_cache(self, cache) -> list[Tensor]:
         """Attention patterns [batch, head_index, query_pos, key_pos] per layer from a TL
@@ -455,14 +511,20 @@ class Adapter:
                 return at.gather(1, readout.columns.to(at.device))
             return at
         resid = self._capture(tokens, attention_mask, hooks, (Site.RESID_FINAL, None))
-        # the final norm runs outside the forward, with the caller's hooks on the norm itself
-        # (e.g. a frozen scale); the residual's own hooks already ran during the capture
+        # the residual's own hooks already ran during the capture
+        return self.read_final(resid, readout, hooks)
+
+    def read_final(self, resid: Tensor, readout, hooks=None, first_pos: int = 0) -> Tensor:
+        """The final norm and the unembedding columns (or rows) a ``columns`` / ``logits``
+        readout asks for, from the final residual ``resid`` [batch, pos, d_model] of positions
+        ``first_pos`` onwards. The caller's hooks on the norm itself (e.g. a frozen scale) run."""
         norm_hooks = {k: f for k, f in (hooks or {}).items()
                       if k[0] in (Site.LN_FINAL_SCALE, Site.LN_FINAL_OUT)}
         rows = torch.arange(resid.shape[0], device=resid.device)
         with torch.no_grad(), self.hooks(norm_hooks):
             normed = self.model.ln_final(resid)  # [batch, pos, d_model]; cheap next to W_U
-            normed = normed[rows, readout.positions.to(resid.device)]  # [batch, d_model]
+            at = readout.positions.to(resid.device) - first_pos
+            normed = normed[rows, at]  # [batch, d_model]
             W_U, b_U = self.model.W_U, self.model.b_U  # [d_model, d_vocab], [d_vocab]
             if readout.kind == "columns":
                 cols = readout.columns.to(resid.device)  # [batch, k]
@@ -506,6 +568,26 @@ class Adapter:
                 ok = False
             store["fast_readout"] = ok
         return store["fast_readout"]
+
+
+class BareLayer(NamedTuple):
+    """One block as plain tensors (``[head_index or kv_head_index, d_model, d_head]`` and
+    ``[.., d_head, d_model]`` weights, biases zeros where absent) and HF modules."""
+
+    ln1: Callable
+    ln2: Callable
+    mlp: Callable
+    W_Q: Tensor
+    b_Q: Tensor
+    W_K: Tensor
+    b_K: Tensor
+    W_V: Tensor
+    b_V: Tensor
+    W_O: Tensor
+    b_O: Tensor
+    scale: float  # multiplies q.k
+    parallel: bool  # attention and MLP both read the block input (GPT-NeoX, GPT-J)
+    rotary: bool
 
 
 class FinalNorm(NamedTuple):

@@ -78,10 +78,24 @@ def t_sf(t: Tensor, df: Tensor | int) -> Tensor:
     return t_cdf(-torch.as_tensor(t, dtype=torch.float64), df)
 
 
+_PPF: dict[tuple[float, float], float] = {}  # (q, df) -> quantile, computed once each
+
+
 def t_ppf(q: float, df: Tensor | int) -> Tensor:
-    """The ``q`` quantile of Student's t with integer ``df`` (tensor), by bisection; NaN where
-    ``df < 1``."""
+    """The ``q`` quantile of Student's t with integer ``df`` (tensor), by bisection (once per
+    distinct (q, df), then remembered); NaN where ``df < 1``."""
     df = torch.as_tensor(df, dtype=torch.float64)
+    flat = df.reshape(-1)
+    out = torch.full_like(flat, float("nan"))
+    for d in torch.unique(flat[flat >= 1]).tolist():
+        key = (float(q), float(d))
+        if key not in _PPF:
+            _PPF[key] = float(_t_ppf_bisect(q, torch.tensor([d], dtype=torch.float64))[0])
+        out[flat == d] = _PPF[key]
+    return out.reshape(df.shape)
+
+
+def _t_ppf_bisect(q: float, df: Tensor) -> Tensor:
     lo = torch.full_like(df, -1e6)
     hi = torch.full_like(df, 1e6)
     for _ in range(90):

@@ -29,6 +29,7 @@ from ..metrics import Metric, MetricError, as_metric, check_metric_output
 from ..model import Adapter, ModelError, Site
 from ..prompts import PromptSet
 from ..types import AblationMethod
+from .bare import BARE_SITES, BareForward
 from .checkpoint import EvidenceStore
 from .hooks import METHOD_CODE, HookBuilders, pattern_hook
 from .interventions import Intervention, digest
@@ -83,6 +84,8 @@ class Engine(HookBuilders):
         batch_size: int = 64,
         progress: bool = True,
         checkpoint: str | Path | None = None,
+        fast: bool = True,
+        memory_budget: int | None = None,
     ):
         self.adapter = model if isinstance(model, Adapter) else Adapter(model)
         self.prompts = prompts
@@ -93,6 +96,9 @@ class Engine(HookBuilders):
                                    self.adapter.name)
         self.readout = self.metric.readout(prompts)
         self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        self.memory_budget = None if memory_budget is None else int(memory_budget)
         self.progress = progress
         self.bar = None  # an outside progress bar (e.g. the audit's) that run() advances
         a, n = self.adapter, len(prompts)
@@ -124,6 +130,52 @@ class Engine(HookBuilders):
         }
         self._store = EvidenceStore(self.run_parts, checkpoint)
         self.run_key = self._store.run_key
+        self._bare: BareForward | None = None
+        self.fast_reason = "fast=False" if not fast else None
+        if fast:
+            self._bare, self.fast_reason = self._make_bare()
+        self.n_rows = {"bare": 0, "bridge": 0}  # rows computed on each path
+        # forward work done, in clean forward passes of one prompt (layers x positions run)
+        self.work = 0.0
+        self._bytes_per_position = self._position_bytes()
+        if self.memory_budget is not None and self.memory_budget < self._bytes_per_position * (
+                1 if self.fast else self.prompts.n_pos):
+            need = self._bytes_per_position * (1 if self.fast else self.prompts.n_pos)
+            raise ValueError(
+                f"memory_budget: {self.memory_budget} bytes cannot hold one row of this model "
+                f"and prompts (about {need} bytes); raise it or leave it unset")
+
+    def _position_bytes(self) -> int:
+        """Working memory of one (row, position) in a forward: residual, norms, q/k/v, MLP
+        hidden units, one attention row per head, and the edit tensors (estimate, x2)."""
+        a, p = self.adapter, self.prompts.n_pos
+        d_mlp = int(getattr(a.cfg, "d_mlp", None) or 4 * a.d_model)
+        floats = (4 * a.d_model + 3 * d_mlp + 3 * a.n_heads * p
+                  + 4 * a.n_heads * a.d_head)
+        return 2 * floats * torch.finfo(a.dtype).bits // 8
+
+    def _make_bare(self) -> tuple[BareForward | None, str | None]:
+        """The hook-free forward, where it reproduces the bridge's clean readout."""
+        a = self.adapter
+        if self.readout.kind not in ("columns", "logits"):
+            return None, f"the metric reads {self.readout.kind!r}, not logits at one position"
+        if not a.is_causal:
+            return None, "not a causal decoder"
+        if not a._fast_readout_ok(self.prompts.tokens, self.prompts.attention_mask):
+            return None, "the unembedding is not the plain final norm -> W_U"
+        try:
+            bare = BareForward(a, self.prompts.tokens, self.prompts.attention_mask, self.readout)
+        except ModelError as e:
+            return None, str(e)
+        first = int(self._read_pos(self.readout).min())
+        if not bare.check(self.clean_values, first):
+            return None, bare.reason
+        return bare, None
+
+    @property
+    def fast(self) -> bool:
+        """True when interventions run on the hook-free forward (see ``fast_reason``)."""
+        return self._bare is not None
 
     def _engine_params(self) -> dict:
         """Every engine setting that changes the numbers of an intervention (batch size and
@@ -257,16 +309,14 @@ class Engine(HookBuilders):
         for k, key in enumerate(keys):
             if self._store.get(key, track_heads) is None:
                 todo.setdefault(key, k)
-        order = list(todo.values())
-        per_chunk = max(1, self.batch_size // n)
+        order = sorted(todo.values(), key=lambda k: self._reach(interventions[k]))
         own = self.bar is None
         bar = self.bar if not own else tqdm(
             total=len(order), desc=desc, disable=not self.progress or not order, leave=False
         )
         if not own:
             bar.update(len(interventions) - len(order))  # reused from memory or checkpoint
-        for start in range(0, len(order), per_chunk):
-            ks = order[start : start + per_chunk]
+        for ks in self._chunks(interventions, order):
             v, d = self._run_chunk([interventions[k] for k in ks], track_heads)
             for j, k in enumerate(ks):
                 self._store.put(keys[k], v[j], d[j] if track_heads else None)
@@ -293,9 +343,54 @@ class Engine(HookBuilders):
                 f"{self.weights_hash} -> {now}); its reference runs are stale, build a new Engine"
             )
 
+    def _chunks(self, ivs: list[Intervention], order: list[int]) -> list[list[int]]:
+        """Interventions to run together. On the bridge: ``batch_size`` rows per chunk. On the
+        hook-free forward: interventions of one reach (first layer, first position) together,
+        as many as ``batch_size`` full-length rows' worth of positions (an edit of the read
+        row alone costs one position per row), within ``memory_budget``."""
+        n, p = len(self.prompts), self.prompts.n_pos
+        if self._bare is None:
+            per = max(1, self.batch_size // n)
+            return [order[i : i + per] for i in range(0, len(order), per)]
+        out: list[list[int]] = []
+        last = None
+        for k in order:
+            reach = self._reach(ivs[k])
+            q = p - min(reach[1], p - 1)  # positions each row runs
+            per = max(1, min(self.batch_size * p, self._budget_positions()) // (q * n))
+            if reach != last or len(out[-1]) >= per:
+                out.append([])
+            out[-1].append(k)
+            last = reach
+        return out
+
+    def _budget_positions(self) -> int:
+        """How many (row, position) pairs of the hook-free forward fit ``memory_budget``."""
+        if self.memory_budget is None:
+            return 1 << 62
+        return self.memory_budget // self._bytes_per_position
+
+    def _reach(self, iv: Intervention) -> tuple[int, int]:
+        """(first layer, first query position) that ``iv`` edits: nothing before either can
+        change in a causal model. Direct paths edit only the final residual; the read
+        positions are always included."""
+        a, first = self.adapter, int(self._read_pos(self.readout).min())
+        layer = min(iv.layers(), default=a.n_layers)
+        for ab in iv.ablations:
+            if ab.rows is None:
+                return layer, 0
+            hit = ab.rows.any(0).nonzero()
+            first = min(first, int(hit[0]) if len(hit) else first)
+        for e in iv.edges:
+            hit = e.remove.any(0).any(-1).nonzero()  # query positions with a removed edge
+            first = min(first, int(hit[0]) if len(hit) else first)
+        return layer, first
+
     def _run_chunk(self, ivs: list[Intervention], track: bool):
-        """One forward pass for ``ivs``. Masks and codes are assembled on the CPU (many small
-        writes) and moved to the model's device once per layer; results return on the CPU."""
+        """One forward pass for ``ivs``: on the hook-free forward from the first edited layer
+        and position where it can run (see :mod:`.bare`), else on the bridge. Masks and codes
+        are assembled on the CPU (many small writes) and moved to the model's device once per
+        layer; results return on the CPU."""
         a, n, dev = self.adapter, len(self.prompts), self.device
         idx = torch.arange(n, device=_CPU).repeat(len(ivs))  # row r -> prompt r % n
         R = idx.shape[0]
@@ -349,7 +444,16 @@ class Engine(HookBuilders):
                 inner = hooks.get((Site.Z, layer))
                 hooks[(Site.Z, layer)] = self._track_hook(layer, inner, idx, pos, deltas)
         prompts = self.prompts.take(idx)
-        vals = a.read(prompts.tokens, prompts.attention_mask, self.readout.take(idx), hooks)
+        if self._bare is not None and {k[0] for k in hooks} <= BARE_SITES:
+            layer, first = min(self._reach(iv)[0] for iv in ivs), min(
+                self._reach(iv)[1] for iv in ivs)
+            vals = self._bare.run(idx, layer, first, hooks, self.readout.take(idx))
+            self.n_rows["bare"] += R
+            self.work += R * (a.n_layers - layer) * (p - first) / (a.n_layers * p)
+        else:
+            vals = a.read(prompts.tokens, prompts.attention_mask, self.readout.take(idx), hooks)
+            self.n_rows["bridge"] += R
+            self.work += R
         out = self._metric(vals, prompts, self.clean_values[idx], invalid)
         d = deltas.reshape(len(ivs), n, a.n_layers, a.n_heads).cpu() if track else None
         return out.reshape(len(ivs), n), d

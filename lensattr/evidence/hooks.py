@@ -39,11 +39,11 @@ class HookBuilders:
         frozen = frozen.to(dev)
         scale = self.final_scale[idx]
 
-        def resid(x):
-            return x - sub.to(x.device, x.dtype)
+        def resid(x, p0=0):
+            return x - sub[:, p0:].to(x.device, x.dtype)
 
-        def freeze(s):
-            return torch.where(frozen.to(s.device)[:, None, None], scale.to(s.dtype), s)
+        def freeze(s, p0=0):
+            return torch.where(frozen.to(s.device)[:, None, None], scale[:, p0:].to(s.dtype), s)
 
         hooks[(Site.RESID_FINAL, None)] = resid
         hooks[(Site.LN_FINAL_SCALE, None)] = freeze
@@ -67,9 +67,10 @@ class HookBuilders:
         empty = edited & (left < 1e-6)
         invalid.logical_or_(empty.flatten(1).any(1))
 
-        def edit(z):
-            out = z - removed.to(z.dtype)
-            return torch.where(edited & ~empty, out / left.clamp(min=1e-30).to(z.dtype), out)
+        def edit(z, p0=0):
+            out = z - removed[:, p0:].to(z.dtype)
+            keep = (edited & ~empty)[:, p0:]
+            return torch.where(keep, out / left[:, p0:].clamp(min=1e-30).to(z.dtype), out)
 
         return edit
 
@@ -92,12 +93,12 @@ class HookBuilders:
             terms = self._mean_terms(layer, kv)  # [head, q, k, d_head]
             added = added + torch.einsum("rhqk,hqkd->rqhd", mean.to(terms.dtype), terms)
 
-        def edit(z):
+        def edit(z, p0=0):
             if inner is not None:
-                z = inner(z)
+                z = inner(z, p0)
             if isinstance(added, float):  # nothing removed under a replacement baseline
                 return z
-            return z + added.to(z.device, z.dtype)
+            return z + added[:, p0:].to(z.device, z.dtype)
 
         return edit
 
@@ -115,14 +116,14 @@ class HookBuilders:
         resample = self.z_corr is not None and bool((codes == 3).any())
         corr = self.z_corr[layer][idx] if resample else None  # [rows, pos, head, d_head]
 
-        def hook(z):  # z: [rows, pos, head, d_head]
+        def hook(z, p0=0):  # z: [rows, pos, head, d_head] of positions p0 onwards
             if edge_z is not None:
-                z = edge_z(z)
-            c = codes.to(z.device)[..., None]  # [rows, pos, head, 1]
+                z = edge_z(z, p0)
+            c = codes[:, p0:].to(z.device)[..., None]  # [rows, pos, head, 1]
             z = torch.where(c == 1, torch.zeros_like(z), z)
-            z = torch.where(c == 2, mean.to(z.device, z.dtype)[None], z)
+            z = torch.where(c == 2, mean[p0:].to(z.device, z.dtype)[None], z)
             if corr is not None:
-                z = torch.where(c == 3, corr.to(z.device, z.dtype), z)
+                z = torch.where(c == 3, corr[:, p0:].to(z.device, z.dtype), z)
             return z
 
         return hook
@@ -132,11 +133,12 @@ class HookBuilders:
         clean = self.out_clean[layer][idx].to(deltas.device)  # [rows, head, d_model]
         pos = pos.to(deltas.device)
 
-        def hook(z):
+        def hook(z, p0=0):
             if inner is not None:
-                z = inner(z)
+                z = inner(z, p0)
             rows = torch.arange(z.shape[0], device=z.device)
-            out = torch.einsum("bhd,hdm->bhm", z[rows, pos.to(z.device)], W_O.to(z.dtype))
+            at = pos.to(z.device) - p0
+            out = torch.einsum("bhd,hdm->bhm", z[rows, at], W_O.to(z.dtype))
             deltas[:, layer] = (out - clean.to(out.dtype)).norm(dim=-1).to(deltas.device)
             return z
 
@@ -144,8 +146,8 @@ class HookBuilders:
 
 
 def pattern_hook(remove: Tensor, renorm: Tensor, invalid: Tensor):
-    def hook(pattern):  # [rows, head, query_pos, key_pos]
-        rm = remove.to(pattern.device)
+    def hook(pattern, p0=0):  # [rows, head, query_pos, key_pos], queries from p0 onwards
+        rm = remove[:, :, p0:].to(pattern.device)
         new = pattern.masked_fill(rm, 0.0)
         if renorm.any():
             mass = new.sum(-1, keepdim=True)  # [rows, head, query_pos, 1]

@@ -1,0 +1,144 @@
+"""The hook-free engine (``Engine(fast=True)``, the default) against the bridge path it
+replaces (``fast=False``, kept as the reference): equal numbers on every bundled decoder
+family, for every kind of edit, at every layer and query position; encoders stay on the bridge
+with the reason recorded; a budget too small for one row is refused."""
+
+import pytest
+import torch
+
+import lensattr
+from lensattr.evidence import Engine
+from lensattr.evidence.interventions import (
+    Intervention,
+    ablate,
+    keep_only,
+    remove_direct,
+    remove_sources,
+)
+from lensattr.metrics import LogitDiff
+from lensattr.types import HeadId
+
+from .test_architectures import build, prompts
+
+
+def mixed_interventions(eng: Engine, seed: int = 0) -> list[Intervention]:
+    """Every kind of edit: whole-head ablations (each method), ablations of the read row and
+    of random position sets, single and random edge removals at the read row and at earlier
+    query rows (each baseline, renormalised or not), keep-only, direct paths, combinations."""
+    g = torch.Generator().manual_seed(seed)
+    a, n, p = eng.adapter, len(eng.prompts), eng.prompts.n_pos
+    pos = eng._read_pos(eng.readout)
+    methods = ["zero"]
+    if eng.prompts.corrupted is not None:
+        methods.append("resample")
+    if eng.prompts.aligned:
+        methods.append("mean")
+    read = torch.zeros(n, p, dtype=torch.bool)
+    read[torch.arange(n), pos] = True
+    ivs = []
+    for h in a.heads():
+        m = methods[(h.layer + h.head) % len(methods)]
+        ivs.append(ablate(h, method=m, label=f"ab-{m}-{h}"))
+        ivs.append(ablate(h, method=m, rows=read, label=f"read-{h}"))
+        some = torch.rand(n, p, generator=g) < 0.3
+        ivs.append(ablate(h, method=m, rows=some, label=f"some-{h}"))
+        s = int(torch.randint(0, p, (1,), generator=g))
+        one = torch.zeros(n, p, p, dtype=torch.bool)
+        one[torch.arange(n), pos, s] = True
+        ivs.append(remove_sources(h, one, baseline=m, label=f"edge-{h}"))
+        ivs.append(remove_sources(h, one, renormalise=True, label=f"renorm-{h}"))
+        q = int(torch.randint(1, p, (1,), generator=g))
+        early = torch.zeros(n, p, p, dtype=torch.bool)
+        early[:, q, : q // 2 + 1] = True
+        ivs.append(remove_sources(h, early, baseline=m, label=f"early-{h}"))
+        keep = torch.zeros(n, p, p, dtype=torch.bool)
+        keep[:, :, 0] = True
+        ivs.append(keep_only(h, keep, read, label=f"keep-{h}"))
+        ivs.append(remove_direct(h, baseline=m, label=f"direct-{h}"))
+        last = HeadId(a.n_layers - 1, (h.head + 1) % a.n_heads)
+        ivs.append(Intervention(f"combo-{h}", ablations=ablate(h, rows=read).ablations,
+                                direct=(last,)))
+    return ivs
+
+
+def assert_fast_equals_bridge(model, ps, metric, atol=2e-5):
+    fast = Engine(model, ps, metric, progress=False, batch_size=24)
+    assert fast.fast, fast.fast_reason
+    slow = Engine(model, ps, metric, progress=False, fast=False)
+    ivs = mixed_interventions(fast)
+    rf, rs = fast.run(ivs, track_heads=True), slow.run(ivs, track_heads=True)
+    assert fast.n_rows["bare"] == len(ivs) * len(ps) and fast.n_rows["bridge"] == 0
+    assert torch.equal(rf.values.isnan(), rs.values.isnan())
+    scale = rs.values.nan_to_num().abs().max().clamp(min=1)
+    torch.testing.assert_close(rf.values.nan_to_num(), rs.values.nan_to_num(),
+                               atol=atol * scale, rtol=0)
+    torch.testing.assert_close(rf.head_delta, rs.head_delta, atol=atol * 10, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["neox", "llama-gqa"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_rotary_families_equal_the_bridge(family, pad):
+    assert_fast_equals_bridge(build(family), prompts(pad=pad), LogitDiff())
+
+
+def test_gpt2_families_equal_the_bridge(random_gpt2, random_prompts):
+    assert_fast_equals_bridge(random_gpt2, random_prompts, LogitDiff())
+
+
+@pytest.mark.parametrize("name", ["planted-copy", "induction"])
+def test_bundled_models_equal_the_bridge(name):
+    task = lensattr.tasks.get(name)
+    model = lensattr.load_model(task.model)
+    assert_fast_equals_bridge(model, task.prompts(6, model=model), task.make_metric())
+
+
+def test_an_edit_reaches_only_later_positions_and_layers(random_gpt2, random_prompts):
+    eng = Engine(random_gpt2, random_prompts, LogitDiff(), progress=False)
+    n, p = len(random_prompts), random_prompts.n_pos
+    end = int(eng._read_pos(eng.readout).min())
+    rm = torch.zeros(n, p, p, dtype=torch.bool)
+    rm[:, 4, 1] = True
+    assert eng._reach(remove_sources((1, 2), rm)) == (1, 4)
+    assert eng._reach(ablate((0, 3))) == (0, 0)
+    assert eng._reach(remove_direct((1, 0))) == (2, end)  # only the final residual
+
+
+def test_encoder_stays_on_the_bridge_with_a_reason():
+    from lensattr.metrics import HiddenCosineToClean
+
+    eng = Engine(build("bert"), prompts(), HiddenCosineToClean(), progress=False)
+    assert not eng.fast and "hidden" in eng.fast_reason
+    r = eng.run([ablate((0, 1))])
+    assert eng.n_rows == {"bare": 0, "bridge": len(eng.prompts)} and r.values.isfinite().all()
+
+
+def test_memory_budget_bounds_chunks_and_refuses_too_small(random_gpt2, random_prompts):
+    with pytest.raises(ValueError, match="memory_budget: .* cannot hold one row"):
+        Engine(random_gpt2, random_prompts, LogitDiff(), progress=False, memory_budget=10)
+    roomy = Engine(random_gpt2, random_prompts, LogitDiff(), progress=False)
+    per = roomy._bytes_per_position
+    tight = Engine(random_gpt2, random_prompts, LogitDiff(), progress=False,
+                   memory_budget=per * random_prompts.n_pos * len(random_prompts))
+    ivs = [ablate(h, label=str(h)) for h in roomy.adapter.heads()]
+    order = list(range(len(ivs)))
+    assert all(len(c) == 1 for c in tight._chunks(ivs, order))  # one full-length iv each
+    assert max(len(c) for c in roomy._chunks(ivs, order)) > 1
+    torch.testing.assert_close(tight.run(ivs).values, roomy.run(ivs).values)
+    with pytest.raises(ValueError, match="batch_size"):
+        Engine(random_gpt2, random_prompts, LogitDiff(), progress=False, batch_size=0)
+
+
+@pytest.mark.parametrize("name", ["planted-copy", "induction"])
+def test_audit_verdicts_equal_the_bridge_audit(name):
+    """The whole audit on the hook-free engine gives the bridge engine's verdicts and numbers."""
+    task = lensattr.tasks.get(name)
+    model = lensattr.load_model(task.model)
+    fast = lensattr.audit(model, task, n_prompts=10, progress=False)
+    slow = lensattr.audit(model, task, n_prompts=10, progress=False, fast=False)
+    assert fast.meta["engine"]["path"] == "hook-free" and slow.meta["engine"]["path"] == "bridge"
+    assert fast.meta["engine"]["forward_work"] < slow.meta["engine"]["forward_work"]
+    cols = ["verdict", "verdict_rule", "labels_by_baseline", "compensated_under", "carriers"]
+    assert fast.heads[cols].equals(slow.heads[cols])
+    num = fast.heads.select_dtypes("number").columns
+    diff = (fast.heads[num] - slow.heads[num]).abs().max().max()
+    assert diff < 1e-4, diff
