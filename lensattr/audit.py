@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .audit_integration import claim_columns
 from .audit_result import Audit
 from .audit_setup import (
     baselines,
@@ -20,6 +21,7 @@ from .audit_setup import (
     resolve_task,
     with_bos_role,
 )
+from .claim_sources import resolve_claims
 from .claims import compute_claims
 from .claims.head_types import SINK_ROLES
 from .compare.compensation import candidate_partners
@@ -43,7 +45,6 @@ from .model import Adapter
 from .screening import edge_screen
 from .tables import HeadResult, edge_rows, head_row, position_name, source_positions
 from .types import AblationMethod
-from .value_claims import claims_vs_edges, norm_shares
 
 __all__ = ["audit", "Audit"]
 
@@ -67,6 +68,7 @@ def audit(
     fast: bool = True,
     memory_budget: int | None = None,
     screen: str = "auto",
+    claims=None,
 ) -> Audit:
     """Audit every head of ``model`` on ``task``.
 
@@ -98,6 +100,14 @@ def audit(
         screen: ``"auto"`` skips the single-edge sweep of heads whose exact effect is shown
             to be inside the null margin (no verdict reads it; see :mod:`lensattr.screening`);
             ``"none"`` measures every head's edges.
+        claims: claim sources compared with the evidence, some of ``["raw", "norm",
+            "rollout", "flow"]`` (or a comma string); ``raw`` is always included. Default:
+            raw, norm, rollout, and flow on models of at most 12 layers when python-igraph
+            is installed (see :mod:`lensattr.claim_sources`). Each gives edge columns
+            (``attention``, ``norm_attention``, ``rollout``, ``flow``; rollout/flow are the
+            layer-level value up to and including the edge's layer), head columns
+            (``agree_<source>``, ``<source>_top_source``) and rows of ``Audit.agreement``;
+            rollout/flow also feed the token table (``Audit.tokens``).
     """
     t0 = time.time()
     th = thresholds or Thresholds()
@@ -107,6 +117,7 @@ def audit(
     prompts = with_bos_role(prompts, adapter)
     n = len(prompts)
     heads = resolve_heads(adapter, heads)
+    chosen = resolve_claims(claims, adapter.n_layers)
     methods, primary = baselines(prompts, ablation)
     need = min_prompts(len(heads), th.alpha)
     too_few = None
@@ -196,14 +207,12 @@ def audit(
             locus=locus.get(h),
         ))  # fmt: skip
 
-    norm, norm_abs = norm_shares(engine, adapter, prompts)
-    agreement = claims_vs_edges(
-        claims, norm_abs, heads, sources,
-        {r.head: [e.per_prompt for e in r.edges] for r in results}, seed,
-    )
-    heads_df = pd.DataFrame([head_row(r, claims, prompts, norm) for r in results])
+    cc = claim_columns(adapter, engine, prompts, metric, claims, results, chosen, sources,
+                       source_names, seed, batch_size)
+    heads_df = pd.DataFrame([{**head_row(r, claims, prompts, cc.norm), **cc.head_rows[r.head]}
+                             for r in results])
     heads_df = heads_df.astype({"partner_layer": "Int64", "partner_head": "Int64"})
-    edges_df = edge_rows(results, claims, prompts, sources, source_names, norm)
+    edges_df = edge_rows(results, claims, prompts, sources, source_names, cc.norm, cc.layered)
     tensors = _tensors(results, claims, prompts, engine, methods, adapter)
     meta = _meta(
         adapter,
@@ -220,9 +229,8 @@ def audit(
     meta["prompts_hash"] = given_hash
     meta["sink_roles"] = [r for r in SINK_ROLES if r in prompts.roles]
     meta["heads_audited"] = [list(h) for h in heads]
-    meta["agreement"] = json.loads(agreement.to_json(orient="records"))
-    meta["norm_attention"] = ("Kobayashi et al. 2020: ||alpha[q, s] v[s] W_O|| per head (value "
-                              "bias included), each row divided by its sum")
+    meta["agreement"] = json.loads(cc.agreement.to_json(orient="records"))
+    meta.update(cc.meta)
     meta["min_prompts_for_a_verdict"] = need
     meta["screening"] = screening
     meta["engine"] = {
@@ -237,7 +245,7 @@ def audit(
     tok = getattr(adapter.model, "tokenizer", None)
     if tok is not None:  # the example prompt as text, for the report
         meta["example_text_tokens"] = [tok.decode([i]) for i in prompts.tokens[0].tolist()]
-    return Audit(heads=heads_df, edges=edges_df, tensors=tensors, meta=meta)
+    return Audit(heads=heads_df, edges=edges_df, tensors=tensors, meta=meta, tokens=cc.tokens)
 
 
 def _carriers(h, locus, edge_est, names, e_h, th, prompts) -> str:

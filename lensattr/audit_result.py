@@ -1,6 +1,7 @@
 """The :class:`Audit` result: tidy tables, tensors with documented axes, and metadata.
 
-Saved as a folder: ``heads.csv``, ``edges.csv``, ``tensors.safetensors`` and ``audit.json``
+Saved as a folder: ``heads.csv``, ``edges.csv``, ``tokens.csv``, ``tensors.safetensors`` and
+``audit.json``
 (meta, column dtypes, row counts, tensor shapes, each file's size and sha256). ``audit.json`` is
 the completeness marker: a save removes it first and writes it last, each file going to a
 temporary name and renamed into place, so an interrupted save never leaves a folder that loads
@@ -24,8 +25,8 @@ from torch import Tensor
 
 __all__ = ["Audit", "AuditLoadError"]
 
-FORMAT = "lensattr-audit/2"
-_DATA_FILES = ("heads.csv", "edges.csv", "tensors.safetensors")
+FORMAT = "lensattr-audit/3"  # /3 adds tokens.csv; /2 folders load with an empty tokens table
+_DATA_FILES = ("heads.csv", "edges.csv", "tokens.csv", "tensors.safetensors")
 _MARKER = "audit.json"
 # columns holding an integer or nothing (pandas nullable Int64), never '' or 1.000
 INT_OR_MISSING = ("partner_layer", "partner_head")
@@ -45,12 +46,17 @@ class Audit:
         position: attention, claimed share, effect of removing that single edge.
     tensors: per-prompt values and patterns; axes in ``meta["tensor_axes"]``.
     meta: model, task, prompts hash, metric, methods and parameters, seed, versions.
+    tokens: one row per (prompt, input position): token importance claimed by raw attention,
+        rollout and flow at the read rows, and measured by occlusion (metric change when the
+        token's embedding is zeroed / replaced by the corrupted prompt's); see
+        :mod:`lensattr.token_importance`.
     """
 
     heads: pd.DataFrame
     edges: pd.DataFrame
     tensors: dict[str, Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    tokens: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def __post_init__(self):
         self.heads = _int_or_missing(self.heads, "heads")
@@ -72,6 +78,10 @@ class Audit:
             "edges.csv": lambda p: self.edges.to_csv(p, index=False),
             "tensors.safetensors": lambda p: save_file(tensors, str(p)),
         }
+        tables = {"heads": self.heads, "edges": self.edges}
+        if len(self.tokens.columns):  # an audit built without a token table saves none
+            tables["tokens"] = self.tokens
+            writers["tokens.csv"] = lambda p: self.tokens.to_csv(p, index=False)
         tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
         temps = []
         try:
@@ -84,8 +94,8 @@ class Audit:
             doc = {
                 "format": FORMAT,
                 "meta": self.meta,
-                "dtypes": {"heads": _dtypes(self.heads), "edges": _dtypes(self.edges)},
-                "n_rows": {"heads": len(self.heads), "edges": len(self.edges)},
+                "dtypes": {k: _dtypes(t) for k, t in tables.items()},
+                "n_rows": {k: len(t) for k, t in tables.items()},
                 "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v)}
                             for k, v in tensors.items()},
                 "files": files,
@@ -133,15 +143,24 @@ class Audit:
                                  "edges; not written by Audit.save")
         heads = _read_table(d / "heads.csv", doc, "heads")
         edges = _read_table(d / "edges.csv", doc, "edges")
+        tokens = pd.DataFrame()  # folders saved before the token table have none
+        if "tokens" in doc["dtypes"]:
+            if not isinstance(doc["dtypes"]["tokens"], dict):
+                raise AuditLoadError(f"{marker}: 'dtypes' of tokens is not a table of columns; "
+                                     "not written by Audit.save")
+            tokens = _read_table(d / "tokens.csv", doc, "tokens")
         tensors = _read_tensors(d / "tensors.safetensors", doc)
         _check_files(d, doc)
-        return cls(heads=heads, edges=edges, tensors=tensors, meta=doc["meta"])
+        return cls(heads=heads, edges=edges, tensors=tensors, meta=doc["meta"], tokens=tokens)
 
     @property
     def agreement(self) -> pd.DataFrame:
-        """Rank agreement (Spearman rho, Kendall tau, bootstrap CIs over prompts), per layer and
-        over all layers, of raw and of norm-based attention from the read rows with the
-        single-edge removal effects: which claim agrees better with the causal evidence."""
+        """Which explanation agrees best with the causal evidence: rank agreement (Spearman
+        rho, Kendall tau, bootstrap CIs over prompts) of every claim source (``claim``:
+        attention, norm_attention, rollout, flow) with ``evidence``: the single-edge removal
+        effects (per layer and over all layers, ``layer`` <NA>) and, for token importance,
+        |occlusion| (per layer, per prompt then averaged). ``best`` marks the claim with the
+        highest rho for each evidence and layer."""
         return pd.DataFrame(self.meta.get("agreement", []))
 
     # ---- display -----------------------------------------------------------------------

@@ -49,6 +49,10 @@ def _audit(args) -> int:
         raise CLIError(err.args[0]) from None
     out = Path(args.out)
     check_out(out)  # before any work: loading the model can take minutes
+    if args.claims is not None:  # a bad --claims is refused before the model loads
+        from .claim_sources import resolve_claims
+
+        resolve_claims(args.claims, 0)
     model_name = args.model or task.model
     if args.quiet:  # also the Hugging Face loading bars
         from transformers.utils import logging as hf_logging
@@ -70,13 +74,15 @@ def _audit(args) -> int:
         seed=args.seed,
         progress=not args.quiet,
         checkpoint=str(ckpt),
+        claims=args.claims,
     )
     result.save(out)
     result.report(out / "report.html")
     ckpt.unlink(missing_ok=True)
     print(result.summary())
     print(
-        f"wrote {out / 'heads.csv'}, {out / 'edges.csv'}, {out / 'audit.json'}, "
+        f"wrote {out / 'heads.csv'}, {out / 'edges.csv'}, {out / 'tokens.csv'}, "
+        f"{out / 'audit.json'}, "
         f"{out / 'report.html'} in {time.time() - t0:.1f} s"
     )
     return 0
@@ -180,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (None: torch's choice, usually one per core; on a "
                    "machine shared with other busy processes, 1 is often faster)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument("--claims", default=None,
+                   help="claim sources to compare with the evidence, comma list of raw, norm, "
+                        "rollout, flow (default: raw,norm,rollout, plus flow on models of at "
+                        "most 12 layers when python-igraph is installed)")
     a.set_defaults(fn=_audit)
     e = sub.add_parser("explain", help="tests of attention-as-explanation (permuted, "
                        "adversarial, uniform/frozen, token attributions)", formatter_class=fmt)

@@ -164,11 +164,14 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tens
 
 def edge_rows(
     results: list[HeadResult], claims: Claims, prompts: PromptSet, sources, names,
-    norm: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None, layered: dict | None = None,
 ) -> pd.DataFrame:
     """One row per head and examined source: attention from the read rows (summed over them,
     averaged over prompts), the share of prompts whose claimed set holds it, and the effect of
-    removing those edges under the verdict's baseline."""
+    removing those edges under the verdict's baseline. ``layered``: layer-level claims
+    (``rollout``, ``flow``: [b, L, q, k], the value up to and including the edge's layer),
+    each a column read like ``attention`` (NaN where not computed)."""
+    layered = layered or {}
     rows_idx = torch.arange(len(prompts))
     read = claims.read_rows  # [batch, q]
     single = bool((read.sum(1) == 1).all())
@@ -179,6 +182,7 @@ def edge_rows(
         alpha = (claims.patterns[:, L, H] * w).sum(1)  # [batch, k]: attention from read rows
         nrm = None if norm is None else (torch.nan_to_num(norm[:, L, H]) * w).sum(1)
         claimed = (claims.claimed[:, L, H] & read[:, :, None]).any(1)  # [batch, k]
+        lay = {k: (torch.nan_to_num(x[:, L]) * w).sum(1) for k, x in layered.items()}
         for src, name, e in zip(sources, names, r.edges, strict=True):
             ok = src >= 0
             s = src.clamp(min=0)
@@ -194,6 +198,8 @@ def edge_rows(
                 "norm_attention": math.nan if nrm is None
                 else float(torch.where(ok, nrm[rows_idx, s], torch.nan).nanmean()),
                 "claimed_share": float(claimed[rows_idx, s][ok].float().mean()),
+                **{k: float(torch.where(ok, a[rows_idx, s], torch.nan).nanmean())
+                   for k, a in lay.items()},
                 "baseline": r.verdict.baseline,
                 **_ci("effect_remove", e),
             })  # fmt: skip
@@ -208,6 +214,7 @@ def edge_rows(
                     "norm_attention": math.nan if norm is None
                     else float(norm[:, L, H, q, k].nanmean()),
                     "claimed_share": float(claims.claimed[:, L, H, q, k].float().mean()),
+                    **{n: float(x[:, L, q, k].nanmean()) for n, x in layered.items()},
                     "baseline": r.verdict.baseline, **_ci("effect_remove", e),
                 })  # fmt: skip
     return pd.DataFrame(out)

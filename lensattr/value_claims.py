@@ -23,7 +23,7 @@ from .claims import Claims
 from .claims.norms import norm_attention_from
 from .compare.agreement import rank_agreement
 
-__all__ = ["norm_shares", "claims_vs_edges", "QUIET"]
+__all__ = ["norm_shares", "claims_vs_edges", "mark_best", "QUIET"]
 
 QUIET = 1e-3  # a head's row norm below this fraction of its layer's median row norm: no shares
 
@@ -55,39 +55,57 @@ def norm_shares(engine, adapter, prompts) -> tuple[PerEdge, PerEdge]:
 
 
 def claims_vs_edges(
-    claims: Claims, norm: Tensor, heads, sources: list[Tensor], edge_effects: dict, seed: int
+    claims: Claims, claim_tensors: dict[str, Tensor], heads, sources: list[Tensor],
+    edge_effects: dict, seed: int
 ) -> pd.DataFrame:
-    """Rank agreement, per layer, of raw and of norm-based attention from the read rows to each
-    examined source with |effect of removing that edge| (per prompt, the verdict's baseline),
-    ranking every (head, source) item of a layer together. Raw attention is a share of its own
-    row; the norm-based claim is the absolute norm ||alpha f||, which is comparable across heads
-    (a head that moves nothing claims nothing). ``norm``: absolute norms [b, L, H, q, k];
-    ``edge_effects``: head -> list of per-prompt effects, one per source."""
+    """Rank agreement, per layer, of every claim source from the read rows to each examined
+    source with |effect of removing that edge| (per prompt, the verdict's baseline), ranking
+    every (head, source) item of a layer together. ``claim_tensors``: claim source (see
+    :data:`~lensattr.claim_sources.CLAIM_SOURCES`) -> per-head ``[b, L, H, q, k]`` or
+    layer-level ``[b, L, q, k]`` (rollout, flow: the value up to that layer, shared by its
+    heads). Raw attention is a share of its own row; the norm-based claim is the absolute norm
+    ||alpha f||, which is comparable across heads (a head that moves nothing claims nothing).
+    ``edge_effects``: head -> list of per-prompt effects, one per source. The ``claim`` column
+    names each source as the edges table does (``attention``, ``norm_attention``, ...)."""
+    from .claim_sources import COLUMN, at_rows
+
     n = claims.patterns.shape[0]
-    rows = claims.read_rows.float()[:, :, None]  # [b, q, 1]
     b_idx = torch.arange(n)
     layers = sorted({h.layer for h in heads})
     per_layer = max(sum(1 for h in heads if h.layer == la) for la in layers)
     shape = (n, len(layers), per_layer, len(sources))
-    raw, nrm, eff = (torch.full(shape, math.nan) for _ in range(3))
+    cl = {k: torch.full(shape, math.nan) for k in claim_tensors}
+    eff = torch.full(shape, math.nan)
     slot = {la: 0 for la in layers}
     for h in heads:
         li, hi = layers.index(h.layer), slot[h.layer]
         slot[h.layer] += 1
-        a_raw = (claims.patterns[:, h.layer, h.head] * rows).sum(1)  # [b, k]
-        a_nrm = (torch.nan_to_num(norm[:, h.layer, h.head]) * rows).sum(1)
+        at = {k: at_rows(x[:, h.layer, h.head] if x.ndim == 5 else x[:, h.layer],
+                         claims.read_rows) for k, x in claim_tensors.items()}  # [b, k]
         for j, src in enumerate(sources):
             ok = src >= 0
             s = src.clamp(min=0)
-            raw[:, li, hi, j] = torch.where(ok, a_raw[b_idx, s], math.nan)
-            nrm[:, li, hi, j] = torch.where(ok, a_nrm[b_idx, s], math.nan)
+            for k, a in at.items():
+                cl[k][:, li, hi, j] = torch.where(ok, a[b_idx, s], math.nan)
             eff[:, li, hi, j] = edge_effects[h][j].abs()
     frames = []
-    for name, claim in (("attention", raw), ("norm_attention", nrm)):
+    for k, claim in cl.items():
         df = rank_agreement(claim, eff, layer_dim=1, seed=seed, n_boot=500)
-        df.insert(1, "claim", name)
+        df.insert(1, "claim", COLUMN[k])
         df.insert(2, "evidence", "|edge removal effect|")
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
     out["layer"] = out["layer"].map(lambda i: layers[int(i)] if pd.notna(i) else pd.NA)
+    return out
+
+
+def mark_best(agreement: pd.DataFrame) -> pd.DataFrame:
+    """Add ``best``: True on the claim with the highest Spearman rho for each evidence and layer
+    (the over-all-layers rows, ``layer`` <NA>, form their own group); ties all True."""
+    if agreement.empty:
+        return agreement
+    out = agreement.copy()
+    key = out["layer"].astype("Int64").astype(str)  # <NA> groups as a string of its own
+    top = out.groupby([out["evidence"], key])["rho"].transform("max")
+    out["best"] = out["rho"].notna() & (out["rho"] == top)
     return out
