@@ -84,6 +84,9 @@ class BareForward:
         self.key_ok = keys  # [batch, key_pos]
         self.kv_map = torch.tensor([a.kv_head(h) for h in range(a.n_heads)], device=dev)
         self.ok, self.reason = False, "not checked"
+        self.n_pos = p
+        self.read_last = readout.positions is not None and bool(
+            (readout.positions == p - 1).all())
         self._w: dict[int, tuple] = {}
 
     def _rot(self, x, cos, sin):
@@ -103,7 +106,12 @@ class BareForward:
             else:
                 x = self.resid[first_layer][idx, p0:]  # [rows, q, d_model]
             for layer in range(first_layer, a.n_layers):
-                x = self._block(layer, x, idx, p0, hooks)
+                # the last block only matters at the read position: when every prompt reads
+                # its last position, only that query runs there (keys and values: all)
+                last = layer == a.n_layers - 1 and self.read_last and p0 < self.n_pos - 1
+                q0 = self.n_pos - 1 if last else p0
+                x = self._block(layer, x, idx, p0, hooks, q0)
+                p0 = q0
             f = hooks.get((Site.RESID_FINAL, None))
             if f is not None:
                 x = f(x, p0)
@@ -111,25 +119,41 @@ class BareForward:
                      if k[0] == Site.LN_FINAL_SCALE}
             return a.read_final(x, readout, bound, first_pos=p0)
 
-    def _block(self, layer: int, x: Tensor, idx: Tensor, p0: int, hooks: dict) -> Tensor:
+    def work(self, first_layer: int, first_pos: int) -> float:
+        """Positions x layers one row of :meth:`run` computes, in clean full forwards."""
+        L, p = self.a.n_layers, self.n_pos
+        if first_layer >= L:
+            return 0.0
+        last = 1 if self.read_last else p - first_pos
+        return ((L - 1 - first_layer) * (p - first_pos) + last) / (L * p)
+
+    def _block(self, layer: int, x: Tensor, idx: Tensor, p0: int, hooks: dict,
+               q0: int) -> Tensor:
+        """Block ``layer`` on positions ``p0..`` of ``x``; returns positions ``q0..`` (>= p0;
+        the earlier ones are computed only as keys and values)."""
         w = self.layers[layer]
         h = w.ln1(x)
-        attn = self._attention(layer, w, h, idx, p0, hooks)
+        attn = self._attention(layer, w, h, idx, p0, hooks, q0)
+        x = x[:, q0 - p0:]
         if w.parallel:
             return x + attn + w.mlp(w.ln2(x))
         x = x + attn
         return x + w.mlp(w.ln2(x))
 
-    def _attention(self, layer, w, h, idx, p0, hooks) -> Tensor:
+    def _attention(self, layer, w, h, idx, p0, hooks, q0) -> Tensor:
+        """Attention output of query positions ``q0..`` [rows, q, d_model]; keys and values
+        of positions ``p0..`` from ``h``, earlier ones from the cache."""
         W_QKV, b_QKV, W_O = self._fused(layer)
-        r, nq, _ = h.shape
+        r, n, _ = h.shape
         H, kvh, dh = self.a.n_heads, self.a.n_kv_heads, self.a.d_head
-        # [rows, q, (head + 2 kv_head) * d_head]; addmm, as HF's projections compute it
-        qkv = torch.addmm(b_QKV, h.reshape(r * nq, -1), W_QKV).view(r, nq, -1)
+        # [rows, pos, (head + 2 kv_head) * d_head]; addmm, as HF's projections compute it
+        qkv = torch.addmm(b_QKV, h.reshape(r * n, -1), W_QKV).view(r, n, -1)
         q, k, v = qkv.split((H * dh, kvh * dh, kvh * dh), dim=-1)
-        q, k, v = q.view(r, nq, H, dh), k.view(r, nq, kvh, dh), v.view(r, nq, kvh, dh)
+        q = q[:, q0 - p0:]
+        nq = q.shape[1]
+        q, k, v = q.reshape(r, nq, H, dh), k.reshape(r, n, kvh, dh), v.reshape(r, n, kvh, dh)
         if self.rotary:
-            q = self._rot(q, self.cos[idx, p0:], self.sin[idx, p0:])
+            q = self._rot(q, self.cos[idx, q0:], self.sin[idx, q0:])
             k = self._rot(k, self.cos[idx, p0:], self.sin[idx, p0:])
         if p0 > 0:  # positions before p0 are unchanged: their cached keys and values
             k = torch.cat((self.k[layer][idx, :p0], k), dim=1)  # [rows, key, kv_head, d_head]
@@ -138,15 +162,15 @@ class BareForward:
             k, v = k[:, :, self.kv_map], v[:, :, self.kv_map]  # per query head
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [rows, head, ., d]
         scores = (q @ k.transpose(-1, -2)) * w.scale  # [rows, head, q, key]
-        scores = scores.masked_fill(~self._allowed(idx, p0, nq), torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~self._allowed(idx, q0, nq), torch.finfo(scores.dtype).min)
         pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         f = hooks.get((Site.PATTERN, layer))
         if f is not None:
-            pattern = f(pattern, p0)
+            pattern = f(pattern, q0)
         z = (pattern @ v).transpose(1, 2)  # [rows, q, head, d_head]
         f = hooks.get((Site.Z, layer))
         if f is not None:
-            z = f(z, p0)
+            z = f(z, q0)
         return torch.addmm(w.b_O, z.reshape(r * nq, H * dh), W_O).view(r, nq, -1)
 
     def _allowed(self, idx: Tensor, p0: int, nq: int) -> Tensor:

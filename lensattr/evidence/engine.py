@@ -449,7 +449,7 @@ class Engine(HookBuilders):
                 self._reach(iv)[1] for iv in ivs)
             vals = self._bare.run(idx, layer, first, hooks, self.readout.take(idx))
             self.n_rows["bare"] += R
-            self.work += R * (a.n_layers - layer) * (p - first) / (a.n_layers * p)
+            self.work += R * self._bare.work(layer, first)
         else:
             vals = a.read(prompts.tokens, prompts.attention_mask, self.readout.take(idx), hooks)
             self.n_rows["bridge"] += R
