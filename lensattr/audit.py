@@ -42,7 +42,7 @@ from .evidence.sweeps import (
 from .locus import locus_edges, needs_locus
 from .metrics import as_metric
 from .model import Adapter
-from .screening import edge_screen
+from .screening import screen_heads
 from .tables import HeadResult, edge_rows, head_row, position_name, source_positions
 from .types import AblationMethod
 
@@ -97,9 +97,9 @@ def audit(
             full bridge forward (the reference). ``meta["engine"]`` says which path ran.
         memory_budget: bytes of working memory per forward chunk (default: unbounded;
             ``batch_size`` still caps rows).
-        screen: ``"auto"`` skips the single-edge sweep of heads whose exact effect is shown
-            to be inside the null margin (no verdict reads it; see :mod:`lensattr.screening`);
-            ``"none"`` measures every head's edges.
+        screen: ``"auto"``: a head whose exact effect under a baseline does not clear the
+            null margin gets no routing edits, row split or single edges under it (no verdict
+            reads them; see :mod:`lensattr.screening`); ``"none"``: every head gets all.
         claims: claim sources compared with the evidence, some of ``["raw", "norm",
             "rollout", "flow"]`` (or a comma string); ``raw`` is always included. Default:
             raw, norm, rollout, and flow on models of at most 12 layers when python-igraph
@@ -151,20 +151,21 @@ def audit(
         else:
             den, reference = engine.corrupted - engine.clean, "corrupted prompts (m_c - m0)"
         eff = Effects(values, engine.clean, den, seed)
-        edge_heads, screening = edge_screen(heads, eff, primary, th, screen)
-        plan = row_split_sweep(heads, primary, claims.read_rows)
+        screening = screen_heads(heads, eff, methods, primary, th, screen)
+        located = screening.located[primary.value]
+        plan = row_split_sweep(located, primary, claims.read_rows)
         for m in methods:
-            plan += claim_sweep(heads, claims.claimed, claims.allowed, claims.sink, m,
-                                remove=m == primary, read_rows=claims.read_rows)
+            plan += claim_sweep(screening.located[m.value], claims.claimed, claims.allowed,
+                                claims.sink, m, remove=m == primary, read_rows=claims.read_rows)
             if direct:
                 plan += direct_sweep(heads, m)
         if claims.sink.any():
-            plan += sink_sweep(heads, claims.allowed, claims.sink, primary)
+            plan += sink_sweep(located, claims.allowed, claims.sink, primary)
         sources, source_names = source_positions(prompts, claims, claims.read_pos, max_edge_sources)
-        plan += edge_sweep(edge_heads, claims.read_rows, sources, prompts.n_pos, primary)
+        plan += edge_sweep(located, claims.read_rows, sources, prompts.n_pos, primary)
         values.update(_values(_run(engine, plan)))
         b = primary.value
-        focus = [h for h in heads if too_few is None and needs_locus(
+        focus = [h for h in located if too_few is None and needs_locus(
             eff(label(b, h)), eff(label(f"read-{b}", h)), eff(label(f"other-{b}", h)), th)]
         locus = locus_edges(lambda ivs: _values(_run(engine, ivs)), eff, focus, primary, claims,
                             prompts, max_edge_sources)
@@ -232,7 +233,7 @@ def audit(
     meta["agreement"] = json.loads(cc.agreement.to_json(orient="records"))
     meta.update(cc.meta)
     meta["min_prompts_for_a_verdict"] = need
-    meta["screening"] = screening
+    meta["screening"] = screening.record
     meta["engine"] = {
         "path": "hook-free" if engine.fast else "bridge",
         "why_not_hook_free": engine.fast_reason,

@@ -1,48 +1,64 @@
-"""Which heads get the costly evidence that no verdict rule reads: the single-edge sweep.
+"""Which heads get the evidence that only describes where an effect lives.
 
-A head's single-edge removals (one per examined source, ~24 interventions) locate where its
-effect comes from (``carriers``, the edges table, claim-vs-edge agreement); :func:`decide`
-reads none of them. A head whose exact primary-baseline effect is shown to be inside the null
-margin (its 95% interval lies within ±delta) has no effect to locate, so under
-``screen="auto"`` its edges are not measured: they are NaN in the tables and the head is listed
-in ``meta["screening"]`` with the reason. The verdicts are those of the exhaustive audit
-(``screen="none"``) by construction; every head keeps its exact ablations under every baseline,
-its keep-only/remove edits and its partner search.
+Every head gets its exact ablation under every baseline, its direct path and its partner
+search: the verdict rules read those. The routing edits (keep only / remove the claimed set,
+the sink's terms, the renormalised knockout), the read-row / other-row split and the
+single-edge sweep (~24 interventions a head) locate an effect; the verdict reads them only
+through the routing ratio, which is defined only for a head whose effect under that baseline
+clears the null margin (:func:`lensattr.compare.judge._routing`: nothing to route otherwise),
+and the carriers and effect locus are empty for such heads too. So under ``screen="auto"`` a
+head whose effect under baseline ``m`` does not clear ±delta gets no routing edits under
+``m``, and a head whose primary effect does not clear it gets no split and no single edges:
+their numbers are NaN in the tables and the heads are listed in ``meta["screening"]``. The
+verdicts (every baseline's) equal the exhaustive audit's (``screen="none"``) by construction.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 from .compare.judge import Effects
 from .compare.verdicts import Thresholds
 from .evidence.sweeps import label
 from .types import AblationMethod, HeadId
 
-__all__ = ["SCREENS", "edge_screen"]
+__all__ = ["SCREENS", "Screen", "screen_heads"]
 
 SCREENS = ("auto", "none")
 
 
-def edge_screen(
-    heads: list[HeadId], eff: Effects, primary: AblationMethod, th: Thresholds, screen: str
-) -> tuple[list[HeadId], dict]:
-    """(heads whose single edges are measured, the record for ``meta["screening"]``)."""
+@dataclass
+class Screen:
+    """``located[m]``: the heads that get routing edits under baseline ``m`` (under the
+    primary baseline also the split and single edges); ``record`` for ``meta``."""
+
+    located: dict[str, list[HeadId]]
+    record: dict
+
+
+def screen_heads(heads: list[HeadId], eff: Effects, methods: list[AblationMethod],
+                 primary: AblationMethod, th: Thresholds, screen: str) -> Screen:
     if screen not in SCREENS:
         raise ValueError(f"screen: expected one of {SCREENS}, got {screen!r}")
-    skipped = []
-    if screen == "auto":
-        for h in heads:
-            e = eff(label(primary.value, h))
-            bounded = math.isfinite(e.lo) and math.isfinite(e.hi)
-            if bounded and -th.delta <= e.lo and e.hi <= th.delta:
-                skipped.append(h)
-    keep = [h for h in heads if h not in skipped]
+    located = {}
+    for m in methods:
+        if screen == "none":
+            located[m.value] = list(heads)
+            continue
+        located[m.value] = [h for h in heads if _clears(eff(label(m.value, h)), th)]
     record = {
         "screen": screen,
-        "edges_not_measured": [list(h) for h in skipped],
-        "rule": f"a head's single-edge sweep is skipped when its exact {primary.value} effect's "
-        f"95% interval lies inside the null margin ±{th.delta} (nothing to locate); no "
-        "verdict rule reads single edges, so verdicts equal the exhaustive audit's",
+        "not_located": {b: [list(h) for h in heads if h not in hs]
+                        for b, hs in located.items()},
+        "rule": f"under each baseline, a head whose exact effect does not clear the null "
+        f"margin ±{th.delta} (its 95% interval is not wholly beyond it) gets no routing edits "
+        f"(keep-only, remove, sink, renormalised knockout); under the primary ({primary.value}) "
+        "also no read/other-row split and no single-edge sweep. No verdict reads these for "
+        "such a head (its routing ratio is undefined), so the verdicts equal the exhaustive "
+        "audit's; their table entries are NaN",
     }
-    return keep, record
+    return Screen(located, record)
+
+
+def _clears(e, th: Thresholds) -> bool:
+    return e.lo > th.delta or e.hi < -th.delta

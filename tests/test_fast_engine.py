@@ -144,26 +144,31 @@ def test_audit_verdicts_equal_the_bridge_audit(name):
     assert diff < 1e-4, diff
 
 
-def test_edge_screen_skips_only_heads_shown_null_and_keeps_verdicts():
-    """screen='auto' measures no single edge of a head whose effect interval lies inside the
-    null margin; every verdict and every other number equals the exhaustive audit's."""
+def test_screen_skips_only_what_no_verdict_reads():
+    """screen='auto' runs no routing edit, row split or single edge of a head whose effect
+    does not clear the null margin; every verdict, under every baseline, and every number
+    that was measured equal the exhaustive audit's."""
     task = lensattr.tasks.get("planted-copy")
     model = lensattr.load_model(task.model)
     auto = lensattr.audit(model, task, n_prompts=12, progress=False)
     full = lensattr.audit(model, task, n_prompts=12, progress=False, screen="none")
-    skipped = [tuple(h) for h in auto.meta["screening"]["edges_not_measured"]]
-    assert skipped and full.meta["screening"]["edges_not_measured"] == []
     th, b = auto.meta["thresholds"]["delta"], auto.meta["primary_ablation"]
+    gone = {tuple(h) for h in auto.meta["screening"]["not_located"][b]}
+    assert gone and not any(full.meta["screening"]["not_located"].values())
     for _, row in auto.heads.iterrows():
-        inside = -th <= row[f"ablation_{b}_lo"] and row[f"ablation_{b}_hi"] <= th
-        assert ((row["layer"], row["head"]) in skipped) == inside
-    assert auto.heads["verdict"].equals(full.heads["verdict"])
+        clears = row[f"ablation_{b}_lo"] > th or row[f"ablation_{b}_hi"] < -th
+        assert ((row["layer"], row["head"]) in gone) == (not clears)
+    cols = ["verdict", "verdict_rule", "labels_by_baseline", "compensated_under", "carriers",
+            "effect_locus"]
+    assert auto.heads[cols].equals(full.heads[cols])
+    for m in auto.meta["ablation_methods"]:
+        torch.testing.assert_close(auto.heads[f"routing_{m}"], full.heads[f"routing_{m}"],
+                                   equal_nan=True)
     e_auto, e_full = auto.edges, full.edges
-    gone = e_auto[["layer", "head"]].apply(tuple, axis=1).isin(skipped)
+    skipped = e_auto[["layer", "head"]].apply(tuple, axis=1).isin(gone)
     col = "effect_remove"
-    assert e_auto.loc[gone, col].isna().all() and e_full.loc[gone, col].notna().any()
-    kept = ~gone
-    diff = (e_auto.loc[kept, col] - e_full.loc[kept, col]).abs().max()
+    assert e_auto.loc[skipped, col].isna().all() and e_full.loc[skipped, col].notna().any()
+    diff = (e_auto.loc[~skipped, col] - e_full.loc[~skipped, col]).abs().max()
     assert diff < 1e-9
     with pytest.raises(ValueError, match="screen: expected one of"):
         lensattr.audit(model, task, n_prompts=12, progress=False, screen="fast")
