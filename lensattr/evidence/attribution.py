@@ -256,7 +256,7 @@ def _bare_chunk(gf: GradForward, a, p, metric, readout, read_rows, mode, qk_fix,
                 _, _, g, _ = grad_run(drop_layer=layer, sites=("z",))
             dz = [(o.z - b.z) * gz for o, b, gz in zip(o_acts, b_acts, g, strict=True)]
             per.append(torch.stack([d.sum((1, 3)) for d in dz], 1))  # [batch, layer, head]
-        out["graddrop_l"] = torch.stack(per, 1).cpu()  # [batch, dropped, layer, head]
+        out["graddrop_l"] = torch.stack(per, 1).float().cpu()  # [batch, dropped, layer, head]
     out["base"], out["other"] = m_base.float().cpu(), m_other.float().cpu()
     return out
 
