@@ -22,6 +22,15 @@ from .test_architectures import build
 from .test_architectures import prompts as family_prompts
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one torch thread avoids OpenMP stalls on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def gpt2_64():
     """A 2-layer GPT-2 in float64 with large random weights (clear second-order effects)."""
@@ -236,11 +245,11 @@ def test_integrated_gradients(gpt2_64, random_prompts):
     plain = atp(gpt2_64, p, m)
     one = atp(gpt2_64, p, m, ig_steps=1)
     assert torch.equal(plain.heads, one.heads)
-    ig = {k: atp(gpt2_64, p, m, ig_steps=k, qk_fix=False).heads for k in (2, 16, 32)}
-    far = (ig[2] - ig[32]).abs().max()
-    near = (ig[16] - ig[32]).abs().max()
-    assert far > 1e-4 and near < far / 4  # a Riemann sum converging at rate 1/k
-    assert ig[32].shape == plain.heads.shape
+    ig = {k: atp(gpt2_64, p, m, ig_steps=k, qk_fix=False).heads for k in (2, 8, 16)}
+    far = (ig[2] - ig[16]).abs().max()
+    near = (ig[8] - ig[16]).abs().max()
+    assert far > 1e-4 and near < far / 3  # a Riemann sum converging at rate 1/k (ratio ~7)
+    assert ig[16].shape == plain.heads.shape
 
 
 def test_agreement_with_exact_patching(gpt2_64, random_prompts):
