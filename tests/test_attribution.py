@@ -335,3 +335,16 @@ def test_frames_and_meta(random_gpt2, random_prompts):
     with pytest.raises(ValueError, match="qk_fix"):
         nofix.to_frame("q_star")
     assert "AtPResult" in repr(r)
+
+
+def test_padding_gqa_hook_free_equals_bridge(llama):
+    """Right-padded prompts on a GQA rotary model: the hook-free path is used and equals the
+    bridge path for head outputs and edges."""
+    p = family_prompts(pad=True)
+    fast = atp(llama, p, LogitDiff())
+    slow = atp(llama, p, LogitDiff(), fast=False)
+    assert fast.meta["path"] == "hook-free", fast.meta["path_reason"]
+    assert fast.heads.abs().max() > 1e-3
+    for kind in ("heads", "heads_by_pos", "edges"):
+        assert torch.allclose(getattr(fast, kind), getattr(slow, kind), atol=1e-5,
+                              equal_nan=True), kind

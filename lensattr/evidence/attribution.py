@@ -160,14 +160,14 @@ def _grad_forward(a: Adapter, prompts: PromptSet, readout):
         gf = GradForward(a)
     except ModelError as e:
         return None, str(e)
-    k = min(len(prompts), 4)
-    reason = gf.check(prompts.tokens[:k], _rows(prompts.attention_mask, k), readout.take(
-        torch.arange(k)))
+    # the first prompt and, under padding, the most padded one (its own mask)
+    idx = [0]
+    if prompts.attention_mask is not None:
+        idx.append(int(prompts.attention_mask.sum(1).argmin()))
+    idx = torch.tensor(sorted(set(idx)))
+    mask = None if prompts.attention_mask is None else prompts.attention_mask[idx]
+    reason = gf.check(prompts.tokens[idx], mask, readout.take(idx))
     return (gf, None) if reason is None else (None, reason)
-
-
-def _rows(mask, k):
-    return None if mask is None else mask[:k]
 
 
 def _metric(metric: Metric, values: Tensor, prompts: PromptSet, clean: Tensor) -> Tensor:
@@ -204,8 +204,7 @@ def _views(p: PromptSet, mode: str):
 def _bare_chunk(gf: GradForward, a, p, metric, readout, read_rows, mode, qk_fix, graddrop,
                 ig_steps) -> dict:
     base_p, other_p = _views(p, mode)
-    base = gf.embed(base_p.tokens, base_p.attention_mask)
-    other = gf.embed(other_p.tokens, other_p.attention_mask)
+    base, other = gf.embed_pair(base_p, other_p)
     if ig_steps > 1 and not torch.equal(base.key_ok, other.key_ok):
         raise ValueError(f"ig_steps={ig_steps}: interpolating embeddings needs the clean and "
                          "corrupted prompts to share one attention mask")

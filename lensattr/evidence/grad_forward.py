@@ -89,6 +89,22 @@ class GradForward:
                   else attention_mask.to(a.device).bool())
         return Embedded(store[(Site.RESID_PRE, 0)], cos, sin, key_ok)
 
+    def embed_pair(self, first, second) -> tuple[Embedded, Embedded]:
+        """:meth:`embed` of two prompt sets of one shape (``tokens``, ``attention_mask``) in
+        one bridge call."""
+        n = first.tokens.shape[0]
+        masks = (first.attention_mask, second.attention_mask)
+        mask = None if masks == (None, None) else torch.cat(
+            [torch.ones_like(first.tokens) if m is None else m for m in masks])
+        both = self.embed(torch.cat((first.tokens, second.tokens)), mask)
+
+        def half(t, s):
+            return None if t is None else t[s]
+
+        return tuple(Embedded(*(half(t, s) for t in (both.resid0, both.cos, both.sin,
+                                                     both.key_ok)))
+                     for s in (slice(0, n), slice(n, 2 * n)))
+
     def run(self, emb: Embedded, readout, resid0: Tensor | None = None,
             drop_layer: int | None = None) -> tuple[Tensor, list[LayerActs]]:
         """(readout values, per-layer activations), in the autograd graph when grad is on.
