@@ -8,6 +8,8 @@ all of them, with no hook machinery in the way. Options:
 
 * ``resid0``: the residual entering block 0 is an input, so integrated gradients can
   interpolate it between the clean and corrupted embeddings;
+* the last block's MLP runs only at the position each prompt's readout reads (one per prompt:
+  ``columns`` / ``logits`` readouts), the other positions cannot reach the readout;
 * ``drop_layer``: GradDrop (AtP*): block ``drop_layer``'s contribution to the residual stream
   (attention plus MLP output) keeps its value but passes no gradient back.
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..metrics import Readout
 from ..model import Adapter, ModelError, Site
 from .bare import apply_rotary
 
@@ -111,10 +114,15 @@ class GradForward:
         ``resid0`` replaces ``emb.resid0`` (integrated gradients); ``drop_layer``: GradDrop."""
         x = emb.resid0 if resid0 is None else resid0
         acts = []
+        rows = torch.arange(x.shape[0], device=x.device)
+        read = readout.positions.to(x.device)  # [batch] the one position each prompt reads
+        last = len(self.layers) - 1
         for layer, w in enumerate(self.layers):
             h = w.ln1(x)
             attn, la = self._attention(layer, w, h, emb)
             acts.append(la)
+            if layer == last:  # only the read rows reach the readout: [batch, 1, d_model]
+                x, attn = x[rows, read][:, None], attn[rows, read][:, None]
             if w.parallel:
                 out = x + attn + w.mlp(w.ln2(x))
             else:
@@ -123,7 +131,8 @@ class GradForward:
             if layer == drop_layer:  # same value; the gradient skips this block's contribution
                 out = out.detach() + (x - x.detach())
             x = out
-        return self.a.read_final(x, readout, grad=torch.is_grad_enabled()), acts
+        at_read = Readout(readout.kind, torch.zeros_like(readout.positions), readout.columns)
+        return self.a.read_final(x, at_read, grad=torch.is_grad_enabled()), acts
 
     def _attention(self, layer, w, h, emb: Embedded) -> tuple[Tensor, LayerActs]:
         W_QKV, b_QKV, W_O = self._fused(layer)
