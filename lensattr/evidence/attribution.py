@@ -160,13 +160,18 @@ def _grad_forward(a: Adapter, prompts: PromptSet, readout):
         gf = GradForward(a)
     except ModelError as e:
         return None, str(e)
+    # checked once per set of weights, readout kind and padding (like the fast readout probe)
+    key = ("grad_forward", readout.kind, prompts.attention_mask is not None)
+    store = a._probe_store()
+    if key in store:
+        return (gf, None) if store[key] is None else (None, store[key])
     # the first prompt and, under padding, the most padded one (its own mask)
     idx = [0]
     if prompts.attention_mask is not None:
         idx.append(int(prompts.attention_mask.sum(1).argmin()))
     idx = torch.tensor(sorted(set(idx)))
     mask = None if prompts.attention_mask is None else prompts.attention_mask[idx]
-    reason = gf.check(prompts.tokens[idx], mask, readout.take(idx))
+    reason = store[key] = gf.check(prompts.tokens[idx], mask, readout.take(idx))
     return (gf, None) if reason is None else (None, reason)
 
 
