@@ -276,6 +276,9 @@ def test_agreement_by_hand():
     ag = atp_agreement(atp_scores, exact, top=2)
     assert tuple(ag.worst()) == (0, 0)
     assert ag.misses.iloc[0]["atp_rank"] == 6 and ag.recall == 0.5
+    over = atp_agreement(exact, atp_scores, top=2)  # now AtP puts a null head first
+    assert tuple(over.overrated.iloc[0][["layer", "head"]]) == (0, 0)
+    assert over.overrated.iloc[0]["exact_rank"] == 6
     signed = atp_agreement(-exact, exact, absolute=False)
     assert signed.spearman == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="atp and exact"):

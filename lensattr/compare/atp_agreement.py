@@ -27,6 +27,9 @@ class AtPAgreement:
     misses: the ``top`` exactly strongest heads, worst AtP rank first; columns layer, head,
         exact, atp, exact_rank, atp_rank (rank 1 = strongest), rank_gap = atp_rank -
         exact_rank.
+    overrated: the ``top`` heads AtP ranks highest, worst exact rank first (the same columns):
+        heads whose first-order estimate is far above their exact effect (e.g. a backup head
+        restores what patching one head removes, which no gradient at one run sees).
     meta: n_heads, top, absolute.
     """
 
@@ -34,6 +37,7 @@ class AtPAgreement:
     kendall: float
     recall: float
     misses: pd.DataFrame
+    overrated: pd.DataFrame
     meta: dict = field(default_factory=dict)
 
     def worst(self) -> HeadId | None:
@@ -87,16 +91,20 @@ def atp_agreement(
     where = ok.nonzero()[:, 0]
     strong = e_rank.argsort()[:k]  # the k exactly strongest
     recall = float((a_rank[strong] <= k).double().mean()) if k else float("nan")
-    rows = [{"layer": int(where[i]) // nh, "head": int(where[i]) % nh,
-             "exact": float(fe[i]), "atp": float(fa[i]), "exact_rank": int(e_rank[i]),
-             "atp_rank": int(a_rank[i])} for i in strong.tolist()]
-    misses = pd.DataFrame(rows, columns=["layer", "head", "exact", "atp", "exact_rank",
-                                         "atp_rank"])
-    misses["rank_gap"] = misses["atp_rank"] - misses["exact_rank"]
-    misses = misses.sort_values(["rank_gap", "exact_rank"], ascending=[False, True])
+    def frame(items, first):
+        rows = [{"layer": int(where[i]) // nh, "head": int(where[i]) % nh,
+                 "exact": float(fe[i]), "atp": float(fa[i]), "exact_rank": int(e_rank[i]),
+                 "atp_rank": int(a_rank[i])} for i in items.tolist()]
+        f = pd.DataFrame(rows, columns=["layer", "head", "exact", "atp", "exact_rank",
+                                        "atp_rank"])
+        f["rank_gap"] = f["atp_rank"] - f["exact_rank"]
+        asc = first == "atp_rank"
+        f = f.sort_values(["rank_gap", first], ascending=[asc, True])
+        return f.reset_index(drop=True)
+
     return AtPAgreement(
         spearman=float(spearman(ra, re_)), kendall=float(kendall(ra, re_)), recall=recall,
-        misses=misses.reset_index(drop=True),
+        misses=frame(strong, "exact_rank"), overrated=frame(a_rank.argsort()[:k], "atp_rank"),
         meta={"n_heads": int(ok.sum()), "top": k, "absolute": absolute})
 
 
