@@ -13,7 +13,10 @@ __version__ = "0.1.0"
 from . import tasks, tasks_text  # noqa: F401  (tasks_text registers ioi, repeat-tokens, ...)
 from .audit import audit
 from .audit_result import Audit, AuditLoadError
+from .compare.atp_agreement import AtPAgreement, atp_agreement
 from .compare.verdicts import Thresholds
+from .evidence.attribution import atp
+from .evidence.attribution_result import AtPResult
 from .explain import ExplanationTests, explanation_tests
 from .loading import list_models, load_model
 from .metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric, Metric
@@ -41,4 +44,8 @@ __all__ = [
     "AblationMethod",
     "explanation_tests",
     "ExplanationTests",
+    "atp",
+    "AtPResult",
+    "atp_agreement",
+    "AtPAgreement",
 ]

@@ -514,14 +514,17 @@ class Adapter:
         # the residual's own hooks already ran during the capture
         return self.read_final(resid, readout, hooks)
 
-    def read_final(self, resid: Tensor, readout, hooks=None, first_pos: int = 0) -> Tensor:
+    def read_final(self, resid: Tensor, readout, hooks=None, first_pos: int = 0,
+                   grad: bool = False) -> Tensor:
         """The final norm and the unembedding columns (or rows) a ``columns`` / ``logits``
         readout asks for, from the final residual ``resid`` [batch, pos, d_model] of positions
-        ``first_pos`` onwards. The caller's hooks on the norm itself (e.g. a frozen scale) run."""
+        ``first_pos`` onwards. The caller's hooks on the norm itself (e.g. a frozen scale) run.
+        ``grad``: keep autograd on (gradient-based attribution)."""
         norm_hooks = {k: f for k, f in (hooks or {}).items()
                       if k[0] in (Site.LN_FINAL_SCALE, Site.LN_FINAL_OUT)}
         rows = torch.arange(resid.shape[0], device=resid.device)
-        with torch.no_grad(), self.hooks(norm_hooks):
+        no_grad = contextlib.nullcontext() if grad else torch.no_grad()
+        with no_grad, self.hooks(norm_hooks):
             normed = self.model.ln_final(resid)  # [batch, pos, d_model]; cheap next to W_U
             at = readout.positions.to(resid.device) - first_pos
             normed = normed[rows, at]  # [batch, d_model]
@@ -531,6 +534,53 @@ class Adapter:
                 w = W_U.T[cols]  # [batch, k, d_model]
                 return torch.einsum("bkd,bd->bk", w, normed) + b_U[cols]
             return normed @ W_U + b_U
+
+    def read_grad(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None,
+        readout,
+        hooks: dict[tuple[Site, int | None], HookFn] | None = None,
+    ) -> Tensor:
+        """:meth:`read` with autograd on, for gradient-based attribution: the same readout
+        (final hidden states, the read unembedding columns or rows, or all logits), connected
+        to the graph of every hooked activation."""
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask.to(self.device)}
+        if readout.kind == "hidden":
+            key = (Site.BLOCK_OUT, self.n_layers - 1)
+        elif readout.kind != "all_logits" and self._fast_readout_ok(tokens, attention_mask):
+            key = (Site.RESID_FINAL, None)
+        else:
+            key = None
+        store: dict = {}
+        all_hooks = dict(hooks or {})
+        if key is not None:
+            inner = all_hooks.get(key)
+
+            def grab(x):
+                if inner is not None:
+                    out = inner(x)
+                    x = x if out is None else out
+                store["x"] = x
+                raise _StopForward
+
+            all_hooks[key] = grab
+        with torch.enable_grad(), self.hooks(all_hooks):
+            try:
+                store["logits"] = self.model(tokens.to(self.device), **kw)
+            except _StopForward:
+                pass
+            if key is None:
+                logits = store["logits"]
+                if readout.kind == "all_logits":
+                    return logits
+                rows = torch.arange(logits.shape[0], device=logits.device)
+                at = logits[rows, readout.positions.to(logits.device)]  # [batch, d_vocab]
+                return at.gather(1, readout.columns.to(at.device)) if (
+                    readout.kind == "columns") else at
+            if readout.kind == "hidden":
+                return store["x"]
+        return self.read_final(store["x"], readout, hooks, grad=True)
 
     def _capture(self, tokens, attention_mask, hooks, key) -> Tensor:
         """Run until the hook at ``key`` fires (after any hook already there), return its

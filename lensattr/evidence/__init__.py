@@ -1,5 +1,7 @@
 """What heads actually do: batched interventions and their effects."""
 
+from .attribution import atp
+from .attribution_result import AtPResult
 from .compensators import Compensators, compensators
 from .decomposition import SourceDLA, source_dla, source_terms, source_terms_along
 from .dla import DLA, Component, direct_logit_attribution
@@ -35,4 +37,6 @@ __all__ = [
     "remove_sources",
     "remove_direct",
     "digest",
+    "atp",
+    "AtPResult",
 ]
