@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .audit_atp import atp_columns
 from .audit_integration import claim_columns
 from .audit_result import Audit
 from .audit_setup import (
@@ -210,8 +211,9 @@ def audit(
 
     cc = claim_columns(adapter, engine, prompts, metric, claims, results, chosen, sources,
                        source_names, seed, batch_size)
-    heads_df = pd.DataFrame([{**head_row(r, claims, prompts, cc.norm), **cc.head_rows[r.head]}
-                             for r in results])
+    atp_cols, atp_meta = atp_columns(adapter, prompts, metric, heads, eff, methods, batch_size)
+    heads_df = pd.DataFrame([{**head_row(r, claims, prompts, cc.norm), **cc.head_rows[r.head],
+                              **atp_cols[r.head]} for r in results])
     heads_df = heads_df.astype({"partner_layer": "Int64", "partner_head": "Int64"})
     edges_df = edge_rows(results, claims, prompts, sources, source_names, cc.norm, cc.layered)
     tensors = _tensors(results, claims, prompts, engine, methods, adapter)
@@ -234,6 +236,7 @@ def audit(
     meta.update(cc.meta)
     meta["min_prompts_for_a_verdict"] = need
     meta["screening"] = screening.record
+    meta["atp"] = atp_meta
     meta["engine"] = {
         "path": "hook-free" if engine.fast else "bridge",
         "why_not_hook_free": engine.fast_reason,
