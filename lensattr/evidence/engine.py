@@ -344,13 +344,13 @@ class Engine(HookBuilders):
             )
 
     def _chunks(self, ivs: list[Intervention], order: list[int]) -> list[list[int]]:
-        """Interventions to run together. On the bridge: ``batch_size`` rows per chunk. On the
-        hook-free forward: interventions of one reach (first layer, first position) together,
-        as many as ``batch_size`` full-length rows' worth of positions (an edit of the read
-        row alone costs one position per row), within ``memory_budget``."""
+        """Interventions to run together, within ``memory_budget``. On the bridge:
+        ``batch_size`` rows per chunk. On the hook-free forward: interventions of one reach
+        (first layer, first position) together, as many as ``batch_size`` full-length rows'
+        worth of positions (an edit of the read row alone costs one position per row)."""
         n, p = len(self.prompts), self.prompts.n_pos
         if self._bare is None:
-            per = max(1, self.batch_size // n)
+            per = max(1, min(self.batch_size, self._budget_positions() // p) // n)
             return [order[i : i + per] for i in range(0, len(order), per)]
         out: list[list[int]] = []
         last = None
