@@ -27,7 +27,8 @@ from ..model import Adapter, ModelError, Site
 __all__ = ["BareForward", "BARE_SITES", "apply_rotary"]
 
 # hook sites the bare forward runs (every other site sends an intervention to the bridge)
-BARE_SITES = {Site.PATTERN, Site.Z, Site.RESID_FINAL, Site.LN_FINAL_SCALE}
+BARE_SITES = {Site.PATTERN, Site.Z, Site.Q, Site.K, Site.V, Site.RESID_FINAL,
+              Site.LN_FINAL_SCALE}
 _TOL = 1e-4
 
 
@@ -128,6 +129,8 @@ class BareForward:
         qkv = torch.addmm(b_QKV, h.reshape(r * nq, -1), W_QKV).view(r, nq, -1)
         q, k, v = qkv.split((H * dh, kvh * dh, kvh * dh), dim=-1)
         q, k, v = q.view(r, nq, H, dh), k.view(r, nq, kvh, dh), v.view(r, nq, kvh, dh)
+        if (Site.Q, layer) in hooks or (Site.K, layer) in hooks or (Site.V, layer) in hooks:
+            q, k, v = self._edit_qkv(layer, hooks, p0, q, k, v)  # before rotary, as hook_q/k
         if self.rotary:
             q = self._rot(q, self.cos[idx, p0:], self.sin[idx, p0:])
             k = self._rot(k, self.cos[idx, p0:], self.sin[idx, p0:])
@@ -148,6 +151,15 @@ class BareForward:
         if f is not None:
             z = f(z, p0)
         return torch.addmm(w.b_O, z.reshape(r * nq, H * dh), W_O).view(r, nq, -1)
+
+    @staticmethod
+    def _edit_qkv(layer, hooks, p0, q, k, v):
+        """Edits at Site.Q / K / V ([rows, q, head or kv_head, d_head], before rotary)."""
+        out = []
+        for site, t in ((Site.Q, q), (Site.K, k), (Site.V, v)):
+            f = hooks.get((site, layer))
+            out.append(t if f is None else f(t, p0))
+        return out
 
     def _allowed(self, idx: Tensor, p0: int, nq: int) -> Tensor:
         """[rows, 1, q, key] may query p0 + i attend to key j (causal mask and padding)."""
