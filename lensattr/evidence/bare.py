@@ -17,6 +17,7 @@ interleaved rotary, unknown blocks) keeps the bridge path, with the reason recor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -92,19 +93,39 @@ class BareForward:
 
     # ---- the forward -------------------------------------------------------------------
     def run(self, idx: Tensor, first_layer: int, first_pos: int, hooks: dict,
-            readout) -> Tensor:
+            readout, resid: Tensor | None = None, last_read_only: bool = False) -> Tensor:
         """The readout of rows ``idx`` (prompt of each row) with ``hooks`` (functions taking
         ``(x, p0)``, of :data:`BARE_SITES` only), starting at ``first_layer`` and running
-        positions ``first_pos`` onwards."""
+        positions ``first_pos`` onwards. ``resid``: the residual entering ``first_layer`` at
+        those positions [rows, q, d_model] (default the cached one). ``last_read_only``: in the
+        last layer compute keys and values of every position but queries, attention output and
+        MLP at the read position only (used only where no hook edits the last layer or the
+        final residual)."""
         p0, a = first_pos, self.a
         idx = idx.to(self.resid[0].device)
+        last = a.n_layers - 1
+        read = None
+        if (last_read_only and readout.positions is not None
+                and not any(k[1] is None or k[1] == last for k in hooks)):
+            read = readout.positions.to(idx.device) - p0  # [rows] the read row of each row
         with torch.no_grad():
-            if first_layer >= a.n_layers:
+            if resid is not None:
+                x = resid
+            elif first_layer >= a.n_layers:
                 x = self.resid_final[idx, p0:]
             else:
                 x = self.resid[first_layer][idx, p0:]  # [rows, q, d_model]
             for layer in range(first_layer, a.n_layers):
-                x = self._block(layer, x, idx, p0, hooks)
+                if layer == last and read is not None:
+                    x = self._block(layer, x, idx, p0, hooks, read)  # [rows, 1, d_model]
+                    readout = dataclasses.replace(readout, positions=torch.zeros_like(read))
+                    p0 = 0
+                else:
+                    x = self._block(layer, x, idx, p0, hooks)
+            if read is not None and first_layer > last:  # nothing ran: take the read rows
+                x = x[torch.arange(x.shape[0], device=x.device), read][:, None]
+                readout = dataclasses.replace(readout, positions=torch.zeros_like(read))
+                p0 = 0
             f = hooks.get((Site.RESID_FINAL, None))
             if f is not None:
                 x = f(x, p0)
@@ -112,16 +133,21 @@ class BareForward:
                      if k[0] == Site.LN_FINAL_SCALE}
             return a.read_final(x, readout, bound, first_pos=p0)
 
-    def _block(self, layer: int, x: Tensor, idx: Tensor, p0: int, hooks: dict) -> Tensor:
+    def _block(self, layer: int, x: Tensor, idx: Tensor, p0: int, hooks: dict,
+               read: Tensor | None = None) -> Tensor:
+        """One block on positions p0..; with ``read`` [rows] only each row's read position
+        comes out ([rows, 1, d_model]), keys and values still from every position."""
         w = self.layers[layer]
         h = w.ln1(x)
-        attn = self._attention(layer, w, h, idx, p0, hooks)
+        attn = self._attention(layer, w, h, idx, p0, hooks, read)
+        if read is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), read][:, None]
         if w.parallel:
             return x + attn + w.mlp(w.ln2(x))
         x = x + attn
         return x + w.mlp(w.ln2(x))
 
-    def _attention(self, layer, w, h, idx, p0, hooks) -> Tensor:
+    def _attention(self, layer, w, h, idx, p0, hooks, read=None) -> Tensor:
         W_QKV, b_QKV, W_O = self._fused(layer)
         r, nq, _ = h.shape
         H, kvh, dh = self.a.n_heads, self.a.n_kv_heads, self.a.d_head
@@ -139,9 +165,14 @@ class BareForward:
             v = torch.cat((self.v[layer][idx, :p0], v), dim=1)
         if kvh != H:
             k, v = k[:, :, self.kv_map], v[:, :, self.kv_map]  # per query head
+        nk = k.shape[1]
+        if read is not None:  # only the read row's query: [rows, 1, head, d_head]
+            q, nq = q[torch.arange(r, device=q.device), read][:, None], 1
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [rows, head, ., d]
         scores = (q @ k.transpose(-1, -2)) * w.scale  # [rows, head, q, key]
-        scores = scores.masked_fill(~self._allowed(idx, p0, nq), torch.finfo(scores.dtype).min)
+        allowed = (self._allowed(idx, p0, nq) if read is None
+                   else self._allowed_at(idx, p0 + read, nk))
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         f = hooks.get((Site.PATTERN, layer))
         if f is not None:
@@ -160,6 +191,11 @@ class BareForward:
             f = hooks.get((site, layer))
             out.append(t if f is None else f(t, p0))
         return out
+
+    def _allowed_at(self, idx: Tensor, qpos: Tensor, nk: int) -> Tensor:
+        """[rows, 1, 1, key]: may each row's one query (at ``qpos`` [rows]) attend to key j."""
+        causal = torch.arange(nk, device=idx.device)[None] <= qpos[:, None]  # [rows, key]
+        return (causal & self.key_ok[idx, :nk])[:, None, None, :]
 
     def _allowed(self, idx: Tensor, p0: int, nq: int) -> Tensor:
         """[rows, 1, q, key] may query p0 + i attend to key j (causal mask and padding)."""

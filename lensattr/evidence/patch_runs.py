@@ -32,7 +32,7 @@ from .interventions import digest
 __all__ = ["PatchRuns", "Cell", "DIRECTIONS"]
 
 DIRECTIONS = ("denoising", "noising")
-_SITES = (Site.Z, Site.Q, Site.K, Site.V, Site.PATTERN, Site.RESID_PRE)
+_SITES = (Site.Z, Site.Q, Site.K, Site.V, Site.PATTERN, Site.RESID_PRE, Site.RESID_MID)
 _CPU = torch.device("cpu")
 
 
@@ -210,9 +210,14 @@ class PatchRuns:
             hooks[(Site.PATTERN, c0.layer)] = _watch(inner, heads.repeat_interleave(n).to(dev),
                                                      read, watch)
         readout = self.readout.take(idx)
-        if self.bare is not None:
+        if self.bare is not None and c0.site == Site.Z and watch is None:
+            first = self.reach(c0)[1]  # the residual after the patched layer, then on
+            x = self._after_z(c0.layer, idx, mask, src, first)
+            raw = self.bare.run(idx, c0.layer + 1, first, {}, readout, resid=x,
+                                last_read_only=True)
+        elif self.bare is not None:
             layer, first = self.reach(c0)
-            raw = self.bare.run(idx, layer, first, hooks, readout)
+            raw = self.bare.run(idx, layer, first, hooks, readout, last_read_only=True)
         else:
             view = self.base_view.take(idx)
             bridge = {k: (lambda x, _f=f: _f(x, 0)) for k, f in hooks.items()}
@@ -221,6 +226,30 @@ class PatchRuns:
         out = self._metric(raw, self.base_view.take(idx), self.clean_raw[idx])
         w = None if watch is None else watch.cpu().reshape(len(cells), n, -1)
         return out.reshape(len(cells), n), w
+
+
+    def _after_z(self, layer: int, idx: Tensor, mask: Tensor, src: Tensor, p0: int) -> Tensor:
+        """The residual leaving block ``layer`` at positions ``p0..`` [rows, q, d_model] when the
+        heads in ``mask`` [rows, pos, head] output ``src``: the cached base residual, except at
+        patched positions, where the change (src - base) @ W_O is added after attention and the
+        MLP recomputed on it (only those positions change in this layer)."""
+        bare, dev = self.bare, src.device
+        w = bare.layers[layer]
+        m = mask[:, p0:]  # [rows, q, head]
+        base_z = self.base_acts[(Site.Z, layer)].to(dev)[idx.to(dev), p0:]
+        dz = torch.where(m[..., None], src[:, p0:] - base_z, 0.0)  # [rows, q, head, d_head]
+        D = torch.einsum("rqhe,hed->rqd", dz, self.adapter.W_O(layer).to(dz.dtype))
+        out = bare.resid[layer + 1] if layer + 1 < self.adapter.n_layers else bare.resid_final
+        x = out[idx.to(dev), p0:].clone()  # [rows, q, d_model]
+        sel = m.any(-1)  # [rows, q]: positions where some head is patched
+        if not sel.any():
+            return x
+        if w.parallel:  # the MLP reads the block input, which is unchanged
+            x[sel] = x[sel] + D[sel]
+            return x
+        mid = self.base_acts[(Site.RESID_MID, layer)].to(dev)[idx.to(dev), p0:][sel] + D[sel]
+        x[sel] = mid + w.mlp(w.ln2(mid[None]))[0]  # [k, d_model]
+        return x
 
 
 def _edit(site: Site, mask: Tensor, src: Tensor):
