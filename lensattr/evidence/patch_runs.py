@@ -88,6 +88,7 @@ class PatchRuns:
         if fast:
             self.bare, self.path_reason = self._make_bare()
         self.n_forwards = 0
+        self.n_skipped = 0  # rows whose patch changed nothing: the base run's value, exactly
 
     # ---- reference runs ----------------------------------------------------------------
     def _capture(self, view: PromptSet):
@@ -182,10 +183,9 @@ class PatchRuns:
         return values, rows if watched else None
 
     def _forward(self, cells: list[Cell], sources: dict):
-        a, n, dev = self.adapter, self.n, self.adapter.device
+        n, dev = self.n, self.adapter.device
         c0 = cells[0]
         idx = torch.arange(n, device=_CPU).repeat(len(cells))  # row r -> prompt r % n
-        R = idx.shape[0]
         src = sources[(c0.site, c0.layer)][idx.to(sources[(c0.site, c0.layer)].device)].to(dev)
         mask = torch.zeros(src.shape[:-1] if c0.site != Site.PATTERN else src.shape,
                            dtype=torch.bool, device=_CPU)
@@ -199,6 +199,32 @@ class PatchRuns:
             else:  # [rows, pos, head, d_head]
                 mask[rows, d, c.head] = True
         mask = mask.to(dev)
+        if not any(c.watch is not None for c in cells):
+            # rows whose patch replaces nothing by anything new are the unpatched base run
+            keep = self._changes(c0, idx, mask, src)
+            if not keep.all():
+                out = self.base[idx].clone()
+                self.n_skipped += int((~keep).sum())
+                if keep.any():
+                    k = keep.cpu()
+                    out[k] = self._run_rows(c0, cells, idx[k], mask[keep], src[keep])[0]
+                return out.reshape(len(cells), n), None
+        return self._run_rows(c0, cells, idx, mask, src)
+
+    def _changes(self, c0: Cell, idx: Tensor, mask: Tensor, src: Tensor) -> Tensor:
+        """[rows] does the patch change any activation of the row (exactly)?"""
+        if c0.site == Site.RESID_FINAL:  # an additive change
+            return ((src != 0).any(-1) & mask).flatten(1).any(1)
+        base = self.base_acts[(c0.site, c0.layer)]
+        diff = base[idx.to(base.device)].to(src.device) != src
+        if c0.site != Site.PATTERN:
+            diff = diff.any(-1)
+        return (diff & mask).flatten(1).any(1)
+
+    def _run_rows(self, c0: Cell, cells: list[Cell], idx: Tensor, mask: Tensor, src: Tensor):
+        """The forward of rows ``idx`` (prompt of each row) with their masks and sources."""
+        a, n, dev = self.adapter, self.n, self.adapter.device
+        R = idx.shape[0]
         hooks = {(c0.site, c0.layer if c0.site != Site.RESID_FINAL else None):
                  _edit(c0.site, mask, src)}
         watch = None
@@ -225,8 +251,7 @@ class PatchRuns:
         self.n_forwards += 1
         out = self._metric(raw, self.base_view.take(idx), self.clean_raw[idx])
         w = None if watch is None else watch.cpu().reshape(len(cells), n, -1)
-        return out.reshape(len(cells), n), w
-
+        return out.reshape(-1, n) if R == len(cells) * n else out, w
 
     def _after_z(self, layer: int, idx: Tensor, mask: Tensor, src: Tensor, p0: int) -> Tensor:
         """The residual leaving block ``layer`` at positions ``p0..`` [rows, q, d_model] when the
