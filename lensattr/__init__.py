@@ -14,6 +14,8 @@ from . import tasks, tasks_text  # noqa: F401  (tasks_text registers ioi, repeat
 from .audit import audit
 from .audit_result import Audit, AuditLoadError
 from .compare.verdicts import Thresholds
+from .evidence.patching import activation_patching, path_patching
+from .evidence.patching_result import ActivationPatching, PathPatching
 from .loading import list_models, load_model
 from .metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric, Metric
 from .model import Adapter
@@ -38,4 +40,8 @@ __all__ = [
     "Thresholds",
     "HeadId",
     "AblationMethod",
+    "activation_patching",
+    "path_patching",
+    "ActivationPatching",
+    "PathPatching",
 ]

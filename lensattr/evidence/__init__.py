@@ -14,6 +14,8 @@ from .interventions import (
     remove_direct,
     remove_sources,
 )
+from .patching import activation_patching, path_patching
+from .patching_result import ActivationPatching, PathPatching
 
 __all__ = [
     "direct_logit_attribution",
@@ -35,4 +37,8 @@ __all__ = [
     "remove_sources",
     "remove_direct",
     "digest",
+    "activation_patching",
+    "path_patching",
+    "ActivationPatching",
+    "PathPatching",
 ]
