@@ -14,16 +14,23 @@ from torch import Tensor
 from ..compare.ratio import fieller
 from ..compare.stats import signflip_p
 
-__all__ = ["ActivationPatching", "PathPatching", "patch_statistics"]
+__all__ = ["ActivationPatching", "PathPatching", "patch_statistics", "ROUNDING"]
+
+ROUNDING = 1e-6  # relative size of a metric change that float32 rounding can produce
 
 
 def patch_statistics(values: Tensor, base: Tensor, source: Tensor, seed: int = 0) -> dict:
     """Per cell (leading axes of ``values`` [..., batch]): the effect
     ``mean(values - base) / mean(source - base)`` (0 = the patch changes nothing, 1 = it moves
     the metric as far as the whole source run) with Fieller's 95% interval, and the sign-flip
-    p-value that ``mean(values - base) = 0``. NaN where a cell was not computed."""
+    p-value that ``mean(values - base) = 0``. NaN where a cell was not computed. A change
+    below ``ROUNDING`` times the prompt's metric scale (``|base| + |source| + 1``) is float32
+    rounding (another order of the same sums) and counts as 0, so that rounding noise is not
+    reported as a significant effect."""
     shape = values.shape[:-1]
     num = (values - base).reshape(-1, values.shape[-1]).double()
+    floor = ROUNDING * (base.abs() + source.abs() + 1).double()  # [batch]
+    num = torch.where(num.abs() <= floor, 0.0, num)
     den = (source - base).double().expand_as(num)
     ok = torch.isfinite(num).all(-1)
     eff, lo, hi = (torch.full((num.shape[0],), float("nan"), dtype=torch.float64)
