@@ -79,9 +79,9 @@ class PatchRuns:
         self.readout = self.metric.readout(self.base_view)
         self.n = len(prompts)
         with torch.no_grad():
-            self.clean_raw = a.read(prompts.tokens, prompts.attention_mask, self.readout)
             self.base_raw, self.base_acts = self._capture(self.base_view)
             self.source_raw, self.source_acts = self._capture(self.source_view)
+        self.clean_raw = self.source_raw if direction == "denoising" else self.base_raw
         self.base = self._metric(self.base_raw, self.base_view, self.clean_raw)
         self.source = self._metric(self.source_raw, self.base_view, self.clean_raw)
         self.bare, self.path_reason = (None, "fast=False")
@@ -92,9 +92,10 @@ class PatchRuns:
 
     # ---- reference runs ----------------------------------------------------------------
     def _capture(self, view: PromptSet):
+        """The readout and the activations at ``_SITES`` of one run (one forward)."""
         a, store = self.adapter, {}
-        raw = a.read(view.tokens, view.attention_mask, self.readout, {})
-        _, store = a.run_with_cache(view.tokens, view.attention_mask, _SITES)
+        raw = a.read(view.tokens, view.attention_mask, self.readout,
+                     a.capture_hooks(_SITES, store))
         return raw, store
 
     def _make_bare(self) -> tuple[BareForward | None, str | None]:
