@@ -17,6 +17,8 @@ from .compare.atp_agreement import AtPAgreement, atp_agreement
 from .compare.verdicts import Thresholds
 from .evidence.attribution import atp
 from .evidence.attribution_result import AtPResult
+from .evidence.patching import activation_patching, path_patching
+from .evidence.patching_result import ActivationPatching, PathPatching
 from .explain import ExplanationTests, explanation_tests
 from .loading import list_models, load_model
 from .metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric, Metric
@@ -48,4 +50,8 @@ __all__ = [
     "AtPResult",
     "atp_agreement",
     "AtPAgreement",
+    "activation_patching",
+    "path_patching",
+    "ActivationPatching",
+    "PathPatching",
 ]

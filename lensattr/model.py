@@ -49,6 +49,7 @@ class Site(str, Enum):
     K = "k"  # blocks.L.attn.hook_k  [batch, pos, kv_head_index, d_head], before rotary
     COS = "cos"  # blocks.L.attn.hook_cos  [1 or batch, pos, rotary_dim] (rotary models only)
     SIN = "sin"  # blocks.L.attn.hook_sin
+    Q = "q"  # blocks.L.attn.hook_q  [batch, pos, head_index, d_head], before rotary
 
 
 _LAYER_SITES = {
@@ -65,6 +66,7 @@ _LAYER_SITES = {
     Site.K: "blocks.{layer}.attn.hook_k",
     Site.COS: "blocks.{layer}.attn.hook_cos",
     Site.SIN: "blocks.{layer}.attn.hook_sin",
+    Site.Q: "blocks.{layer}.attn.hook_q",
 }
 _GLOBAL_SITES = {
     Site.RESID_FINAL: "ln_final.hook_in",

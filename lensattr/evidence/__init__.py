@@ -16,6 +16,8 @@ from .interventions import (
     remove_direct,
     remove_sources,
 )
+from .patching import activation_patching, path_patching
+from .patching_result import ActivationPatching, PathPatching
 
 __all__ = [
     "direct_logit_attribution",
@@ -39,4 +41,8 @@ __all__ = [
     "digest",
     "atp",
     "AtPResult",
+    "activation_patching",
+    "path_patching",
+    "ActivationPatching",
+    "PathPatching",
 ]

@@ -17,6 +17,7 @@ interleaved rotary, unknown blocks) keeps the bridge path, with the reason recor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -27,7 +28,8 @@ from ..model import Adapter, ModelError, Site
 __all__ = ["BareForward", "BARE_SITES", "apply_rotary"]
 
 # hook sites the bare forward runs (every other site sends an intervention to the bridge)
-BARE_SITES = {Site.PATTERN, Site.Z, Site.RESID_FINAL, Site.LN_FINAL_SCALE}
+BARE_SITES = {Site.PATTERN, Site.Z, Site.Q, Site.K, Site.V, Site.RESID_FINAL,
+              Site.LN_FINAL_SCALE}
 _TOL = 1e-4
 
 
@@ -94,24 +96,44 @@ class BareForward:
 
     # ---- the forward -------------------------------------------------------------------
     def run(self, idx: Tensor, first_layer: int, first_pos: int, hooks: dict,
-            readout) -> Tensor:
+            readout, resid: Tensor | None = None, last_read_only: bool = False) -> Tensor:
         """The readout of rows ``idx`` (prompt of each row) with ``hooks`` (functions taking
         ``(x, p0)``, of :data:`BARE_SITES` only), starting at ``first_layer`` and running
-        positions ``first_pos`` onwards."""
+        positions ``first_pos`` onwards. ``resid``: the residual entering ``first_layer`` at
+        those positions [rows, q, d_model] (default the cached one). ``last_read_only``: in the
+        last layer compute keys and values of every position but queries, attention output and
+        MLP at the read position only (used only where no hook edits the last layer or the
+        final residual)."""
         p0, a = first_pos, self.a
         idx = idx.to(self.resid[0].device)
+        last = a.n_layers - 1
+        read = None
+        if (last_read_only and not self.read_last and readout.positions is not None
+                and not any(k[1] is None or k[1] == last for k in hooks)):
+            read = readout.positions.to(idx.device) - p0  # [rows] the read row of each row
         with torch.no_grad():
-            if first_layer >= a.n_layers:
+            if resid is not None:
+                x = resid
+            elif first_layer >= a.n_layers:
                 x = self.resid_final[idx, p0:]
             else:
                 x = self.resid[first_layer][idx, p0:]  # [rows, q, d_model]
             for layer in range(first_layer, a.n_layers):
-                # the last block only matters at the read position: when every prompt reads
-                # its last position, only that query runs there (keys and values: all)
-                last = layer == a.n_layers - 1 and self.read_last and p0 < self.n_pos - 1
-                q0 = self.n_pos - 1 if last else p0
-                x = self._block(layer, x, idx, p0, hooks, q0)
-                p0 = q0
+                if layer == last and read is not None:
+                    x = self._block(layer, x, idx, p0, hooks, read=read)  # [rows, 1, d_model]
+                    readout = dataclasses.replace(readout, positions=torch.zeros_like(read))
+                    p0 = 0
+                else:
+                    # the last block matters only at the read position: when every prompt
+                    # reads its last position, only that query runs there (with any hooks)
+                    at_end = layer == last and self.read_last and p0 < self.n_pos - 1
+                    q0 = self.n_pos - 1 if at_end else p0
+                    x = self._block(layer, x, idx, p0, hooks, q0=q0)
+                    p0 = q0
+            if read is not None and first_layer > last:  # nothing ran: take the read rows
+                x = x[torch.arange(x.shape[0], device=x.device), read][:, None]
+                readout = dataclasses.replace(readout, positions=torch.zeros_like(read))
+                p0 = 0
             f = hooks.get((Site.RESID_FINAL, None))
             if f is not None:
                 x = f(x, p0)
@@ -128,41 +150,56 @@ class BareForward:
         return ((L - 1 - first_layer) * (p - first_pos) + last) / (L * p)
 
     def _block(self, layer: int, x: Tensor, idx: Tensor, p0: int, hooks: dict,
-               q0: int) -> Tensor:
-        """Block ``layer`` on positions ``p0..`` of ``x``; returns positions ``q0..`` (>= p0;
-        the earlier ones are computed only as keys and values)."""
+               q0: int | None = None, read: Tensor | None = None) -> Tensor:
+        """One block on positions p0..; positions ``q0..`` come out (default p0; the earlier
+        ones serve as keys and values only); with ``read`` [rows] only each row's read
+        position comes out ([rows, 1, d_model]), keys and values still from every position."""
         w = self.layers[layer]
+        q0 = p0 if q0 is None else q0
         h = w.ln1(x)
-        attn = self._attention(layer, w, h, idx, p0, hooks, q0)
-        x = x[:, q0 - p0:]
+        attn = self._attention(layer, w, h, idx, p0, hooks, q0, read)
+        if read is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), read][:, None]
+        else:
+            x = x[:, q0 - p0:]
         if w.parallel:
             return x + attn + w.mlp(w.ln2(x))
         x = x + attn
         return x + w.mlp(w.ln2(x))
 
-    def _attention(self, layer, w, h, idx, p0, hooks, q0) -> Tensor:
-        """Attention output of query positions ``q0..`` [rows, q, d_model]; keys and values
-        of positions ``p0..`` from ``h``, earlier ones from the cache."""
+    def _attention(self, layer, w, h, idx, p0, hooks, q0, read=None) -> Tensor:
+        """Attention output of query positions ``q0..`` (or each row's ``read`` position):
+        [rows, q, d_model]; keys and values of positions ``p0..`` from ``h``, earlier ones
+        from the cache."""
         W_QKV, b_QKV, W_O = self._fused(layer)
-        r, n, _ = h.shape
+        r, nq, _ = h.shape
         H, kvh, dh = self.a.n_heads, self.a.n_kv_heads, self.a.d_head
-        # [rows, pos, (head + 2 kv_head) * d_head]; addmm, as HF's projections compute it
-        qkv = torch.addmm(b_QKV, h.reshape(r * n, -1), W_QKV).view(r, n, -1)
+        # [rows, q, (head + 2 kv_head) * d_head]; addmm, as HF's projections compute it
+        qkv = torch.addmm(b_QKV, h.reshape(r * nq, -1), W_QKV).view(r, nq, -1)
         q, k, v = qkv.split((H * dh, kvh * dh, kvh * dh), dim=-1)
-        q = q[:, q0 - p0:]
-        nq = q.shape[1]
-        q, k, v = q.reshape(r, nq, H, dh), k.reshape(r, n, kvh, dh), v.reshape(r, n, kvh, dh)
+        q, k, v = q.view(r, nq, H, dh), k.view(r, nq, kvh, dh), v.view(r, nq, kvh, dh)
+        if (Site.Q, layer) in hooks or (Site.K, layer) in hooks or (Site.V, layer) in hooks:
+            q, k, v = self._edit_qkv(layer, hooks, p0, q, k, v)  # before rotary, as hook_q/k
+        if read is None and q0 > p0:  # queries from q0 only
+            q = q[:, q0 - p0:]
+            nq = q.shape[1]
+        qs = p0 if read is not None else q0
         if self.rotary:
-            q = self._rot(q, self.cos[idx, q0:], self.sin[idx, q0:])
+            q = self._rot(q, self.cos[idx, qs:], self.sin[idx, qs:])
             k = self._rot(k, self.cos[idx, p0:], self.sin[idx, p0:])
         if p0 > 0:  # positions before p0 are unchanged: their cached keys and values
             k = torch.cat((self.k[layer][idx, :p0], k), dim=1)  # [rows, key, kv_head, d_head]
             v = torch.cat((self.v[layer][idx, :p0], v), dim=1)
         if kvh != H:
             k, v = k[:, :, self.kv_map], v[:, :, self.kv_map]  # per query head
+        nk = k.shape[1]
+        if read is not None:  # only the read row's query: [rows, 1, head, d_head]
+            q, nq = q[torch.arange(r, device=q.device), read][:, None], 1
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [rows, head, ., d]
         scores = (q @ k.transpose(-1, -2)) * w.scale  # [rows, head, q, key]
-        scores = scores.masked_fill(~self._allowed(idx, q0, nq), torch.finfo(scores.dtype).min)
+        allowed = (self._allowed(idx, q0, nq) if read is None
+                   else self._allowed_at(idx, p0 + read, nk))
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         f = hooks.get((Site.PATTERN, layer))
         if f is not None:
@@ -172,6 +209,20 @@ class BareForward:
         if f is not None:
             z = f(z, q0)
         return torch.addmm(w.b_O, z.reshape(r * nq, H * dh), W_O).view(r, nq, -1)
+
+    @staticmethod
+    def _edit_qkv(layer, hooks, p0, q, k, v):
+        """Edits at Site.Q / K / V ([rows, q, head or kv_head, d_head], before rotary)."""
+        out = []
+        for site, t in ((Site.Q, q), (Site.K, k), (Site.V, v)):
+            f = hooks.get((site, layer))
+            out.append(t if f is None else f(t, p0))
+        return out
+
+    def _allowed_at(self, idx: Tensor, qpos: Tensor, nk: int) -> Tensor:
+        """[rows, 1, 1, key]: may each row's one query (at ``qpos`` [rows]) attend to key j."""
+        causal = torch.arange(nk, device=idx.device)[None] <= qpos[:, None]  # [rows, key]
+        return (causal & self.key_ok[idx, :nk])[:, None, None, :]
 
     def _allowed(self, idx: Tensor, p0: int, nq: int) -> Tensor:
         """[rows, 1, q, key] may query p0 + i attend to key j (causal mask and padding)."""

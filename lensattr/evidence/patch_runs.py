@@ -1,0 +1,310 @@
+"""The two runs of a patching experiment and the batched forward that patches one into the other.
+
+A patching experiment has a *base* run (the run patched into) and a *source* run (the run
+patched from): denoising patches the clean run's activations into the corrupted run (base =
+corrupted, TransformerLens's convention), noising the corrupted run's into the clean run.
+
+:class:`PatchRuns` caches both runs' activations and evaluates *cells*: one cell replaces, at one
+site of one layer, some heads' activations at some positions by given source activations, on
+every prompt. Many cells run in one forward pass, stacked along the batch (row ``k * n + i`` is
+cell ``k`` on prompt ``i``). Where the hook-free forward reproduces the bridge
+(:class:`~lensattr.evidence.bare.BareForward`, causal decoders), each forward starts at the
+cell's layer from the cached base residual and runs only positions from the first patched one
+on, attending to cached keys and values before it; elsewhere (encoders, metrics reading all
+logits) the bridge runs the whole forward with the same edits as hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import __version__
+from ..metrics import MetricError, as_metric, check_metric_output
+from ..model import Adapter, ModelError, Site
+from ..prompts import PromptSet
+from .bare import BareForward
+from .engine import _metric_identity, _prompts_digest
+from .interventions import digest
+
+__all__ = ["PatchRuns", "Cell", "DIRECTIONS"]
+
+DIRECTIONS = ("denoising", "noising")
+_SITES = (Site.Z, Site.Q, Site.K, Site.V, Site.PATTERN, Site.RESID_PRE, Site.RESID_MID)
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One patch: at ``site`` of ``layer``, head ``head`` (a key/value head for K and V), query
+    position ``dest`` (None: every position) and, for patterns, key position ``src`` (None:
+    every key) take the source activation. ``watch``: a query head whose attention row at the
+    read position is recorded (None: none)."""
+
+    site: Site
+    layer: int
+    head: int
+    dest: int | None = None
+    src: int | None = None
+    watch: int | None = None
+
+
+class PatchRuns:
+    """Base and source runs of one prompt set, and batched patched forwards between them."""
+
+    def __init__(self, model, prompts: PromptSet, metric, direction: str = "denoising", *,
+                 fast: bool = True, batch_size: int = 256):
+        self.adapter = a = model if isinstance(model, Adapter) else Adapter(model)
+        if not isinstance(prompts, PromptSet):
+            raise ValueError("prompts: expected a lensattr.PromptSet, got "
+                             f"{type(prompts).__name__}")
+        if prompts.corrupted is None:
+            raise ValueError("prompts: patching needs corrupted prompts (PromptSet(corrupted=...)) "
+                             "of the same shape as the clean tokens")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        prompts.validate_vocab(a.d_vocab)
+        prompts.validate_length(getattr(a.cfg, "n_ctx", None))
+        prompts.validate_tokenizer(getattr(a.model, "tokenizer", None), a.name)
+        self.prompts, self.direction, self.batch_size = prompts, direction, int(batch_size)
+        self.metric = as_metric(metric)
+        corrupted = prompts.corrupted_view()
+        # TL's convention: the metric reads the same positions and answers on every run
+        self.base_view, self.source_view = ((corrupted, prompts) if direction == "denoising"
+                                            else (prompts, corrupted))
+        self.readout = self.metric.readout(self.base_view)
+        self.n = len(prompts)
+        with torch.no_grad():
+            self.base_raw, self.base_acts = self._capture(self.base_view)
+            self.source_raw, self.source_acts = self._capture(self.source_view)
+        self.clean_raw = self.source_raw if direction == "denoising" else self.base_raw
+        self.base = self._metric(self.base_raw, self.base_view, self.clean_raw)
+        self.source = self._metric(self.source_raw, self.base_view, self.clean_raw)
+        self.bare, self.path_reason = (None, "fast=False")
+        if fast:
+            self.bare, self.path_reason = self._make_bare()
+        self.n_forwards = 0
+        self.n_skipped = 0  # rows whose patch changed nothing: the base run's value, exactly
+
+    # ---- reference runs ----------------------------------------------------------------
+    def _capture(self, view: PromptSet):
+        """The readout and the activations at ``_SITES`` of one run (one forward)."""
+        a, store = self.adapter, {}
+        raw = a.read(view.tokens, view.attention_mask, self.readout,
+                     a.capture_hooks(_SITES, store))
+        return raw, store
+
+    def _make_bare(self) -> tuple[BareForward | None, str | None]:
+        a, view = self.adapter, self.base_view
+        if self.readout.kind not in ("columns", "logits"):
+            return None, f"the metric reads {self.readout.kind!r}, not logits at one position"
+        if not a.is_causal:
+            return None, "not a causal decoder"
+        if not a._fast_readout_ok(view.tokens, view.attention_mask):
+            return None, "the unembedding is not the plain final norm -> W_U"
+        try:
+            bare = BareForward(a, view.tokens, view.attention_mask, self.readout)
+        except ModelError as e:
+            return None, str(e)
+        if not bare.check(self.base_raw, self.first_read):
+            return None, bare.reason
+        return bare, None
+
+    @property
+    def path(self) -> str:
+        """``"bare"`` (the hook-free forward) or ``"bridge"`` (see ``path_reason``)."""
+        return "bare" if self.bare is not None else "bridge"
+
+    @property
+    def first_read(self) -> int:
+        """The first position any prompt's metric reads (the whole row when it reads all)."""
+        pos = self.readout.positions
+        return 0 if pos is None else int(pos.min())
+
+    def _metric(self, raw: Tensor, view: PromptSet, clean: Tensor) -> Tensor:
+        if not torch.isfinite(raw.float()).all():
+            raise MetricError("model output: NaN or inf in what the metric reads; check the "
+                              "model's weights, inputs and patches")
+        out = check_metric_output(self.metric.compute(raw.float(), view, clean.float()),
+                                  raw.shape[0], self.metric.name).detach().cpu()
+        if not torch.isfinite(out).all():
+            raise MetricError(f"metric {self.metric.name!r}: returned NaN or inf")
+        return out
+
+    def meta(self, method: str, **params) -> dict:
+        a = self.adapter
+        return {
+            "model": a.name, "config": a.config_hash(), "prompts": _prompts_digest(self.prompts),
+            "n_prompts": self.n, "metric": self.metric.describe(),
+            "metric_digest": digest(_metric_identity(self.metric)), "method": method,
+            "direction": self.direction, "path": self.path, "path_reason": self.path_reason,
+            "lensattr_version": __version__, **params,
+        }
+
+    # ---- patched forwards ----------------------------------------------------------------
+    def reach(self, cell: Cell) -> tuple[int, int]:
+        """(first layer, first position) a cell can change; the read positions included."""
+        first = self.first_read
+        if cell.site == Site.RESID_FINAL:
+            return self.adapter.n_layers, first
+        return cell.layer, min(first, 0 if cell.dest is None else cell.dest)
+
+    def run(self, cells: list[Cell], sources: dict | None = None, progress=None
+            ) -> tuple[Tensor, Tensor | None]:
+        """Metric per prompt of each cell, [cell, batch] (CPU), and, where cells ``watch`` a
+        head, its attention row at the read position [cell, batch, key_pos] (else None).
+        ``sources``: (site, layer) -> [batch, ...] activations to patch in (default the source
+        run's)."""
+        sources = self.source_acts if sources is None else sources
+        for c in cells:
+            if (c.site, c.layer) not in sources:
+                raise ValueError(f"cells: no source activation for {c.site.value} in layer "
+                                 f"{c.layer}")
+        values = torch.full((len(cells), self.n), float("nan"))
+        rows = torch.full((len(cells), self.n, self.prompts.n_pos), float("nan"))
+        per = max(1, self.batch_size // self.n)
+        groups: dict = {}
+        for k, c in enumerate(cells):
+            key = (c.site, c.layer, self.reach(c)) if self.bare is not None else (c.site, c.layer)
+            groups.setdefault(key, []).append(k)
+        for ks in groups.values():
+            for i in range(0, len(ks), per):
+                chunk = ks[i: i + per]
+                v, w = self._forward([cells[k] for k in chunk], sources)
+                values[chunk] = v
+                if w is not None:
+                    rows[chunk] = w
+                if progress is not None:
+                    progress.update(len(chunk))
+        watched = any(c.watch is not None for c in cells)
+        return values, rows if watched else None
+
+    def _forward(self, cells: list[Cell], sources: dict):
+        n, dev = self.n, self.adapter.device
+        c0 = cells[0]
+        idx = torch.arange(n, device=_CPU).repeat(len(cells))  # row r -> prompt r % n
+        src = sources[(c0.site, c0.layer)][idx.to(sources[(c0.site, c0.layer)].device)].to(dev)
+        mask = torch.zeros(src.shape[:-1] if c0.site != Site.PATTERN else src.shape,
+                           dtype=torch.bool, device=_CPU)
+        for k, c in enumerate(cells):
+            rows = slice(k * n, (k + 1) * n)
+            d = slice(None) if c.dest is None else c.dest
+            if c.site == Site.PATTERN:  # [rows, head, query_pos, key_pos]
+                mask[rows, c.head, d, slice(None) if c.src is None else c.src] = True
+            elif c.site == Site.RESID_FINAL:  # an additive source: every row takes it
+                mask[rows] = True
+            else:  # [rows, pos, head, d_head]
+                mask[rows, d, c.head] = True
+        mask = mask.to(dev)
+        if not any(c.watch is not None for c in cells):
+            # rows whose patch replaces nothing by anything new are the unpatched base run
+            keep = self._changes(c0, idx, mask, src)
+            if not keep.all():
+                out = self.base[idx].clone()
+                self.n_skipped += int((~keep).sum())
+                if keep.any():
+                    k = keep.cpu()
+                    out[k] = self._run_rows(c0, cells, idx[k], mask[keep], src[keep])[0]
+                return out.reshape(len(cells), n), None
+        return self._run_rows(c0, cells, idx, mask, src)
+
+    def _changes(self, c0: Cell, idx: Tensor, mask: Tensor, src: Tensor) -> Tensor:
+        """[rows] does the patch change any activation of the row (exactly)?"""
+        if c0.site == Site.RESID_FINAL:  # an additive change
+            return ((src != 0).any(-1) & mask).flatten(1).any(1)
+        base = self.base_acts[(c0.site, c0.layer)]
+        diff = base[idx.to(base.device)].to(src.device) != src
+        if c0.site != Site.PATTERN:
+            diff = diff.any(-1)
+        return (diff & mask).flatten(1).any(1)
+
+    def _run_rows(self, c0: Cell, cells: list[Cell], idx: Tensor, mask: Tensor, src: Tensor):
+        """The forward of rows ``idx`` (prompt of each row) with their masks and sources."""
+        a, n, dev = self.adapter, self.n, self.adapter.device
+        R = idx.shape[0]
+        hooks = {(c0.site, c0.layer if c0.site != Site.RESID_FINAL else None):
+                 _edit(c0.site, mask, src)}
+        watch = None
+        if any(c.watch is not None for c in cells):
+            heads = torch.tensor([c.watch if c.watch is not None else 0 for c in cells])
+            read = self.readout.positions[idx].to(dev)
+            watch = torch.full((R, self.prompts.n_pos), float("nan"), device=dev)
+            inner = hooks.get((Site.PATTERN, c0.layer))
+            hooks[(Site.PATTERN, c0.layer)] = _watch(inner, heads.repeat_interleave(n).to(dev),
+                                                     read, watch)
+        readout = self.readout.take(idx)
+        if self.bare is not None and c0.site == Site.Z and watch is None:
+            first = self.reach(c0)[1]  # the residual after the patched layer, then on
+            x = self._after_z(c0.layer, idx, mask, src, first)
+            raw = self.bare.run(idx, c0.layer + 1, first, {}, readout, resid=x,
+                                last_read_only=True)
+        elif self.bare is not None:
+            layer, first = self.reach(c0)
+            raw = self.bare.run(idx, layer, first, hooks, readout, last_read_only=True)
+        else:
+            view = self.base_view.take(idx)
+            bridge = {k: (lambda x, _f=f: _f(x, 0)) for k, f in hooks.items()}
+            raw = a.read(view.tokens, view.attention_mask, readout, bridge)
+        self.n_forwards += 1
+        out = self._metric(raw, self.base_view.take(idx), self.clean_raw[idx])
+        w = None if watch is None else watch.cpu().reshape(len(cells), n, -1)
+        return out.reshape(-1, n) if R == len(cells) * n else out, w
+
+    def _after_z(self, layer: int, idx: Tensor, mask: Tensor, src: Tensor, p0: int) -> Tensor:
+        """The residual leaving block ``layer`` at positions ``p0..`` [rows, q, d_model] when the
+        heads in ``mask`` [rows, pos, head] output ``src``: the cached base residual, except at
+        patched positions, where the change (src - base) @ W_O is added after attention and the
+        MLP recomputed on it (only those positions change in this layer)."""
+        bare, dev = self.bare, src.device
+        w = bare.layers[layer]
+        m = mask[:, p0:]  # [rows, q, head]
+        base_z = self.base_acts[(Site.Z, layer)].to(dev)[idx.to(dev), p0:]
+        dz = torch.where(m[..., None], src[:, p0:] - base_z, 0.0)  # [rows, q, head, d_head]
+        D = torch.einsum("rqhe,hed->rqd", dz, self.adapter.W_O(layer).to(dz.dtype))
+        out = bare.resid[layer + 1] if layer + 1 < self.adapter.n_layers else bare.resid_final
+        x = out[idx.to(dev), p0:].clone()  # [rows, q, d_model]
+        sel = m.any(-1)  # [rows, q]: positions where some head is patched
+        if not sel.any():
+            return x
+        if w.parallel:  # the MLP reads the block input, which is unchanged
+            x[sel] = x[sel] + D[sel]
+            return x
+        mid = self.base_acts[(Site.RESID_MID, layer)].to(dev)[idx.to(dev), p0:][sel] + D[sel]
+        x[sel] = mid + w.mlp(w.ln2(mid[None]))[0]  # [k, d_model]
+        return x
+
+
+def _edit(site: Site, mask: Tensor, src: Tensor):
+    """An edit ``f(x, p0)`` that takes ``src`` where ``mask`` is set, for rows of query positions
+    ``p0..`` (the hook-free forward runs only those; the bridge passes ``p0 = 0``)."""
+    if site == Site.RESID_FINAL:  # src is an additive change [rows, pos, d_model]
+        def add(x, p0):
+            return x + src[:, p0: p0 + x.shape[1]].to(x.dtype)
+        return add
+    if site == Site.PATTERN:
+        def pattern(x, p0):  # [rows, head, q, key]
+            nq, nk = x.shape[2], x.shape[3]
+            m = mask[:, :, p0: p0 + nq, :nk]
+            return torch.where(m, src[:, :, p0: p0 + nq, :nk].to(x.dtype), x)
+        return pattern
+
+    def vector(x, p0):  # [rows, pos, head, d_head]
+        nq = x.shape[1]
+        return torch.where(mask[:, p0: p0 + nq, :, None], src[:, p0: p0 + nq].to(x.dtype), x)
+    return vector
+
+
+def _watch(inner, heads: Tensor, read: Tensor, out: Tensor):
+    """A pattern hook that records each row's head ``heads[r]`` attention at its read position
+    into ``out`` [rows, key_pos] after any edit ``inner``."""
+    def f(x, p0):
+        if inner is not None:
+            x = inner(x, p0)
+        r = torch.arange(x.shape[0], device=x.device)
+        out[:, : x.shape[3]] = x[r, heads, read - p0].float()
+        return x
+    return f

@@ -1,0 +1,275 @@
+"""Activation and path patching: equal to TransformerLens's own functions and to a slow
+hand-written reference; invariants; bad input."""
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lensattr.evidence.patch_runs import Cell, PatchRuns
+from lensattr.evidence.patching import activation_patching, path_patching
+from lensattr.loading import boot_bridge
+from lensattr.metrics import LogitDiff, LogitsMetric, MetricError
+from lensattr.model import ModelError, Site
+from lensattr.prompts import PromptError, PromptSet
+
+from .conftest import word_tokenizer
+from .test_architectures import build
+from .test_architectures import prompts as _prompts
+
+TOL = 1e-5
+
+
+def prompts():
+    return _prompts(n=4, p=6)  # small: TL's sweeps run one forward per cell
+TL_NAMES = {"z": "out", "q": "q", "k": "k", "v": "v", "pattern": "pattern"}
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """A 2-layer, 4-head GPT-2 with weights large enough for patches to move the metric."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+                     initializer_range=0.3)
+    return boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), "patch-gpt2")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build("llama-gqa")  # 4 query heads, 2 key/value heads
+
+
+def tl_metric(p: PromptSet):
+    rows = torch.arange(len(p))
+
+    def metric(logits):  # TL's convention: logits [batch, pos, d_vocab] -> [batch]
+        return logits[rows, -1, p.answers] - logits[rows, -1, p.wrong]
+    return metric
+
+
+def tl_sweep(model, p, site, by, direction="denoising"):
+    fn = (tlp.get_act_patch_attn_head_pattern_dest_src_pos if by == "dest_src" else getattr(
+        tlp, f"get_act_patch_attn_head_{TL_NAMES[site]}_{'all_pos' if by == 'all' else 'by_pos'}"))
+    src, base = (p.tokens, p.corrupted) if direction == "denoising" else (p.corrupted, p.tokens)
+    _, cache = model.run_with_cache(src)
+    return fn(model, base, cache, tl_metric(p), reduce="none", baseline=True)
+
+
+CASES = [(s, b) for s in ("z", "q", "k", "v", "pattern") for b in ("all", "pos")]
+
+
+@pytest.mark.parametrize("site,by", CASES + [("pattern", "dest_src")])
+def test_equals_transformer_lens_gpt2(gpt2, site, by):
+    p = prompts()
+    ref = tl_sweep(gpt2, p, site, by)
+    res = activation_patching(gpt2, p, LogitDiff(), site=site, by=by)
+    assert res.meta["path"] == "bare"
+    assert res.values.shape == ref.values.shape
+    assert res.delta.abs().max() > 0.05  # the patches move the metric: the check can fail
+    torch.testing.assert_close(res.values, ref.values.cpu(), atol=TOL, rtol=0)
+    torch.testing.assert_close(res.base, ref.baseline.cpu(), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("site,by", CASES)
+def test_equals_transformer_lens_gqa(llama, site, by):
+    """Grouped-query attention: k and v cells are key/value heads, as TL's hooks are."""
+    p = prompts()
+    ref = tl_sweep(llama, p, site, by)
+    res = activation_patching(llama, p, LogitDiff(), site=site, by=by)
+    n_heads = 2 if site in ("k", "v") else 4
+    assert n_heads in res.values.shape and res.meta["path"] == "bare"
+    assert res.delta.abs().max() > 0.05
+    torch.testing.assert_close(res.values, ref.values.cpu(), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("site,by", [("z", "pos"), ("k", "all"), ("pattern", "pos")])
+def test_noising_equals_transformer_lens(gpt2, site, by):
+    p = prompts()
+    ref = tl_sweep(gpt2, p, site, by, direction="noising")
+    res = activation_patching(gpt2, p, LogitDiff(), site=site, by=by, direction="noising")
+    torch.testing.assert_close(res.values, ref.values.cpu(), atol=TOL, rtol=0)
+    # noising: the base is the clean run, the source the corrupted run
+    torch.testing.assert_close(res.base, tl_metric(p)(gpt2(p.tokens)).detach(), atol=TOL,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("site,by", [("z", "pos"), ("q", "all"), ("v", "pos")])
+def test_bridge_path_and_batching_agree(llama, site, by):
+    """The bridge fallback, a plain-callable metric (all logits, TL's convention) and one cell
+    per forward give the hook-free batched numbers."""
+    p = prompts()
+    fast = activation_patching(llama, p, LogitDiff(), site=site, by=by)
+    slow = activation_patching(llama, p, LogitDiff(), site=site, by=by, fast=False)
+    one = activation_patching(llama, p, LogitDiff(), site=site, by=by, batch_size=1)
+    fn = LogitsMetric(lambda logits, q: tl_metric(q)(logits))
+    callable_ = activation_patching(llama, p, fn, site=site, by=by)
+    assert slow.meta["path"] == "bridge" and callable_.meta["path"] == "bridge"
+    for other in (slow, one, callable_):
+        torch.testing.assert_close(other.values, fast.values, atol=TOL, rtol=0)
+
+
+def test_encoder_uses_the_bridge_and_refuses_patterns():
+    bert = build("bert")
+    p = prompts()
+    fn = LogitsMetric(lambda logits, q: tl_metric(q)(logits))
+    ref = tl_sweep(bert, p, "z", "pos")
+    res = activation_patching(bert, p, fn, site="z", by="pos")
+    assert res.meta["path"] == "bridge"
+    torch.testing.assert_close(res.values, ref.values.cpu(), atol=TOL, rtol=0)
+    with pytest.raises(ModelError, match="pattern"):
+        activation_patching(bert, p, fn, site="pattern")
+
+
+def test_clean_into_clean_changes_nothing(gpt2, llama):
+    same = prompts()
+    same = PromptSet(tokens=same.tokens, corrupted=same.tokens, answers=same.answers,
+                     wrong=same.wrong)
+    for model in (gpt2, llama):
+        for site in ("z", "q", "k", "v", "pattern"):
+            res = activation_patching(model, same, LogitDiff(), site=site, by="pos")
+            assert torch.equal(res.values, res.base.expand_as(res.values))
+        # and through the forward itself (no short cut): the base run's own activations
+        runs = PatchRuns(model, prompts(), LogitDiff())
+        for site in (Site.Z, Site.Q, Site.K, Site.PATTERN):
+            cells = [Cell(site, layer, h) for layer in range(2) for h in range(2)]
+            n = runs.n
+            idx = torch.arange(n).repeat(len(cells))
+            src = runs.base_acts[(site, 0)][idx]
+            mask = torch.zeros(src.shape[:-1] if site != Site.PATTERN else src.shape,
+                               dtype=torch.bool)
+            mask[:, :, 0] = True
+            vals, _ = runs._run_rows(Cell(site, 0, 0), cells, idx, mask, src)
+            torch.testing.assert_close(vals, runs.base.expand_as(vals), atol=TOL, rtol=0)
+
+
+def test_result_statistics_frame_and_export(gpt2):
+    p = prompts()
+    res = activation_patching(gpt2, p, LogitDiff(), site="z", by="all")
+    delta = res.values - res.base
+    want = delta[1, 2].mean() / (res.source - res.base).mean()  # ratio of means, by hand
+    assert abs(float(res.effect[1, 2]) - float(want)) < 1e-5
+    assert (res.effect_lo <= res.effect).all() and (res.effect <= res.effect_hi).all()
+    df = res.to_frame()
+    assert len(df) == 8 and {"layer", "head", "effect", "p_value", "metric"} <= set(df.columns)
+    row = df[(df["layer"] == 1) & (df["head"] == 2)].iloc[0]
+    assert abs(row.metric - float(res.values[1, 2].mean())) < 1e-6
+    tl = res.to_transformer_lens()
+    assert isinstance(tl, tlp.PatchingResult) and not tl.reduced
+    torch.testing.assert_close(tl.effect(), delta)
+    torch.testing.assert_close(tl.mean(), res.mean())
+    assert len(tl.index_df) == 8 and list(tl.index_df.columns) == ["layer", "head"]
+    assert res.meta["direction"] == "denoising" and res.meta["site"] == "z"
+
+
+# ---- path patching -----------------------------------------------------------------------
+def hand_path_patch(model, p, sender, receiver, comp):
+    """Wang et al. (2022), denoising, the slow way with explicit bridge hooks: (1) run the
+    corrupted prompts with every head and MLP frozen at its corrupted value except the sender
+    (clean), and record the receiver's input projection; (2) run the corrupted prompts with
+    only the receiver's q/k/v replaced by it. Receiver None: the logits of run (1)."""
+    Ls, hs = sender
+    L = model.cfg.n_layers
+    _, clean = model.run_with_cache(p.tokens)
+    _, corr = model.run_with_cache(p.corrupted)
+
+    def freeze_z(layer):
+        def hook(z, hook):
+            z = corr[f"blocks.{layer}.attn.hook_z"].clone()
+            if layer == Ls:
+                z[:, :, hs] = clean[f"blocks.{layer}.attn.hook_z"][:, :, hs]
+            return z
+        return hook
+
+    hooks = [(f"blocks.{layer}.attn.hook_z", freeze_z(layer)) for layer in range(L)]
+    hooks += [(f"blocks.{layer}.hook_mlp_out", lambda x, hook: corr[hook.name])
+              for layer in range(L)]
+    if receiver is None:
+        return tl_metric(p)(model.run_with_hooks(p.corrupted, fwd_hooks=hooks)).detach(), None
+    Lr, hr = receiver
+    name = f"blocks.{Lr}.attn.hook_{comp}"
+    got = {}
+    hooks.append((name, lambda x, hook: got.update(x=x.clone())))
+    model.run_with_hooks(p.corrupted, fwd_hooks=hooks)
+
+    def patch(x, hook):
+        x = x.clone()
+        x[:, :, hr] = got["x"][:, :, hr]
+        return x
+    pat = {}
+    kv = hr * (model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads))
+    logits = model.run_with_hooks(p.corrupted, fwd_hooks=[
+        (name, patch), (f"blocks.{Lr}.attn.hook_pattern",
+                        lambda x, hook: pat.update(x=x[:, kv if comp != "q" else hr]))])
+    rows = torch.arange(len(p))
+    change = pat["x"][rows, -1] - corr[f"blocks.{Lr}.attn.hook_pattern"][
+        rows, kv if comp != "q" else hr, -1]
+    return tl_metric(p)(logits).detach(), change.detach()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_path_patching_equals_hand_written_reference(family, gpt2, llama):
+    model = gpt2 if family == "gpt2" else llama
+    p = prompts()
+    res = path_patching(model, p, LogitDiff(), (0, 1))
+    assert res.meta["path"] == "bare"
+    assert torch.isnan(res.values[:, 0]).all()  # receivers before the sender: not computed
+    for c, comp in enumerate(res.components):
+        for h in range(2 if (family == "llama" and comp != "q") else 4):
+            want, change = hand_path_patch(model, p, (0, 1), (1, h), comp)
+            torch.testing.assert_close(res.values[c, 1, h], want, atol=TOL, rtol=0)
+            torch.testing.assert_close(res.pattern_change[c, 1, h], change, atol=TOL, rtol=0)
+    if family == "llama":
+        assert torch.isnan(res.values[1:, 1, 2:]).all()  # k/v receivers: 2 key/value heads
+    want, _ = hand_path_patch(model, p, (0, 1), None, None)
+    torch.testing.assert_close(res.logits, want, atol=TOL, rtol=0)
+    assert (res.values[0, 1] - res.base).abs().max() > 0.01  # the check can fail
+    assert res.pattern_change[0, 1].abs().max() > 1e-3  # q moves the receiver's pattern
+    assert res.pattern_change[2, 1].nan_to_num().abs().max() == 0  # v cannot
+    slow = path_patching(model, p, LogitDiff(), (0, 1), fast=False)
+    assert slow.meta["path"] == "bridge"
+    torch.testing.assert_close(slow.values, res.values, atol=TOL, rtol=0, equal_nan=True)
+    df = res.to_frame()
+    assert set(df.receiver) == {"q", "k", "v", "logits"}
+
+
+@pytest.mark.parametrize("comp", ["q", "k", "v"])
+def test_path_patching_equals_transformer_lens_direct_path(gpt2, llama, comp):
+    p = prompts()
+    for model in (gpt2, llama) if comp == "q" else (gpt2,):  # TL refuses k/v under GQA
+        _, clean = model.run_with_cache(p.tokens)
+        _, corr = model.run_with_cache(p.corrupted)
+        ref = tlp.get_act_patch_direct_path(model, p.corrupted, clean, corr,
+                                            lambda logits: tl_metric(p)(logits).mean(),
+                                            0, 2, component=comp, verbose=False)
+        res = path_patching(model, p, LogitDiff(), (0, 2), receivers=(comp,))
+        torch.testing.assert_close(res.values[0, 1].mean(-1), ref[1].cpu(), atol=TOL, rtol=0)
+
+
+# ---- bad input ---------------------------------------------------------------------------
+def test_bad_input_clear_errors(gpt2):
+    p = prompts()
+    with pytest.raises(PromptError, match="corrupted: expected the same shape"):
+        PromptSet(tokens=p.tokens, corrupted=p.tokens[:, :5], answers=p.answers,
+                  wrong=p.wrong)
+    no_corr = PromptSet(tokens=p.tokens, answers=p.answers, wrong=p.wrong)
+    with pytest.raises(ValueError, match="corrupted prompts"):
+        activation_patching(gpt2, no_corr, LogitDiff())
+    with pytest.raises(ValueError, match="sender: layer 5 out of range"):
+        path_patching(gpt2, p, LogitDiff(), (5, 0))
+    with pytest.raises(ValueError, match="sender: head 9 out of range"):
+        path_patching(gpt2, p, LogitDiff(), (1, 9))
+    with pytest.raises(ValueError, match="receivers"):
+        path_patching(gpt2, p, LogitDiff(), (0, 0), receivers=("o",))
+    with pytest.raises(ValueError, match="site: expected"):
+        activation_patching(gpt2, p, LogitDiff(), site="mlp")
+    with pytest.raises(ValueError, match="by: 'dest_src' applies to site='pattern'"):
+        activation_patching(gpt2, p, LogitDiff(), site="z", by="dest_src")
+    with pytest.raises(ValueError, match="direction"):
+        activation_patching(gpt2, p, LogitDiff(), direction="sideways")
+    scalar = LogitsMetric(lambda logits, q: tl_metric(q)(logits).mean(), name="mean_ld")
+    with pytest.raises(MetricError, match=r"'mean_ld': returned shape \(\), expected \(4,\)"):
+        activation_patching(gpt2, p, scalar)
+    bert = build("bert")
+    with pytest.raises(ModelError, match="pre-norm causal decoder"):
+        path_patching(bert, p, LogitsMetric(lambda logits, q: tl_metric(q)(logits)), (0, 0))
