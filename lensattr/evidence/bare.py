@@ -126,7 +126,10 @@ class BareForward:
                 else:
                     # the last block matters only at the read position: when every prompt
                     # reads its last position, only that query runs there (with any hooks)
-                    at_end = layer == last and self.read_last and p0 < self.n_pos - 1
+                    # (not under a pattern edit there: it flags rows whose renormalised
+                    # mass vanishes at any query, as the bridge path does)
+                    at_end = (layer == last and self.read_last and p0 < self.n_pos - 1
+                              and (Site.PATTERN, last) not in hooks)
                     q0 = self.n_pos - 1 if at_end else p0
                     x = self._block(layer, x, idx, p0, hooks, q0=q0)
                     p0 = q0
