@@ -97,7 +97,8 @@ def audit(
             (causal decoders; see :mod:`lensattr.evidence.bare`); ``False`` runs every one as a
             full bridge forward (the reference). ``meta["engine"]`` says which path ran.
         memory_budget: bytes of working memory per forward chunk (default: unbounded;
-            ``batch_size`` still caps rows).
+            ``batch_size`` still caps rows). A chunk holds at least one intervention (one row
+            per prompt); a budget too small for one row is refused.
         screen: ``"auto"``: a head whose exact effect under a baseline does not clear the
             null margin gets no routing edits, row split or single edges under it (no verdict
             reads them; see :mod:`lensattr.screening`); ``"none"``: every head gets all.
