@@ -395,15 +395,23 @@ class Adapter:
             return b[layer]
 
         kvh = self.n_kv_heads
+        W_Q, W_K, W_V, W_O = get("W_Q"), get("W_K"), get("W_V"), get("W_O")
+        b_Q, b_K = get("b_Q", (self.n_heads, self.d_head)), get("b_K", (kvh, self.d_head))
+        b_V = get("b_V", (kvh, self.d_head))
+
+        def flat(W):  # [head, d_model, d_head] -> [d_model, head * d_head]
+            return W.permute(1, 0, 2).reshape(W.shape[1], -1)
+
         return BareLayer(
             ln1=ln1, ln2=ln2, mlp=mlp,
-            W_Q=get("W_Q"), b_Q=get("b_Q", (self.n_heads, self.d_head)),
-            W_K=get("W_K"), b_K=get("b_K", (kvh, self.d_head)),
-            W_V=get("W_V"), b_V=get("b_V", (kvh, self.d_head)),
-            W_O=get("W_O"), b_O=get("b_O", (self.d_model,)),
+            W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, W_V=W_V, b_V=b_V,
+            W_O=W_O, b_O=get("b_O", (self.d_model,)),
             scale=float(scale),
             parallel=bool(getattr(self.cfg, "parallel_attn_mlp", False)),
             rotary=getattr(self.cfg, "positional_embedding_type", "") == "rotary",
+            W_QKV=torch.cat((flat(W_Q), flat(W_K), flat(W_V)), dim=1),
+            b_QKV=torch.cat((b_Q.reshape(-1), b_K.reshape(-1), b_V.reshape(-1))),
+            W_O_flat=W_O.reshape(-1, W_O.shape[-1]),
         )
 
     def patterns_from_cache(self, cache) -> list[Tensor]:
@@ -640,6 +648,9 @@ class BareLayer(NamedTuple):
     scale: float  # multiplies q.k
     parallel: bool  # attention and MLP both read the block input (GPT-NeoX, GPT-J)
     rotary: bool
+    W_QKV: Tensor  # [d_model, (head + 2 kv_head) * d_head]: W_Q, W_K, W_V side by side
+    b_QKV: Tensor  # [(head + 2 kv_head) * d_head]
+    W_O_flat: Tensor  # [head * d_head, d_model]
 
 
 class FinalNorm(NamedTuple):

@@ -89,7 +89,6 @@ class BareForward:
         self.n_pos = p
         self.read_last = readout.positions is not None and bool(
             (readout.positions == p - 1).all())
-        self._w: dict[int, tuple] = {}
 
     def _rot(self, x, cos, sin):
         return apply_rotary(x, cos.to(x.dtype), sin.to(x.dtype)) if self.rotary else x
@@ -174,7 +173,7 @@ class BareForward:
         """Attention output of query positions ``q0..`` (or each row's ``read`` position):
         [rows, q, d_model]; keys and values of positions ``p0..`` from ``h``, earlier ones
         from the cache."""
-        W_QKV, b_QKV, W_O = self._fused(layer)
+        W_QKV, b_QKV, W_O = w.W_QKV, w.b_QKV, w.W_O_flat
         r, nq, _ = h.shape
         H, kvh, dh = self.a.n_heads, self.a.n_kv_heads, self.a.d_head
         # [rows, q, (head + 2 kv_head) * d_head]; addmm, as HF's projections compute it
@@ -234,19 +233,6 @@ class BareForward:
         causal = torch.arange(nk, device=idx.device)[None] <= qpos[:, None]  # [q, key]
         return causal[None, None] & self.key_ok[idx, :nk][:, None, None, :]
 
-    def _fused(self, layer: int):
-        """(W_QKV [d_model, (head + 2 kv_head) * d_head], its bias, W_O [head*d_head, d_model])
-        of one layer, built once."""
-        if layer not in self._w:
-            w = self.layers[layer]
-
-            def flat(W):  # [head, d_model, d_head] -> [d_model, head * d_head]
-                return W.permute(1, 0, 2).reshape(W.shape[1], -1)
-
-            W_QKV = torch.cat((flat(w.W_Q), flat(w.W_K), flat(w.W_V)), dim=1)
-            b_QKV = torch.cat((w.b_Q.reshape(-1), w.b_K.reshape(-1), w.b_V.reshape(-1)))
-            self._w[layer] = (W_QKV, b_QKV, w.W_O.reshape(-1, w.W_O.shape[-1]))
-        return self._w[layer]
 
     # ---- the check against the bridge ---------------------------------------------------
     def check(self, clean_values: Tensor, first_pos: int) -> bool:

@@ -73,7 +73,6 @@ class GradForward:
         self.layers = [a.bare_layer(layer) for layer in range(a.n_layers)]
         self.rotary = self.layers[0].rotary
         self.kv_map = torch.tensor([a.kv_head(h) for h in range(a.n_heads)], device=a.device)
-        self._w: dict[int, tuple] = {}
 
     def embed(self, tokens: Tensor, attention_mask: Tensor | None) -> Embedded:
         """Block 0's input from the bridge (embedding, positions), stopping inside layer 0."""
@@ -135,7 +134,7 @@ class GradForward:
         return self.a.read_final(x, at_read, grad=torch.is_grad_enabled()), acts
 
     def _attention(self, layer, w, h, emb: Embedded) -> tuple[Tensor, LayerActs]:
-        W_QKV, b_QKV, W_O = self._fused(layer)
+        W_QKV, b_QKV, W_O = w.W_QKV, w.b_QKV, w.W_O_flat
         r, n, _ = h.shape
         H, kvh, dh = self.a.n_heads, self.a.n_kv_heads, self.a.d_head
         qkv = torch.addmm(b_QKV, h.reshape(r * n, -1), W_QKV).view(r, n, -1)
@@ -159,17 +158,6 @@ class GradForward:
         causal = torch.ones(p, p, dtype=torch.bool, device=emb.key_ok.device).tril()
         return causal[None] & emb.key_ok[:, None, :]
 
-    def _fused(self, layer: int):
-        if layer not in self._w:
-            w = self.layers[layer]
-
-            def flat(W):  # [head, d_model, d_head] -> [d_model, head * d_head]
-                return W.permute(1, 0, 2).reshape(W.shape[1], -1)
-
-            W_QKV = torch.cat((flat(w.W_Q), flat(w.W_K), flat(w.W_V)), dim=1)
-            b_QKV = torch.cat((w.b_Q.reshape(-1), w.b_K.reshape(-1), w.b_V.reshape(-1)))
-            self._w[layer] = (W_QKV, b_QKV, w.W_O.reshape(-1, w.W_O.shape[-1]))
-        return self._w[layer]
 
     def check(self, tokens: Tensor, attention_mask: Tensor | None, readout) -> str | None:
         """None when this forward reproduces the bridge's readout of ``tokens`` (≤1e-4),
