@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .types import HeadId
 
-__all__ = ["Site", "Adapter", "ModelError", "FinalNorm", "BareLayer", "hook_name"]
+__all__ = ["Site", "Adapter", "ModelError", "FinalNorm", "BareLayer", "hook_name", "after"]
 
 
 class ModelError(ValueError):
@@ -474,16 +474,11 @@ class Adapter:
         for site in sites:
             for layer in range(self.n_layers) if site in _LAYER_SITES else [None]:
                 key = (site, layer)
-                inner = all_hooks.get(key)
 
-                def save(x, _key=key, _inner=inner):
-                    if _inner is not None:
-                        out = _inner(x)
-                        x = x if out is None else out
+                def save(x, _key=key):
                     store[_key] = x.detach().clone()
-                    return x
 
-                all_hooks[key] = save
+                all_hooks[key] = after(all_hooks.get(key), save)
         return all_hooks
 
     def read(
@@ -565,16 +560,12 @@ class Adapter:
         store: dict = {}
         all_hooks = dict(hooks or {})
         if key is not None:
-            inner = all_hooks.get(key)
 
             def grab(x):
-                if inner is not None:
-                    out = inner(x)
-                    x = x if out is None else out
                 store["x"] = x
                 raise _StopForward
 
-            all_hooks[key] = grab
+            all_hooks[key] = after(all_hooks.get(key), grab)
         with torch.enable_grad(), self.hooks(all_hooks):
             try:
                 store["logits"] = self.model(tokens.to(self.device), **kw)
@@ -597,16 +588,12 @@ class Adapter:
         value and stop the forward pass."""
         store = {}
         all_hooks = dict(hooks or {})
-        inner = all_hooks.get(key)
 
         def grab(x):
-            if inner is not None:
-                out = inner(x)
-                x = x if out is None else out
             store["x"] = x.detach()
             raise _StopForward
 
-        all_hooks[key] = grab
+        all_hooks[key] = after(all_hooks.get(key), grab)
         try:
             self.forward(tokens, attention_mask, all_hooks)
         except _StopForward:
@@ -666,6 +653,20 @@ def _optional(get) -> Tensor | None:
     except (AttributeError, KeyError, IndexError):
         return None
     return None if t is None else t.detach()
+
+
+def after(inner: HookFn | None, fn: Callable[[Tensor], None]) -> HookFn:
+    """A hook that runs ``inner`` (the hook already on that site, if any), then ``fn`` on the
+    activation it leaves (to save it, or to stop the forward), and passes that on."""
+
+    def hook(x):
+        if inner is not None:
+            out = inner(x)
+            x = x if out is None else out
+        fn(x)
+        return x
+
+    return hook
 
 
 class _StopForward(Exception):

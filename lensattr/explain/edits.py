@@ -22,7 +22,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..metrics import Metric, MetricError, as_metric
-from ..model import Adapter, ModelError, Site
+from ..model import Adapter, ModelError, Site, after
 from ..prompts import PromptSet
 
 __all__ = ["Unit", "units_from", "allowed_sources", "edited_rows", "override_hooks",
@@ -173,16 +173,11 @@ def evaluate(adapter: Adapter, prompts: PromptSet, metric: Metric, hooks: dict |
     all_hooks = dict(hooks or {})
     store: dict = {}
     key = (Site.BLOCK_OUT, adapter.n_layers - 1)
-    inner = all_hooks.get(key)
 
     def keep(x):
-        if inner is not None:
-            out = inner(x)
-            x = x if out is None else out
         store["hidden"] = x
-        return x
 
-    all_hooks[key] = keep
+    all_hooks[key] = after(all_hooks.get(key), keep)
     kw = {} if prompts.attention_mask is None else {
         "attention_mask": prompts.attention_mask.to(adapter.device)}
     with torch.set_grad_enabled(grad), adapter.hooks(all_hooks):
