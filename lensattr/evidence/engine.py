@@ -445,8 +445,8 @@ class Engine(HookBuilders):
                 hooks[(Site.Z, layer)] = self._track_hook(layer, inner, idx, pos, deltas)
         prompts = self.prompts.take(idx)
         if self._bare is not None and {k[0] for k in hooks} <= BARE_SITES:
-            layer, first = min(self._reach(iv)[0] for iv in ivs), min(
-                self._reach(iv)[1] for iv in ivs)
+            reach = [self._reach(iv) for iv in ivs]
+            layer, first = min(r[0] for r in reach), min(r[1] for r in reach)
             vals = self._bare.run(idx, layer, first, hooks, self.readout.take(idx))
             self.n_rows["bare"] += R
             self.work += R * self._bare.work(layer, first)
