@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .fused import fused_mlp
 from .types import HeadId
 
 __all__ = ["Site", "Adapter", "ModelError", "FinalNorm", "BareLayer", "hook_name", "after"]
@@ -377,7 +378,7 @@ class Adapter:
         block = self.model.blocks[layer]
         try:  # the bridge's norms (their arithmetic, e.g. TL's own LayerNorm), HF's MLP
             ln1, ln2 = block.ln1, block.ln2
-            mlp = block.mlp.original_component
+            mlp = fused_mlp(block.mlp.original_component)
             hf_attn = block.attn.original_component
         except AttributeError as e:
             raise ModelError(f"model {self.name!r}: block {layer} has no HF submodules") from e

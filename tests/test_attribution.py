@@ -351,3 +351,108 @@ def test_padding_gqa_hook_free_equals_bridge(llama):
     for kind in ("heads", "heads_by_pos", "edges"):
         assert torch.allclose(getattr(fast, kind), getattr(slow, kind), atol=1e-5,
                               equal_nan=True), kind
+
+
+def _all_scores(r) -> dict:
+    names = ("heads", "heads_by_pos", "edges", "q", "k", "v", "q_star", "k_star", "graddrop",
+             "graddrop_of_mean", "base", "other")
+    return {n: getattr(r, n) for n in names if getattr(r, n) is not None}
+
+
+@pytest.mark.parametrize("name", ["gpt2_64", "llama"])
+def test_shared_prefix_changes_nothing(request, name, monkeypatch):
+    """Computing the positions before the first difference once (both runs starting there)
+    gives every score of the run that computes them twice; GQA rotary with padding too."""
+    model = request.getfixturevalue(name)
+    p = family_prompts(pad=name == "llama")
+    corr = p.corrupted.clone()
+    corr[::2, 2] = p.tokens[::2, 2]  # half the prompts first differ at 5, the others at 2
+    corr[::2, 5] = (p.tokens[::2, 5] + 1) % 50
+    p = PromptSet(tokens=p.tokens, attention_mask=p.attention_mask, corrupted=corr,
+                  answers=p.answers, wrong=p.wrong, roles=p.roles)
+    seen = []
+    real = GradForward.shared_prefix
+
+    def spy(*args):
+        seen.append(real(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(GradForward, "shared_prefix", staticmethod(spy))
+    for mode in ("noising", "denoising"):
+        kw = dict(mode=mode, graddrop=True, ig_steps=2)
+        shared = _all_scores(atp(model, p, LogitDiff(), **kw))
+        assert seen[-1] == 2
+        monkeypatch.setattr(GradForward, "shared_prefix", staticmethod(lambda *a: 0))
+        full = _all_scores(atp(model, p, LogitDiff(), **kw))
+        monkeypatch.setattr(GradForward, "shared_prefix", staticmethod(spy))
+        assert shared.keys() == full.keys() and "q_star" in shared
+        for k, v in full.items():
+            scale = float(v.nan_to_num().abs().max()) + 1e-12
+            assert torch.allclose(shared[k], v, atol=1e-6 * scale, equal_nan=True), k
+            assert torch.equal(torch.isnan(shared[k]), torch.isnan(v)), k
+        # nothing differs at positions 0..1: exactly zero there
+        assert not shared["heads_by_pos"][:, :, :2].any() and not shared["q"][:, :, :2].any()
+
+
+def test_shared_prefix_length():
+    """The leading positions equal in every row (inputs, rotary angles, masks), capped at
+    the first read position."""
+    from lensattr.evidence.grad_forward import Embedded
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 4, generator=g)
+    ok = torch.ones(3, 8, dtype=torch.bool)
+    read = torch.tensor([7, 7, 7])
+
+    def emb(resid, key_ok=ok, cos=None):
+        return Embedded(resid, cos, cos, key_ok)
+
+    y = x.clone()
+    y[1, 5, 0] += 1.0
+    y[2, 3, 2] -= 1e-6  # any difference counts
+    assert GradForward.shared_prefix(emb(x), emb(y), read) == 3
+    assert GradForward.shared_prefix(emb(x), emb(x), read) == 7  # capped at the read row
+    assert GradForward.shared_prefix(emb(x), emb(y), torch.tensor([7, 2, 7])) == 2
+    other_ok = ok.clone()
+    other_ok[0, 1] = False
+    assert GradForward.shared_prefix(emb(x), emb(x, other_ok), read) == 1
+    cos = torch.randn(3, 8, 2, generator=g)
+    cos2 = cos.clone()
+    cos2[2, 4, 1] += 0.5
+    assert GradForward.shared_prefix(emb(x, cos=cos), emb(x, cos=cos2), read) == 4
+    differ_first = x.clone()
+    differ_first[0, 0, 0] += 1.0
+    assert GradForward.shared_prefix(emb(x), emb(differ_first), read) == 0
+
+
+def test_native_norms_are_checked_and_fall_back(monkeypatch):
+    """HF's fused LayerNorm is used only when the forward with it reproduces the bridge; a
+    norm that does not (here: shifted) falls back to the bridge's own norms, same scores."""
+    from lensattr.evidence import grad_forward
+
+    torch.manual_seed(3)
+    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=0, eos_token_id=0)
+    model = boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), "gpt2-norms")
+    p = family_prompts()
+    good = atp(model, p, LogitDiff())
+    assert good.meta["path"] == "hook-free" and good.meta["norms"] == "hf"
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, ln):
+            super().__init__()
+            self.ln = ln
+
+        def forward(self, x):
+            return self.ln(x) + 0.05
+
+    real = grad_forward._native
+    monkeypatch.setattr(grad_forward, "_native", lambda norm: Shifted(real(norm)))
+    Adapter(model)._probes.clear()  # forget the checked forward
+    fallback = atp(model, p, LogitDiff())
+    assert fallback.meta["path"] == "hook-free" and fallback.meta["norms"] == "bridge"
+    bridge = atp(model, p, LogitDiff(), fast=False)
+    for r in (good, fallback):
+        assert torch.allclose(r.heads_by_pos, bridge.heads_by_pos, atol=1e-6)
+        assert torch.allclose(r.edges, bridge.edges, atol=1e-6, equal_nan=True)
+    assert good.heads.abs().max() > 1e-4

@@ -118,6 +118,8 @@ def atp(
         "ig_steps": ig_steps,
         "path": "hook-free" if gf is not None else "bridge",
         "path_reason": reason,
+        # the hook-free forward's block norms: HF's fused modules, or the bridge's arithmetic
+        "norms": None if gf is None else ("hf" if gf.native_norms else "bridge"),
         "model": a.name,
         "config": a.config_hash(),
         "weights": a.current_weights_hash(),
@@ -156,23 +158,32 @@ def _grad_forward(a: Adapter, prompts: PromptSet, readout):
         return None, "not a causal decoder"
     if not a._fast_readout_ok(prompts.tokens, prompts.attention_mask):
         return None, "the unembedding is not the plain final norm -> W_U"
-    try:
-        gf = GradForward(a)
-    except ModelError as e:
-        return None, str(e)
-    # checked once per set of weights, readout kind and padding (like the fast readout probe)
+    store = a._probe_store()  # emptied when the weights change: built and checked once per
+    # set of weights, readout kind and padding (like the fast readout probe)
     key = ("grad_forward", readout.kind, prompts.attention_mask is not None)
-    store = a._probe_store()
     if key in store:
-        return (gf, None) if store[key] is None else (None, store[key])
+        return store[key]
     # the first prompt and, under padding, the most padded one (its own mask)
     idx = [0]
     if prompts.attention_mask is not None:
         idx.append(int(prompts.attention_mask.sum(1).argmin()))
     idx = torch.tensor(sorted(set(idx)))
     mask = None if prompts.attention_mask is None else prompts.attention_mask[idx]
-    reason = store[key] = gf.check(prompts.tokens[idx], mask, readout.take(idx))
-    return (gf, None) if reason is None else (None, reason)
+    reason = None
+    for native in (True, False):  # HF's fused norms if they reproduce the bridge, else its own
+        try:
+            gf = GradForward(a, native_norms=native)
+        except ModelError as e:
+            store[key] = None, str(e)
+            return store[key]
+        reason = gf.check(prompts.tokens[idx], mask, readout.take(idx))
+        if reason is None:
+            store[key] = gf, None
+            return store[key]
+        if native and not gf.native_norms:  # nothing was swapped: the same forward again
+            break
+    store[key] = None, reason
+    return store[key]
 
 
 def _metric(metric: Metric, values: Tensor, prompts: PromptSet, clean: Tensor) -> Tensor:
@@ -213,11 +224,14 @@ def _bare_chunk(gf: GradForward, a, p, metric, readout, read_rows, mode, qk_fix,
     if ig_steps > 1 and not torch.equal(base.key_ok, other.key_ok):
         raise ValueError(f"ig_steps={ig_steps}: interpolating embeddings needs the clean and "
                          "corrupted prompts to share one attention mask")
+    # positions before the first one at which the runs differ are the same in both: computed
+    # once, and both runs start there (their scores are 0: nothing differs)
+    prefix = gf.prefix(base, gf.shared_prefix(base, other, readout.positions))
     with torch.no_grad():
-        o_vals, o_acts = gf.run(other, readout)
+        o_vals, o_acts = gf.run(other, readout, prefix=prefix)
 
     def grad_run(resid0=None, drop_layer=None, sites=("q", "k", "v", "pattern", "z")):
-        vals, acts = gf.run(base, readout, resid0=resid0, drop_layer=drop_layer)
+        vals, acts = gf.run(base, readout, resid0=resid0, drop_layer=drop_layer, prefix=prefix)
         cv = vals.detach() if mode == "noising" else o_vals
         m = _metric(metric, vals, base_p, cv)
         _differentiable(metric, m)
@@ -244,13 +258,14 @@ def _bare_chunk(gf: GradForward, a, p, metric, readout, read_rows, mode, qk_fix,
     L, ns = a.n_layers, len(sites)
     g_acts = [LayerActs(*grads[ns * la: ns * la + ns]) for la in range(L)]
     g0_acts = [LayerActs(*g0[ns * la: ns * la + ns]) for la in range(L)]
-    out = _scores(b_acts, o_acts, g_acts, read_rows)
+    p0 = 0 if prefix is None else prefix.p0
+    out = _scores(b_acts, o_acts, g_acts, read_rows, p0)
     out["q_star"] = out["k_star"] = None
     if qk_fix:
-        allowed = gf.allowed(base)
+        allowed = gf.allowed(base.window(p0))
         star = [_qk_star(b, o, g, allowed, gf.layers[la].scale, gf.kv_map, a.n_kv_heads)
                 for la, (b, o, g) in enumerate(zip(b_acts, o_acts, g0_acts, strict=True))]
-        out["q_star"] = torch.stack([s[0] for s in star], 1).cpu()
+        out["q_star"] = _pad(torch.stack([s[0] for s in star], 1), 2, p0).cpu()
         out["k_star"] = torch.stack([s[1] for s in star], 1).cpu()
     out["graddrop_l"] = None
     if graddrop:
@@ -265,15 +280,27 @@ def _bare_chunk(gf: GradForward, a, p, metric, readout, read_rows, mode, qk_fix,
     return out
 
 
-def _scores(b_acts, o_acts, g_acts, read_rows) -> dict:
-    """First-order scores (other - base) . grad at every site, per prompt."""
+def _pad(t: Tensor, dim: int, n: int) -> Tensor:
+    """``t`` with ``n`` zeros in front along ``dim`` (the shared prefix's positions)."""
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat((t.new_zeros(shape), t), dim)
+
+
+def _scores(b_acts, o_acts, g_acts, read_rows, p0: int = 0) -> dict:
+    """First-order scores (other - base) . grad at every site, per prompt; activations of
+    positions ``p0``.. (a shared prefix before: scores 0)."""
     def dot(s):
-        return torch.stack([((getattr(o, s) - getattr(b, s)) * getattr(g, s)).sum(-1)
-                            for b, o, g in zip(b_acts, o_acts, g_acts, strict=True)], 1).cpu()
+        return _pad(torch.stack([((getattr(o, s) - getattr(b, s)) * getattr(g, s)).sum(-1)
+                                 for b, o, g in zip(b_acts, o_acts, g_acts, strict=True)], 1),
+                    2, p0).cpu()
 
     by_pos = dot("z")  # [batch, layer, pos, head]
-    edges = torch.stack([(o.pattern - b.pattern) * g.pattern
-                         for b, o, g in zip(b_acts, o_acts, g_acts, strict=True)], 1).cpu()
+    edges = _pad(torch.stack([(o.pattern - b.pattern) * g.pattern
+                              for b, o, g in zip(b_acts, o_acts, g_acts, strict=True)], 1),
+                 3, p0).cpu()
     rows = read_rows[:, None, None, :, None]  # [batch, 1, 1, query_pos, 1]
     edges = torch.where(rows, edges.float(), torch.nan)
     return {"heads": by_pos.sum(2).float(), "heads_by_pos": by_pos.float(), "edges": edges,
@@ -282,14 +309,16 @@ def _scores(b_acts, o_acts, g_acts, read_rows) -> dict:
 
 def _qk_star(b: LayerActs, o: LayerActs, g: LayerActs, allowed: Tensor, scale: float,
              kv_map: Tensor, n_kv: int) -> tuple[Tensor, Tensor]:
-    """AtP* query and key scores of one layer: ([batch, pos, head], [batch, pos, kv_head]).
-    The pattern change of a patched query row / key column is computed exactly (softmax),
-    then dotted with the pattern's gradient."""
+    """AtP* query and key scores of one layer: ([batch, query_pos, head], [batch, pos,
+    kv_head]; query positions from ``b.p0``, ``allowed`` their rows). The pattern change
+    of a patched query row / key column is computed exactly (softmax), then dotted with the
+    pattern's gradient."""
     f64 = torch.float64
     P, G = b.pattern.to(f64), g.pattern.to(f64)  # [batch, head, q, key]
     ok = allowed[:, None].expand_as(P)  # [batch, head, q, key]
-    q, dq = b.q.to(f64), (o.q - b.q).to(f64)  # [batch, pos, head, d]
-    k, dk = b.k[:, :, kv_map].to(f64), (o.k - b.k)[:, :, kv_map].to(f64)
+    q, dq = b.q.to(f64), (o.q - b.q).to(f64)  # [batch, query_pos, head, d]
+    # keys of every position (a shared prefix's included: unchanged there)
+    k, dk = b.k_all()[:, :, kv_map].to(f64), _pad(o.k - b.k, 1, b.p0)[:, :, kv_map].to(f64)
     logp = torch.where(ok, P.log(), -torch.inf)
     # queries: row i of head h gets scores + (q'_i - q_i) . k_j * scale, exact softmax
     dq_scores = torch.einsum("bihd,bjhd->bhij", dq, k) * scale

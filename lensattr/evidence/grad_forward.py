@@ -8,10 +8,18 @@ all of them, with no hook machinery in the way. Options:
 
 * ``resid0``: the residual entering block 0 is an input, so integrated gradients can
   interpolate it between the clean and corrupted embeddings;
+* ``native_norms``: HF's own ``nn.LayerNorm`` modules instead of the bridge's (TL's
+  arithmetic: eight element-wise passes, forward and backward); they differ by rounding;
 * the last block's MLP runs only at the position each prompt's readout reads (one per prompt:
   ``columns`` / ``logits`` readouts), the other positions cannot reach the readout;
 * ``drop_layer``: GradDrop (AtP*): block ``drop_layer``'s contribution to the residual stream
-  (attention plus MLP output) keeps its value but passes no gradient back.
+  (attention plus MLP output) keeps its value but passes no gradient back;
+* a shared prefix (:meth:`GradForward.shared_prefix`, :meth:`GradForward.prefix`): where two
+  runs have the same block-0 input at every position before ``p0`` (clean and corrupted prompts
+  that first differ at ``p0``), everything at those positions is the same in both runs. It is
+  computed once, without autograd, and each run then starts at ``p0``, attending to the
+  prefix's cached keys and values: its activations (and their gradients) cover positions
+  ``p0`` onwards only (``LayerActs.p0``).
 
 It is used only after :meth:`GradForward.check` reproduces the bridge's readout on the
 caller's prompts (≤1e-4); otherwise the caller falls back to the bridge with hooks.
@@ -28,7 +36,7 @@ from ..metrics import Readout
 from ..model import Adapter, ModelError, Site
 from .bare import apply_rotary
 
-__all__ = ["GradForward", "LayerActs", "Embedded"]
+__all__ = ["GradForward", "LayerActs", "Embedded", "Prefix"]
 
 _TOL = 1e-4
 
@@ -44,33 +52,80 @@ class LayerActs:
     v: Tensor
     pattern: Tensor
     z: Tensor
+    # a run started at query position p0 (a shared prefix): q, k, v, z and the pattern's rows
+    # cover positions p0.. only; the pattern's columns, every key position; k_pre: the
+    # prefix's keys [batch, p0, kv_head, d_head] (rotary applied), constants of the run
+    p0: int = 0
+    k_pre: Tensor | None = None
 
     def tensors(self) -> list[Tensor]:
         return [self.q, self.k, self.v, self.pattern, self.z]
 
     def detached(self) -> LayerActs:
-        return LayerActs(*(t.detach() for t in self.tensors()))
+        return LayerActs(*(t.detach() for t in self.tensors()), p0=self.p0, k_pre=self.k_pre)
+
+    def k_all(self) -> Tensor:
+        """Keys of every position [batch, pos, kv_head, d_head], prefix included."""
+        return self.k if self.k_pre is None else torch.cat((self.k_pre, self.k), 1)
 
 
 @dataclass
 class Embedded:
     """The residual entering block 0 [batch, pos, d_model], rotary cos/sin [batch, pos, rot]
-    (or None) and the keys each row may attend to [batch, key_pos] (its attention mask)."""
+    (or None) and the keys each row may attend to [batch, key_pos] (its attention mask).
+    ``q0``: the absolute position of the first query row (a window after a shared prefix:
+    ``resid0``, ``cos``, ``sin`` cover positions q0.., ``key_ok`` every key position)."""
 
     resid0: Tensor
     cos: Tensor | None
     sin: Tensor | None
     key_ok: Tensor
+    q0: int = 0
+
+    def window(self, start: int, stop: int | None = None) -> Embedded:
+        """Query rows ``start:stop`` (absolute positions), keys ``:stop``."""
+        a, b = start - self.q0, None if stop is None else stop - self.q0
+
+        def cut(t):
+            return None if t is None else t[:, a:b]
+
+        return Embedded(cut(self.resid0), cut(self.cos), cut(self.sin),
+                        self.key_ok[:, :stop], start)
+
+
+def _native(norm):
+    """The HF ``nn.LayerNorm`` inside a bridge norm (one fused kernel, forward and backward),
+    else the bridge norm itself."""
+    inner = getattr(norm, "original_component", None)
+    return inner if isinstance(inner, torch.nn.LayerNorm) else norm
+
+
+@dataclass
+class Prefix:
+    """Positions ``:p0`` shared by two runs: per layer, keys (rotary applied) and values
+    [batch, p0, kv_head, d_head]."""
+
+    p0: int
+    k: list[Tensor]
+    v: list[Tensor]
 
 
 class GradForward:
     """The differentiable forward of one causal decoder (see the module docstring)."""
 
-    def __init__(self, adapter: Adapter):
+    def __init__(self, adapter: Adapter, native_norms: bool = False):
         a = self.a = adapter
         if not a.is_causal:
             raise ModelError("grad forward: only causal decoders")
         self.layers = [a.bare_layer(layer) for layer in range(a.n_layers)]
+        self.native_norms = False  # True when some norm is HF's fused one
+        if native_norms:  # HF's fused LayerNorm where the block has one (not TL's arithmetic)
+            blocks = a.model.blocks
+            native = [w._replace(ln1=_native(blocks[i].ln1), ln2=_native(blocks[i].ln2))
+                      for i, w in enumerate(self.layers)]
+            self.native_norms = any(n.ln1 is not w.ln1 or n.ln2 is not w.ln2
+                                    for n, w in zip(native, self.layers, strict=True))
+            self.layers = native
         self.rotary = self.layers[0].rotary
         self.kv_map = torch.tensor([a.kv_head(h) for h in range(a.n_heads)], device=a.device)
 
@@ -79,7 +134,9 @@ class GradForward:
         a, store = self.a, {}
         sites = (Site.RESID_PRE,) + ((Site.COS, Site.SIN) if self.rotary else ())
         hooks = a.capture_hooks(sites, store)
-        a._capture(tokens, attention_mask, hooks, (Site.Z, 0))
+        # stop once block 0's input (and, rotary, its cos/sin: inside the attention) is seen
+        a._capture(tokens, attention_mask, hooks,
+                   (Site.Z, 0) if self.rotary else (Site.RESID_PRE, 0))
         n, p = tokens.shape
         cos = sin = None
         if self.rotary:
@@ -108,20 +165,31 @@ class GradForward:
                      for s in (slice(0, n), slice(n, 2 * n)))
 
     def run(self, emb: Embedded, readout, resid0: Tensor | None = None,
-            drop_layer: int | None = None) -> tuple[Tensor, list[LayerActs]]:
+            drop_layer: int | None = None, prefix: Prefix | None = None
+            ) -> tuple[Tensor, list[LayerActs]]:
         """(readout values, per-layer activations), in the autograd graph when grad is on.
-        ``resid0`` replaces ``emb.resid0`` (integrated gradients); ``drop_layer``: GradDrop."""
+        ``resid0`` replaces ``emb.resid0`` (integrated gradients); ``drop_layer``: GradDrop;
+        ``prefix``: start at ``prefix.p0`` (every read position must be at or after it)."""
+        p0 = 0 if prefix is None else prefix.p0
+        if p0:
+            emb = emb.window(p0)
+            resid0 = None if resid0 is None else resid0[:, p0:]
         x = emb.resid0 if resid0 is None else resid0
         acts = []
         rows = torch.arange(x.shape[0], device=x.device)
-        read = readout.positions.to(x.device)  # [batch] the one position each prompt reads
+        read = readout.positions.to(x.device) - p0  # [batch] the one row each prompt reads
+        if bool((read < 0).any()):
+            raise ValueError(f"prefix: ends at {p0}, after a read position")
         last = len(self.layers) - 1
         for layer, w in enumerate(self.layers):
             h = w.ln1(x)
-            attn, la = self._attention(layer, w, h, emb)
+            kv = None if prefix is None else (prefix.k[layer], prefix.v[layer])
+            # the last block: only the read rows reach the readout: [batch, 1, d_model]
+            only = read if layer == last else None
+            attn, la = self._attention(layer, w, h, emb, kv, only)
             acts.append(la)
-            if layer == last:  # only the read rows reach the readout: [batch, 1, d_model]
-                x, attn = x[rows, read][:, None], attn[rows, read][:, None]
+            if only is not None:
+                x = x[rows, read][:, None]
             if w.parallel:
                 out = x + attn + w.mlp(w.ln2(x))
             else:
@@ -133,31 +201,84 @@ class GradForward:
         at_read = Readout(readout.kind, torch.zeros_like(readout.positions), readout.columns)
         return self.a.read_final(x, at_read, grad=torch.is_grad_enabled()), acts
 
-    def _attention(self, layer, w, h, emb: Embedded) -> tuple[Tensor, LayerActs]:
-        W_QKV, b_QKV, W_O = w.W_QKV, w.b_QKV, w.W_O_flat
+    @staticmethod
+    def shared_prefix(first: Embedded, second: Embedded, read: Tensor) -> int:
+        """The number of leading positions at which the two runs' block-0 inputs, rotary
+        angles and attention masks are equal in every row (so is everything computed there:
+        the model is causal), capped at the first read position."""
+        same = (first.resid0 == second.resid0).all(-1).all(0)  # [pos]
+        same &= (first.key_ok == second.key_ok).all(0)
+        for a, b in ((first.cos, second.cos), (first.sin, second.sin)):
+            if a is not None:
+                same &= (a == b).all(-1).all(0)
+        p0 = int(same.long().cumprod(0).sum())
+        return min(p0, int(read.min()))
+
+    def prefix(self, emb: Embedded, p0: int) -> Prefix | None:
+        """Keys and values of positions ``:p0`` at every layer (no autograd), or None when
+        ``p0`` is 0."""
+        if p0 <= 0:
+            return None
+        head = emb.window(0, p0)
+        ks, vs = [], []
+        with torch.no_grad():
+            x = head.resid0
+            last = len(self.layers) - 1
+            for layer, w in enumerate(self.layers):
+                h = w.ln1(x)
+                if layer == last:  # only its keys and values are needed
+                    _, k, v = self._qkv(w, h, head)
+                    ks.append(k)
+                    vs.append(v)
+                    break
+                attn, la = self._attention(layer, w, h, head, None, None)
+                ks.append(la.k)
+                vs.append(la.v)
+                if w.parallel:
+                    x = x + attn + w.mlp(w.ln2(x))
+                else:
+                    mid = x + attn
+                    x = mid + w.mlp(w.ln2(mid))
+        return Prefix(p0, ks, vs)
+
+    def _qkv(self, w, h, emb: Embedded) -> tuple[Tensor, Tensor, Tensor]:
         r, n, _ = h.shape
         H, kvh, dh = self.a.n_heads, self.a.n_kv_heads, self.a.d_head
-        qkv = torch.addmm(b_QKV, h.reshape(r * n, -1), W_QKV).view(r, n, -1)
+        qkv = torch.addmm(w.b_QKV, h.reshape(r * n, -1), w.W_QKV).view(r, n, -1)
         q, k, v = qkv.split((H * dh, kvh * dh, kvh * dh), dim=-1)
         q, k, v = q.view(r, n, H, dh), k.view(r, n, kvh, dh), v.view(r, n, kvh, dh)
         if self.rotary:
             q = apply_rotary(q, emb.cos.to(q.dtype), emb.sin.to(q.dtype))
             k = apply_rotary(k, emb.cos.to(k.dtype), emb.sin.to(k.dtype))
-        kq, vq = (k[:, :, self.kv_map], v[:, :, self.kv_map]) if kvh != H else (k, v)
+        return q, k, v
+
+    def _attention(self, layer, w, h, emb: Embedded, kv_pre: tuple[Tensor, Tensor] | None,
+                   only: Tensor | None) -> tuple[Tensor, LayerActs]:
+        """The attention block's output and activations of query rows ``emb.q0``.. ;
+        ``kv_pre``: the cached keys and values of the positions before; ``only`` [rows]: the
+        output at that one row of each prompt ([rows, 1, d_model]), the activations at all."""
+        r, n, _ = h.shape
+        H, kvh, dh = self.a.n_heads, self.a.n_kv_heads, self.a.d_head
+        q, k, v = self._qkv(w, h, emb)
+        ka, va = (k, v) if kv_pre is None else (torch.cat((kv_pre[0], k), 1),
+                                                torch.cat((kv_pre[1], v), 1))
+        kq, vq = (ka[:, :, self.kv_map], va[:, :, self.kv_map]) if kvh != H else (ka, va)
         scores = (q.transpose(1, 2) @ kq.permute(0, 2, 3, 1)) * w.scale  # [rows, head, q, key]
         scores = scores.masked_fill(~self.allowed(emb)[:, None], torch.finfo(scores.dtype).min)
         pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         z = (pattern @ vq.transpose(1, 2)).transpose(1, 2)  # [rows, pos, head, d_head]
-        out = torch.addmm(w.b_O, z.reshape(r * n, H * dh), W_O).view(r, n, -1)
-        return out, LayerActs(q, k, v, pattern, z)
+        zo = z if only is None else z[torch.arange(r, device=z.device), only][:, None]
+        out = torch.addmm(w.b_O, zo.reshape(-1, H * dh), w.W_O_flat).view(r, zo.shape[1], -1)
+        k_pre = None if kv_pre is None else kv_pre[0]
+        return out, LayerActs(q, k, v, pattern, z, p0=emb.q0, k_pre=k_pre)
 
     @staticmethod
     def allowed(emb: Embedded) -> Tensor:
-        """[rows, query_pos, key_pos]: may query i attend to key j (causal and padding)."""
+        """[rows, query_pos, key_pos]: may query i attend to key j (causal and padding), for
+        the query rows ``emb.q0``.. and every key."""
         p = emb.key_ok.shape[1]
         causal = torch.ones(p, p, dtype=torch.bool, device=emb.key_ok.device).tril()
-        return causal[None] & emb.key_ok[:, None, :]
-
+        return causal[None, emb.q0:] & emb.key_ok[:, None, :]
 
     def check(self, tokens: Tensor, attention_mask: Tensor | None, readout) -> str | None:
         """None when this forward reproduces the bridge's readout of ``tokens`` (≤1e-4),
