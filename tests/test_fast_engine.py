@@ -12,6 +12,7 @@ from lensattr.evidence.interventions import (
     Intervention,
     ablate,
     keep_only,
+    patch_weights,
     remove_direct,
     remove_sources,
 )
@@ -24,7 +25,8 @@ from .test_architectures import build, prompts
 def mixed_interventions(eng: Engine, seed: int = 0) -> list[Intervention]:
     """Every kind of edit: whole-head ablations (each method), ablations of the read row and
     of random position sets, single and random edge removals at the read row and at earlier
-    query rows (each baseline, renormalised or not), keep-only, direct paths, combinations."""
+    query rows (each baseline, renormalised or not), weights-only edits of the same entries,
+    keep-only, direct paths, combinations."""
     g = torch.Generator().manual_seed(seed)
     a, n, p = eng.adapter, len(eng.prompts), eng.prompts.n_pos
     pos = eng._read_pos(eng.readout)
@@ -51,6 +53,9 @@ def mixed_interventions(eng: Engine, seed: int = 0) -> list[Intervention]:
         early = torch.zeros(n, p, p, dtype=torch.bool)
         early[:, q, : q // 2 + 1] = True
         ivs.append(remove_sources(h, early, baseline=m, label=f"early-{h}"))
+        if m != "zero":  # weights-only: pattern patching of the same entries
+            ivs.append(patch_weights(h, one, baseline=m, label=f"w-{h}"))
+            ivs.append(patch_weights(h, early, baseline=m, label=f"wearly-{h}"))
         keep = torch.zeros(n, p, p, dtype=torch.bool)
         keep[:, :, 0] = True
         ivs.append(keep_only(h, keep, read, label=f"keep-{h}"))

@@ -13,6 +13,7 @@ from .interventions import (
     ablate,
     digest,
     keep_only,
+    patch_weights,
     remove_direct,
     remove_sources,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Intervention",
     "ablate",
     "keep_only",
+    "patch_weights",
     "remove_sources",
     "remove_direct",
     "digest",

@@ -398,7 +398,7 @@ class Engine(HookBuilders):
         p = self.prompts.n_pos
         for layer in sorted(set().union(*(iv.layers() for iv in ivs))):
             codes = torch.zeros(R, p, a.n_heads, dtype=torch.long, device=_CPU)  # [rows, pos, head]
-            remove = base = None
+            remove = base = wonly = None
             renorm = torch.zeros(R, a.n_heads, dtype=torch.bool, device=_CPU)
             for k, iv in enumerate(ivs):
                 rows = slice(k * n, (k + 1) * n)
@@ -414,7 +414,9 @@ class Engine(HookBuilders):
                             remove = torch.zeros(R, a.n_heads, p, p, dtype=torch.bool,
                                                  device=_CPU)
                             base = torch.zeros(R, a.n_heads, dtype=torch.long, device=_CPU)
+                            wonly = torch.zeros(R, a.n_heads, dtype=torch.bool, device=_CPU)
                         remove[rows, e.head.head] |= e.remove.cpu()
+                        wonly[rows, e.head.head] |= e.weights_only
                         renorm[rows, e.head.head] |= e.renormalise
                         if e.baseline != AblationMethod.ZERO:
                             if (base[rows, e.head.head] > 0).any():
@@ -423,16 +425,23 @@ class Engine(HookBuilders):
                                     "with a replacement baseline; merge the masks into one edit"
                                 )
                             base[rows, e.head.head] = METHOD_CODE[e.baseline]
+            if wonly is not None and bool((wonly & renorm).any()):
+                raise ValueError(
+                    f"interventions: an intervention of layer {layer} both renormalises a "
+                    "head's rows and replaces its weights (weights_only); use separate "
+                    "interventions")
             codes, renorm = codes.to(dev), renorm.to(dev)
             edge_z = None
             if remove is not None:
-                remove, base = remove.to(dev), base.to(dev)
+                remove, base, wonly = remove.to(dev), base.to(dev), wonly.to(dev)
+                weights = self._weight_terms(layer, remove, base, wonly, idx)
                 if self._editable:
-                    hooks[(Site.PATTERN, layer)] = pattern_hook(remove, renorm, invalid)
+                    hooks[(Site.PATTERN, layer)] = pattern_hook(remove, renorm, invalid, weights)
                 else:  # attention delegated to HF: edit the head outputs instead (exact)
-                    edge_z = self._edge_z_hook(layer, remove, renorm, invalid, idx)
+                    edge_z = self._edge_z_hook(layer, remove, renorm, invalid, idx, weights)
                 if (base > 0).any():
-                    edge_z = self._edge_baseline_hook(layer, remove, base, idx, edge_z)
+                    edge_z = self._edge_baseline_hook(layer, remove & ~wonly[:, :, None, None],
+                                                      base, idx, edge_z)
             if (codes > 0).any() or edge_z is not None:
                 hooks[(Site.Z, layer)] = self._z_hook(layer, codes, idx, edge_z)
         if any(iv.direct for iv in ivs):

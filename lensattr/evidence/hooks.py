@@ -48,12 +48,31 @@ class HookBuilders:
         hooks[(Site.RESID_FINAL, None)] = resid
         hooks[(Site.LN_FINAL_SCALE, None)] = freeze
 
-    def _edge_z_hook(self, layer, remove, renorm, invalid, idx):
+    def _weight_terms(self, layer, remove, base, wonly, idx):
+        """The replacement weights of weights-only edge edits: [rows, head, q, k], zero
+        outside the edited entries (the corrupted prompt's weights under resample, the
+        prompt-set mean under mean); None when no edit of this layer is weights-only."""
+        sel = remove & wonly[:, :, None, None]  # [rows, head, q, k]
+        if not bool(sel.any()):
+            return None
+        dev = sel.device
+        out = torch.zeros(sel.shape, dtype=self.patterns[layer].dtype, device=dev)
+        res = sel & (base == METHOD_CODE[AblationMethod.RESAMPLE])[:, :, None, None]
+        if res.any():
+            out = torch.where(res, self.patterns_corr[layer][idx].to(dev), out)
+        mean = sel & (base == METHOD_CODE[AblationMethod.MEAN])[:, :, None, None]
+        if mean.any():
+            avg = self.patterns[layer].mean(0).to(dev)  # [head, q, k]
+            out = torch.where(mean, avg[None], out)
+        return out
+
+    def _edge_z_hook(self, layer, remove, renorm, invalid, idx, weights=None):
         """Edge edits through hook_z, for models whose hook_pattern edits are discarded.
 
         Removing sources S from a row subtracts their per-source terms alpha[q, s] * v[s]
-        from z (renormalising divides what is left by the mass left). It uses the clean
-        pattern and values of this layer, which are the in-forward ones because
+        from z (renormalising divides what is left by the mass left); weights-only edits add
+        back the replacement weight times the run's value, ``weights[q, s] * v[s]``. It uses
+        the clean pattern and values of this layer, which are the in-forward ones because
         :meth:`validate` refuses edits upstream of an edge edit on such models."""
         v = self.v[layer][idx]  # [rows, k, kv_head, d_head]
         pat = self.patterns[layer][idx].to(v.device)  # [rows, head, q, k]
@@ -61,6 +80,8 @@ class HookBuilders:
                           device=v.device)
         v = v[:, :, kv]  # [rows, k, head, d_head], each query head's own values
         cut = pat * remove.to(pat.dtype)  # removed weights
+        if weights is not None:  # weights-only entries: alpha -> the replacement weight
+            cut = cut - weights.to(pat.dtype)
         removed = torch.einsum("rhqk,rkhd->rqhd", cut, v)  # [rows, q, head, d_head]
         left = (pat - cut).sum(-1).transpose(1, 2)[..., None]  # [rows, q, head, 1]
         edited = remove.any(-1).transpose(1, 2)[..., None] & renorm[:, None, :, None]
@@ -145,10 +166,14 @@ class HookBuilders:
         return hook
 
 
-def pattern_hook(remove: Tensor, renorm: Tensor, invalid: Tensor):
+def pattern_hook(remove: Tensor, renorm: Tensor, invalid: Tensor, weights: Tensor | None = None):
+    """Set the removed weights to 0 (renormalising the rows flagged in ``renorm``), or, where
+    ``weights`` ([rows, head, q, k], zero elsewhere) holds weights-only replacements, to those."""
     def hook(pattern, p0=0):  # [rows, head, query_pos, key_pos], queries from p0 onwards
         rm = remove[:, :, p0:].to(pattern.device)
         new = pattern.masked_fill(rm, 0.0)
+        if weights is not None:
+            new = new + weights[:, :, p0:].to(pattern.device, pattern.dtype)
         if renorm.any():
             mass = new.sum(-1, keepdim=True)  # [rows, head, query_pos, 1]
             edited = rm.any(-1, keepdim=True) & renorm.to(pattern.device)[:, :, None, None]

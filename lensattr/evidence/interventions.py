@@ -11,7 +11,11 @@
   (mean), so removing every source equals ablating the head under that baseline. With
   ``renormalise=True`` (zero baseline only) the remaining weights of an edited row are rescaled
   to sum to 1 (a secondary variant); when the mass left is below 1e-6 the result is NaN, never
-  a blow-up.
+  a blow-up. With ``weights_only=True`` (mean or resample baseline) only the attention
+  *weights* of the edited entries are replaced, ``alpha[q, s] := alpha_c[q, s]`` (resample) or
+  the prompt-set mean of ``alpha[q, s]`` (mean), while the run's own values are kept: the
+  pattern patching of those entries (TransformerLens's ``hook_pattern`` patching, noising),
+  which says whether *where* the head looks matters, apart from *what* it reads there.
 * ``Intervention.direct`` replaces heads' outputs in the final residual stream only (their
   direct path to the readout) by the ``direct_baseline`` value (zero: removed), with the final
   norm's scale frozen at its clean value.
@@ -45,12 +49,16 @@ __all__ = [
     "remove_sources",
     "keep_only",
     "remove_direct",
+    "patch_weights",
     "digest",
 ]
 
-# field metadata: left out of the digest (display only) / compared as a multiset
+# field metadata: left out of the digest (display only) / compared as a multiset / left out
+# while at its default (a field added later keeps the digests, and checkpoints, of the values
+# that do not use it)
 _DISPLAY_ONLY = {"identity": False}
 _UNORDERED = {"unordered": True}
+_OMIT_DEFAULT = {"omit_default": True}
 
 
 def digest(value) -> str:
@@ -59,7 +67,8 @@ def digest(value) -> str:
     Dataclasses by type name and every field (except those with ``metadata["identity"] is
     False``; fields with ``metadata["unordered"]`` compare as multisets), tensors by dtype,
     shape and raw bytes, dicts and sets order-insensitively, sequences in order, enums by type
-    and value, floats exactly. Other types raise TypeError rather than be guessed at."""
+    and value, floats exactly; fields with ``metadata["omit_default"]`` only when they differ
+    from their default. Other types raise TypeError rather than be guessed at."""
     h = hashlib.sha256()
     _feed(h, value)
     return h.hexdigest()[:32]
@@ -92,9 +101,11 @@ def _feed(h, x) -> None:  # one branch per kind of value
     elif dataclasses.is_dataclass(x) and not isinstance(x, type):
         _put(h, b"D", f"{type(x).__module__}.{type(x).__qualname__}".encode())
         for f in dataclasses.fields(x):
+            v = getattr(x, f.name)
+            if f.metadata.get("omit_default") and v == f.default:
+                continue
             if f.metadata.get("identity", True):
                 _put(h, b"f", f.name.encode())
-                v = getattr(x, f.name)
                 if f.metadata.get("unordered"):
                     _feed_unordered(h, v)
                 else:
@@ -148,20 +159,30 @@ class HeadAblation:
 
 @dataclass(frozen=True, eq=False)
 class EdgeEdit:
-    """Edit one head's attention rows; ``remove`` is ``[batch, query_pos, key_pos]`` bool."""
+    """Edit one head's attention rows; ``remove`` is ``[batch, query_pos, key_pos]`` bool.
+    ``weights_only``: replace only the weights of those entries by the baseline's (see the
+    module docstring), keeping the run's values."""
 
     head: HeadId
     remove: Bool[Tensor, "batch query_pos key_pos"]
     renormalise: bool = False
     baseline: AblationMethod = AblationMethod.ZERO
+    weights_only: bool = field(default=False, metadata=_OMIT_DEFAULT)
 
     def __post_init__(self):
         object.__setattr__(self, "head", HeadId(*self.head))
         object.__setattr__(self, "baseline", AblationMethod(self.baseline))
+        object.__setattr__(self, "weights_only", bool(self.weights_only))
         if self.renormalise and self.baseline != AblationMethod.ZERO:
             raise ValueError(
                 "renormalise: only defined for the zero baseline (removed weights are dropped "
                 f"and the rest rescaled); got baseline {self.baseline.value!r}"
+            )
+        if self.weights_only and self.baseline == AblationMethod.ZERO:
+            raise ValueError(
+                "weights_only: needs a replacement baseline ('mean' or 'resample'); under the "
+                "zero baseline replacing the weights by zero is removing the edges (use "
+                "weights_only=False)"
             )
         r = torch.as_tensor(self.remove)
         if r.dtype != torch.bool or r.ndim != 3:
@@ -239,6 +260,22 @@ def remove_sources(
     tag = "renorm" if renormalise else "remove"
     edit = EdgeEdit(head, remove, renormalise, AblationMethod(baseline))
     return Intervention(label or f"{tag}:{head}", edges=(edit,))
+
+
+def patch_weights(
+    head,
+    entries: Tensor,
+    *,
+    baseline: AblationMethod | str = AblationMethod.RESAMPLE,
+    label: str | None = None,
+) -> Intervention:
+    """Replace the attention weights ``alpha[q, s]`` of ``head`` where ``entries`` is True
+    ([batch, query_pos, key_pos]) by the baseline's (``resample``: the corrupted prompt's
+    weights; ``mean``: their mean over the prompt set), keeping the run's values and the other
+    weights as they are (no renormalising): pattern patching of those entries."""
+    head = HeadId(*head)
+    edit = EdgeEdit(head, entries, baseline=AblationMethod(baseline), weights_only=True)
+    return Intervention(label or f"weights:{head}", edges=(edit,))
 
 
 def remove_direct(
