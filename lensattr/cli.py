@@ -1,4 +1,5 @@
-"""``lensattr`` command line: ``audit``, ``report``, ``models``, ``tasks``."""
+"""``lensattr`` command line: ``audit``, ``explain``, ``patch`` (:mod:`.cli_patch`), ``report``,
+``models``, ``tasks``."""
 
 from __future__ import annotations
 
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=100, help="adversarial search steps")
     e.add_argument("--seed", type=int, default=0, help="random seed")
     e.set_defaults(fn=_explain)
+    from .cli_patch import add_patch_parser
+
+    add_patch_parser(sub, fmt)
     r = sub.add_parser("report", help="rebuild the HTML report (and figures) from a saved audit",
                        formatter_class=fmt)
     r.add_argument("dir", help="folder holding a saved audit (audit.json, heads.csv, ...)")
@@ -237,9 +241,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resume_hint(args) -> str:
-    if getattr(args, "command", None) != "audit":
+    from .cli_patch import CHECKPOINT
+
+    name = {"audit": "evidence.ckpt.safetensors", "patch": CHECKPOINT}.get(
+        getattr(args, "command", None))
+    if name is None:
         return "nothing was written"
-    ckpt = Path(args.out) / "evidence.ckpt.safetensors"
+    ckpt = Path(args.out) / name
     if ckpt.exists():
         return (f"rerun the same command with the same --out {args.out!r} to resume from the "
                 f"checkpoint {str(ckpt)!r}")

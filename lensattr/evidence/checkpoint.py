@@ -2,7 +2,8 @@
 
 Every entry is named ``v/<run key>/<intervention digest>`` (per-prompt metric values) or
 ``d/<run key>/<intervention digest>`` (per-head output changes). The run key fingerprints the
-model's config and weights, the prompts, the metric and the engine's parameters; the
+model's config and weights, the prompts, the metric and the engine's parameters (for a patching
+sweep also its method, direction, site, forward path and sender: ``PATCH_COMPONENTS``); the
 intervention digest fingerprints what the intervention does (:func:`.interventions.digest`).
 A label never keys anything, so a result can only be handed back for the same intervention of
 the same run. Entries of other runs are kept, in memory and in the file: a checkpoint of
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from .interventions import digest
 
-__all__ = ["EvidenceStore", "RUN_COMPONENTS"]
+__all__ = ["EvidenceStore", "RUN_COMPONENTS", "PATCH_COMPONENTS"]
 
 FORMAT = "lensattr-evidence/2"
 # the components of a run key, as named in warnings
@@ -33,6 +34,15 @@ RUN_COMPONENTS = {
     "metric": "metric",
     "engine": "engine parameters",
 }
+# further components a run key may have (patching sweeps, :mod:`.patch_chunks`)
+PATCH_COMPONENTS = {
+    "method": "method",
+    "direction": "direction",
+    "site": "site",
+    "path": "forward path",
+    "sender": "sender",
+}
+_LABELS = {**RUN_COMPONENTS, **PATCH_COMPONENTS}
 
 
 class EvidenceStore:
@@ -43,6 +53,9 @@ class EvidenceStore:
         missing = set(RUN_COMPONENTS) - set(parts)
         if missing:
             raise ValueError(f"run key: missing components {sorted(missing)}")
+        unknown = set(parts) - set(_LABELS)
+        if unknown:
+            raise ValueError(f"run key: unknown components {sorted(unknown)}")
         self.parts = dict(parts)
         self.run_key = digest(self.parts)[:16]
         self.path = Path(path) if path is not None else None
@@ -112,13 +125,13 @@ class EvidenceStore:
             return "it records no run"
 
         def differs(parts):
-            return [c for c in RUN_COMPONENTS if parts.get(c) != self.parts[c]]
+            return [c for c in _LABELS if parts.get(c) != self.parts.get(c)]
 
         closest = min(self.runs.values(), key=lambda parts: len(differs(parts)))
         bad = differs(closest)
         detail = "; ".join(
-            f"{RUN_COMPONENTS[c]}: saved {closest.get(c)}, now {self.parts[c]}" for c in bad
+            f"{_LABELS[c]}: saved {closest.get(c)}, now {self.parts.get(c)}" for c in bad
         )
         n = len(self.runs)
         return (f"it holds results of {n} other run{'s' if n > 1 else ''}; the closest differs "
-                f"in {', '.join(RUN_COMPONENTS[c] for c in bad)} ({detail})")
+                f"in {', '.join(_LABELS[c] for c in bad)} ({detail})")

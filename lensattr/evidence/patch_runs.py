@@ -12,6 +12,10 @@ cell ``k`` on prompt ``i``). Where the hook-free forward reproduces the bridge
 cell's layer from the cached base residual and runs only positions from the first patched one
 on, attending to cached keys and values before it; elsewhere (encoders, metrics reading all
 logits) the bridge runs the whole forward with the same edits as hooks.
+
+Chunks and checkpoints (:mod:`.patch_chunks`): ``batch_size`` rows and ``memory_budget`` bytes
+bound each forward; with a checkpoint store every finished cell is saved after each forward,
+and cells already saved for the same run are read back instead of run.
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ from ..metrics import MetricError, as_metric, check_metric_output
 from ..model import Adapter, ModelError, Site
 from ..prompts import PromptSet
 from .bare import BareForward
+from .checkpoint import EvidenceStore
 from .engine import _metric_identity, _prompts_digest
 from .interventions import digest
+from .patch_chunks import check_budget, plan_chunks
+from .patch_edits import edit, watch_row
 
 __all__ = ["PatchRuns", "Cell", "DIRECTIONS"]
 
@@ -55,7 +62,7 @@ class PatchRuns:
     """Base and source runs of one prompt set, and batched patched forwards between them."""
 
     def __init__(self, model, prompts: PromptSet, metric, direction: str = "denoising", *,
-                 fast: bool = True, batch_size: int = 256):
+                 fast: bool = True, batch_size: int = 256, memory_budget: int | None = None):
         self.adapter = a = model if isinstance(model, Adapter) else Adapter(model)
         if not isinstance(prompts, PromptSet):
             raise ValueError("prompts: expected a lensattr.PromptSet, got "
@@ -67,6 +74,7 @@ class PatchRuns:
             raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        self.memory_budget = check_budget(memory_budget)
         prompts.validate_vocab(a.d_vocab)
         prompts.validate_length(getattr(a.cfg, "n_ctx", None))
         prompts.validate_tokenizer(getattr(a.model, "tokenizer", None), a.name)
@@ -89,6 +97,7 @@ class PatchRuns:
             self.bare, self.path_reason = self._make_bare()
         self.n_forwards = 0
         self.n_skipped = 0  # rows whose patch changed nothing: the base run's value, exactly
+        self.n_reused = 0  # cells read back from a checkpoint instead of run
 
     # ---- reference runs ----------------------------------------------------------------
     def _capture(self, view: PromptSet):
@@ -153,40 +162,57 @@ class PatchRuns:
             return self.adapter.n_layers, first
         return cell.layer, min(first, 0 if cell.dest is None else cell.dest)
 
-    def run(self, cells: list[Cell], sources: dict | None = None, progress=None
-            ) -> tuple[Tensor, Tensor | None]:
+    def run(self, cells: list[Cell], sources: dict | None = None, progress=None,
+            store: EvidenceStore | None = None) -> tuple[Tensor, Tensor | None]:
         """Metric per prompt of each cell, [cell, batch] (CPU), and, where cells ``watch`` a
         head, its attention row at the read position [cell, batch, key_pos] (else None).
         ``sources``: (site, layer) -> [batch, ...] activations to patch in (default the source
-        run's)."""
+        run's); the store's run key must identify them. ``store``: a checkpoint
+        (:func:`.patch_chunks.open_store`): cells saved there are read back, the others saved
+        as soon as their last forward is done."""
         sources = self.source_acts if sources is None else sources
         for c in cells:
             if (c.site, c.layer) not in sources:
                 raise ValueError(f"cells: no source activation for {c.site.value} in layer "
                                  f"{c.layer}")
-        values = torch.full((len(cells), self.n), float("nan"))
-        rows = torch.full((len(cells), self.n, self.prompts.n_pos), float("nan"))
-        per = max(1, self.batch_size // self.n)
-        groups: dict = {}
+        n = self.n
+        values = torch.full((len(cells), n), float("nan"))
+        rows = torch.full((len(cells), n, self.prompts.n_pos), float("nan"))
+        keys = [digest(c) for c in cells] if store is not None else []
+        todo = []
         for k, c in enumerate(cells):
-            key = (c.site, c.layer, self.reach(c)) if self.bare is not None else (c.site, c.layer)
-            groups.setdefault(key, []).append(k)
-        for ks in groups.values():
-            for i in range(0, len(ks), per):
-                chunk = ks[i: i + per]
-                v, w = self._forward([cells[k] for k in chunk], sources)
-                values[chunk] = v
-                if w is not None:
-                    rows[chunk] = w
-                if progress is not None:
-                    progress.update(len(chunk))
+            hit = store.get(keys[k], c.watch is not None) if store is not None else None
+            if hit is None:
+                todo.append(k)
+                continue
+            values[k] = hit[0]
+            if hit[1] is not None:
+                rows[k] = hit[1]
+        self.n_reused += len(cells) - len(todo)
+        if progress is not None:
+            progress.update(len(cells) - len(todo))
+        for chunk, part in plan_chunks(self, cells, todo):  # the budget is checked first
+            v, w = self._forward([cells[k] for k in chunk], sources, part)
+            values[chunk, part] = v
+            if w is not None:
+                rows[chunk, part] = w
+            done = chunk if part.stop == n else []
+            if store is not None and done:
+                for k in done:
+                    store.put(keys[k], values[k], rows[k] if cells[k].watch is not None else None)
+                store.save()
+            if progress is not None:
+                progress.update(len(done))
         watched = any(c.watch is not None for c in cells)
         return values, rows if watched else None
 
-    def _forward(self, cells: list[Cell], sources: dict):
-        n, dev = self.n, self.adapter.device
+    def _forward(self, cells: list[Cell], sources: dict, part: slice = slice(None)):
+        """Values [cell, prompt] (and watched rows) of ``cells`` on the prompts in ``part``."""
+        dev = self.adapter.device
         c0 = cells[0]
-        idx = torch.arange(n, device=_CPU).repeat(len(cells))  # row r -> prompt r % n
+        sub = torch.arange(self.n, device=_CPU)[part]
+        n = len(sub)
+        idx = sub.repeat(len(cells))  # row r -> prompt sub[r % n]
         src = sources[(c0.site, c0.layer)][idx.to(sources[(c0.site, c0.layer)].device)].to(dev)
         mask = torch.zeros(src.shape[:-1] if c0.site != Site.PATTERN else src.shape,
                            dtype=torch.bool, device=_CPU)
@@ -208,9 +234,9 @@ class PatchRuns:
                 self.n_skipped += int((~keep).sum())
                 if keep.any():
                     k = keep.cpu()
-                    out[k] = self._run_rows(c0, cells, idx[k], mask[keep], src[keep])[0]
+                    out[k] = self._run_rows(c0, cells, idx[k], mask[keep], src[keep], n)[0]
                 return out.reshape(len(cells), n), None
-        return self._run_rows(c0, cells, idx, mask, src)
+        return self._run_rows(c0, cells, idx, mask, src, n)
 
     def _changes(self, c0: Cell, idx: Tensor, mask: Tensor, src: Tensor) -> Tensor:
         """[rows] does the patch change any activation of the row (exactly)?"""
@@ -222,20 +248,23 @@ class PatchRuns:
             diff = diff.any(-1)
         return (diff & mask).flatten(1).any(1)
 
-    def _run_rows(self, c0: Cell, cells: list[Cell], idx: Tensor, mask: Tensor, src: Tensor):
-        """The forward of rows ``idx`` (prompt of each row) with their masks and sources."""
-        a, n, dev = self.adapter, self.n, self.adapter.device
+    def _run_rows(self, c0: Cell, cells: list[Cell], idx: Tensor, mask: Tensor, src: Tensor,
+                  n: int | None = None):
+        """The forward of rows ``idx`` (prompt of each row) with their masks and sources;
+        ``n`` prompts per cell (default all)."""
+        a, dev = self.adapter, self.adapter.device
+        n = self.n if n is None else n
         R = idx.shape[0]
         hooks = {(c0.site, c0.layer if c0.site != Site.RESID_FINAL else None):
-                 _edit(c0.site, mask, src)}
+                 edit(c0.site, mask, src)}
         watch = None
         if any(c.watch is not None for c in cells):
             heads = torch.tensor([c.watch if c.watch is not None else 0 for c in cells])
             read = self.readout.positions[idx].to(dev)
             watch = torch.full((R, self.prompts.n_pos), float("nan"), device=dev)
             inner = hooks.get((Site.PATTERN, c0.layer))
-            hooks[(Site.PATTERN, c0.layer)] = _watch(inner, heads.repeat_interleave(n).to(dev),
-                                                     read, watch)
+            heads = heads.repeat_interleave(n).to(dev)  # [rows]
+            hooks[(Site.PATTERN, c0.layer)] = watch_row(inner, heads, read, watch)
         readout = self.readout.take(idx)
         if self.bare is not None and c0.site == Site.Z and watch is None:
             first = self.reach(c0)[1]  # the residual after the patched layer, then on
@@ -276,35 +305,3 @@ class PatchRuns:
         mid = self.base_acts[(Site.RESID_MID, layer)].to(dev)[idx.to(dev), p0:][sel] + D[sel]
         x[sel] = mid + w.mlp(w.ln2(mid[None]))[0]  # [k, d_model]
         return x
-
-
-def _edit(site: Site, mask: Tensor, src: Tensor):
-    """An edit ``f(x, p0)`` that takes ``src`` where ``mask`` is set, for rows of query positions
-    ``p0..`` (the hook-free forward runs only those; the bridge passes ``p0 = 0``)."""
-    if site == Site.RESID_FINAL:  # src is an additive change [rows, pos, d_model]
-        def add(x, p0):
-            return x + src[:, p0: p0 + x.shape[1]].to(x.dtype)
-        return add
-    if site == Site.PATTERN:
-        def pattern(x, p0):  # [rows, head, q, key]
-            nq, nk = x.shape[2], x.shape[3]
-            m = mask[:, :, p0: p0 + nq, :nk]
-            return torch.where(m, src[:, :, p0: p0 + nq, :nk].to(x.dtype), x)
-        return pattern
-
-    def vector(x, p0):  # [rows, pos, head, d_head]
-        nq = x.shape[1]
-        return torch.where(mask[:, p0: p0 + nq, :, None], src[:, p0: p0 + nq].to(x.dtype), x)
-    return vector
-
-
-def _watch(inner, heads: Tensor, read: Tensor, out: Tensor):
-    """A pattern hook that records each row's head ``heads[r]`` attention at its read position
-    into ``out`` [rows, key_pos] after any edit ``inner``."""
-    def f(x, p0):
-        if inner is not None:
-            x = inner(x, p0)
-        r = torch.arange(x.shape[0], device=x.device)
-        out[:, : x.shape[3]] = x[r, heads, read - p0].float()
-        return x
-    return f

@@ -8,18 +8,23 @@
   (Wang et al. 2022); equal to TransformerLens's ``get_act_patch_direct_path``.
 
 Both run many cells per forward pass and, on causal decoders, only the layers and positions a
-patch can reach (:mod:`.patch_runs`).
+patch can reach (:mod:`.patch_runs`). ``memory_budget`` (bytes of working memory per forward)
+sizes the chunks; ``checkpoint`` (a safetensors file) saves every cell as soon as it is done, so
+an interrupted sweep rerun with the same file computes only the cells it lacks
+(:mod:`.patch_chunks`); ``progress`` shows a tqdm bar.
 """
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..model import Adapter, ModelError, Site
 from ..prompts import PromptSet
+from .patch_chunks import open_store
 from .patch_runs import Cell, PatchRuns
 from .patching_result import ActivationPatching, PathPatching
 
@@ -51,6 +56,8 @@ def activation_patching(
     batch_size: int = 256,
     progress: bool = False,
     seed: int = 0,
+    checkpoint: str | Path | None = None,
+    memory_budget: int | None = None,
 ) -> ActivationPatching:
     """Patch each head's activation at ``site`` from the source run into the base run.
 
@@ -64,7 +71,15 @@ def activation_patching(
     metric: a :class:`~lensattr.metrics.Metric` (e.g. ``LogitDiff()``) or a callable
         ``fn(logits [batch, pos, d_vocab], prompts) -> [batch]``; it reads the same positions
         and answers on every run.
-    batch_size: rows (prompt x cell) per forward pass; bounds memory.
+    batch_size: rows (prompt x cell) per forward pass.
+    memory_budget: bytes of working memory per forward pass (an estimate from the model's
+        dimensions and dtype); chunks, down to parts of one cell's prompts, are sized to fit.
+        A budget too small for one row (one prompt x one cell) is a ValueError naming the
+        minimum.
+    checkpoint: a safetensors file where each cell's values are saved after every forward; a
+        rerun with the same file (same model weights, prompts, metric, direction, site, path)
+        reads them back and runs only the missing cells. Results of other runs in the file are
+        kept; a file holding none of this run warns which component differs.
     Returns an :class:`ActivationPatching` (``values[*cells, batch]``, effects, ``to_frame``,
     ``to_transformer_lens``).
     """
@@ -78,7 +93,8 @@ def activation_patching(
     if s == Site.PATTERN and not a.pattern_editable:
         raise ModelError(f"site: model {a.name!r} computes attention inside its HF module, so "
                          "edits of hook_pattern are discarded; pattern patching is not possible")
-    runs = PatchRuns(a, prompts, metric, direction, fast=fast, batch_size=batch_size)
+    runs = PatchRuns(a, prompts, metric, direction, fast=fast, batch_size=batch_size,
+                     memory_budget=memory_budget)
     if runs.bare is None and not _site_editable(a, s):
         raise ModelError(f"site: model {a.name!r} discards edits made at hook_{s.value}; "
                          "patch 'z' instead")
@@ -94,11 +110,18 @@ def activation_patching(
                           dest=d.get("pos", d.get("dest_pos")), src=d.get("src_pos")))
     with tqdm(total=len(cells), desc=f"patching {site}", disable=not progress,
               leave=False) as bar:
-        values, _ = runs.run(cells, progress=bar)
+        store = open_store(runs, checkpoint, "activation_patching", s.value)
+        values, _ = runs.run(cells, progress=bar, store=store)
     meta = runs.meta("activation_patching", site=s.value, by=by, seed=seed,
-                     n_forwards=runs.n_forwards)
+                     **_run_meta(runs, checkpoint))
     return ActivationPatching(s.value, axes, values.reshape(*shape, len(prompts)), runs.base,
                               runs.source, meta)
+
+
+def _run_meta(runs: PatchRuns, checkpoint) -> dict:
+    return {"n_forwards": runs.n_forwards, "n_reused": runs.n_reused,
+            "memory_budget": runs.memory_budget,
+            "checkpoint": None if checkpoint is None else str(checkpoint)}
 
 
 def _site_editable(a: Adapter, site: Site) -> bool:
@@ -129,7 +152,10 @@ def path_patching(
     direction: str = "denoising",
     fast: bool = True,
     batch_size: int = 256,
+    progress: bool = False,
     seed: int = 0,
+    checkpoint: str | Path | None = None,
+    memory_budget: int | None = None,
 ) -> PathPatching:
     """Path patching from ``sender`` (a :class:`~lensattr.types.HeadId`): its output's change
     (source run minus base run, ``z @ W_O`` at every position) is added to one receiver's input
@@ -141,6 +167,9 @@ def path_patching(
     ``get_act_patch_direct_path``. Receivers ``k``/``v`` are key/value heads under
     grouped-query attention. Returns a :class:`PathPatching` with the metric per receiver and
     prompt, and the change of each receiver's attention row at the read position.
+    ``batch_size``, ``memory_budget``, ``checkpoint`` and ``progress`` as in
+    :func:`activation_patching` (the checkpoint's run key includes the sender; the watched
+    attention rows are saved with the values).
     """
     a = model if isinstance(model, Adapter) else Adapter(model)
     sender = a.check_head(sender, "sender")
@@ -153,7 +182,8 @@ def path_patching(
     if not a.has_direct_path:
         raise ModelError(f"model {a.name!r}: path patching needs a pre-norm causal decoder "
                          "(each head's output added to the residual stream as z @ W_O)")
-    runs = PatchRuns(a, prompts, metric, direction, fast=fast, batch_size=batch_size)
+    runs = PatchRuns(a, prompts, metric, direction, fast=fast, batch_size=batch_size,
+                     memory_budget=memory_budget)
     n, p, L, H = len(prompts), prompts.n_pos, a.n_layers, a.n_heads
     Ls, hs = sender
     W_O = a.W_O(Ls)[hs]  # [d_head, d_model]
@@ -173,20 +203,24 @@ def path_patching(
             for h in range(n_rec):
                 cells.append(Cell(site, layer, h, watch=h * group))
                 where.append((c, layer, h))
+    store = open_store(runs, checkpoint, "path_patching", "receivers", sender)
+    bar = tqdm(total=len(cells) + ("logits" in receivers), desc=f"path patching {sender}",
+               disable=not progress, leave=False)
+    with bar:
+        vals, rows = runs.run(cells, sources, bar, store) if cells else (None, None)
+        logits = torch.full((n,), float("nan"))
+        if "logits" in receivers:
+            sources[(Site.RESID_FINAL, L)] = delta
+            logits = runs.run([Cell(Site.RESID_FINAL, L, 0)], sources, bar, store)[0][0]
     if cells:
-        vals, rows = runs.run(cells, sources)
         pos = runs.readout.positions
         for k, (c, layer, h) in enumerate(where):
             base_row = runs.base_acts[(Site.PATTERN, layer)][torch.arange(n), cells[k].watch,
                                                               pos.to(_dev(runs, layer))]
             values[c, layer, h] = vals[k]
             change[c, layer, h] = rows[k] - base_row.float().cpu()
-    logits = torch.full((n,), float("nan"))
-    if "logits" in receivers:
-        sources[(Site.RESID_FINAL, L)] = delta
-        logits = runs.run([Cell(Site.RESID_FINAL, L, 0)], sources)[0][0]
     meta = runs.meta("path_patching", sender=tuple(sender), receivers=tuple(receivers),
-                     seed=seed, n_forwards=runs.n_forwards)
+                     seed=seed, **_run_meta(runs, checkpoint))
     return PathPatching(tuple(sender), comps, values, logits, change, runs.base, runs.source,
                         meta)
 
