@@ -37,6 +37,7 @@ from .evidence.sweeps import (
     edge_sweep,
     joint_sweep,
     label,
+    pattern_sweep,
     row_split_sweep,
     sink_sweep,
 )
@@ -165,6 +166,10 @@ def audit(
             plan += sink_sweep(located, claims.allowed, claims.sink, primary)
         sources, source_names = source_positions(prompts, claims, claims.read_pos, max_edge_sources)
         plan += edge_sweep(located, claims.read_rows, sources, prompts.n_pos, primary)
+        if primary != AblationMethod.ZERO:  # pattern patching: the weights alone, values kept
+            plan += edge_sweep(located, claims.read_rows, sources, prompts.n_pos, primary,
+                               kind="pattern", weights_only=True)
+            plan += pattern_sweep(located, claims.allowed, claims.read_rows, primary)
         values.update(_values(_run(engine, plan)))
         b = primary.value
         focus = [h for h in located if too_few is None and needs_locus(
@@ -192,6 +197,8 @@ def audit(
         ev, verdict = jd.evidence[primary.value][i], jd.verdicts[primary.value][i]
         edge_est = [eff.get(label(f"edge-{primary.value}", h, extra=f"@{j}"))
                     for j in range(len(sources))]
+        pattern_est = [eff.get(label(f"pattern-{primary.value}", h, extra=f"@{j}"))
+                       for j in range(len(sources))]
         knock = {k: eff.get(label(f"{k}-{primary.value}", h)) for k in ("remove", "keep", "sink")}
         results.append(HeadResult(
             head=h,
@@ -207,16 +214,21 @@ def audit(
             carriers=_carriers(h, locus, edge_est, source_names, ev.effect, th, prompts)
             if too_few is None else "",
             edges=edge_est,
+            pattern_edges=pattern_est,
+            pattern_read=eff.get(label(f"pattern-read-{primary.value}", h)),
             locus=locus.get(h),
         ))  # fmt: skip
 
     cc = claim_columns(adapter, engine, prompts, metric, claims, results, chosen, sources,
                        source_names, seed, batch_size)
-    atp_cols, atp_meta = atp_columns(adapter, prompts, metric, heads, eff, methods, batch_size)
+    atp_cols, atp_edges, atp_meta = atp_columns(adapter, prompts, metric, heads, eff, methods,
+                                                batch_size, claims.read_rows, sources,
+                                                [r.pattern_edges for r in results])
     heads_df = pd.DataFrame([{**head_row(r, claims, prompts, cc.norm), **cc.head_rows[r.head],
                               **atp_cols[r.head]} for r in results])
     heads_df = heads_df.astype({"partner_layer": "Int64", "partner_head": "Int64"})
-    edges_df = edge_rows(results, claims, prompts, sources, source_names, cc.norm, cc.layered)
+    edges_df = edge_rows(results, claims, prompts, sources, source_names, cc.norm, cc.layered,
+                         atp_edges)
     tensors = _tensors(results, claims, prompts, engine, methods, adapter)
     meta = _meta(
         adapter,
@@ -344,6 +356,10 @@ def _meta(
         "edge_edit": "alpha[q, s] = 0 without renormalising (= subtracting alpha*v*W_O terms); "
         "under mean/resample the removed terms are replaced by their mean/corrupted "
         "counterparts",
+        "pattern_edit": "effect_pattern / pattern_read: only the attention weights alpha[q, s] "
+        "of the edge / of the whole read row replaced by the baseline's (corrupted prompt's, "
+        "or prompt-set mean), the run's values kept, no renormalising (pattern patching, "
+        "noising); not computed under the zero baseline, where it is the removal itself",
         "claimed_set": "fewest non-sink sources covering >= 50% of the row's non-sink mass; "
         "sink terms are kept by keep-only and measured apart (sink_effect)",
         "verdict_baseline": "every number behind a label uses one baseline; the label follows "

@@ -49,6 +49,12 @@ def claim_columns(adapter, engine, prompts, metric, claims, results, chosen, sou
     heads = [r.head for r in results]
     edge_agree = claims_vs_edges(claims, tensors, heads, sources,
                                  {r.head: [e.per_prompt for e in r.edges] for r in results}, seed)
+    if any(r.pattern_edges and any(e.value == e.value for e in r.pattern_edges)
+           for r in results):  # pattern patching measured (a replacement baseline)
+        pattern = {r.head: [e.per_prompt for e in r.pattern_edges] for r in results}
+        edge_agree = pd.concat([edge_agree, claims_vs_edges(
+            claims, tensors, heads, sources, pattern, seed,
+            evidence="|edge pattern-patching effect|")], ignore_index=True)
     ti = token_importance(adapter, prompts, metric, chosen, claims.patterns, claims.read_rows,
                           layered, batch_size)
     agreement = mark_best(pd.concat([edge_agree, ti.agreement(seed)], ignore_index=True))
@@ -67,6 +73,9 @@ def claim_columns(adapter, engine, prompts, metric, claims, results, chosen, sou
                         "layer l (shared by the layer's heads); flow solved at the read rows",
         "agree_columns": "Spearman rho over a head's examined sources: claim at the read rows "
                          "(mean over prompts) vs mean |single-edge removal effect|",
+        "agreement_evidence": "|edge removal effect|: the edge's terms alpha*v*W_O replaced by "
+                              "the baseline's; |edge pattern-patching effect|: only its weight "
+                              "alpha replaced by the baseline's, the values kept",
         "tokens": json.loads(json.dumps(ti.meta)),
         "dla": dla.reason or "computed: head's direct logit attribution at the read position "
                              "(final norm scale frozen), mean over prompts; dla_top_source from "

@@ -83,6 +83,10 @@ class HeadResult:
     p: float
     carriers: str
     edges: list[Estimate]  # per examined source: effect of removing the edges to it
+    # per examined source: effect of patching only the weights of the edges to it; the whole
+    # read row's weights patched (both NaN where not computed: zero baseline, screened out)
+    pattern_edges: list[Estimate] | None = None
+    pattern_read: Estimate | None = None
     locus: LocusEdges | None = None  # edges at the row where the effect lives, if not read
 
 
@@ -124,6 +128,7 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tens
         row.update(_ci(f"ablation_{m}", r.effects.get(m, _NAN)))
     row.update(_ci("effect_read_rows", r.split["read"]))
     row.update(_ci("effect_other_rows", r.split["other"]))
+    row.update(_ci("pattern_read", r.pattern_read if r.pattern_read is not None else _NAN))
     ev = r.evidence
     row["effect_locus"] = "n/a" if ev.too_few else effect_locus(
         ev.effect, r.split["read"], r.split["other"], r.verdict.relevance == "relevant")
@@ -165,13 +170,17 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tens
 def edge_rows(
     results: list[HeadResult], claims: Claims, prompts: PromptSet, sources, names,
     norm: torch.Tensor | None = None, layered: dict | None = None,
+    atp: dict | None = None,
 ) -> pd.DataFrame:
     """One row per head and examined source: attention from the read rows (summed over them,
-    averaged over prompts), the share of prompts whose claimed set holds it, and the effect of
-    removing those edges under the verdict's baseline. ``layered``: layer-level claims
-    (``rollout``, ``flow``: [b, L, q, k], the value up to and including the edge's layer),
-    each a column read like ``attention`` (NaN where not computed)."""
+    averaged over prompts), the share of prompts whose claimed set holds it, and the effects of
+    removing those edges and of patching only their weights (``effect_pattern``) under the
+    verdict's baseline. ``layered``: layer-level claims (``rollout``, ``flow``: [b, L, q, k],
+    the value up to and including the edge's layer), each a column read like ``attention``
+    (NaN where not computed). ``atp``: head -> AtP's estimate of ``effect_pattern`` per
+    examined source (column ``atp_pattern``)."""
     layered = layered or {}
+    atp = atp or {}
     rows_idx = torch.arange(len(prompts))
     read = claims.read_rows  # [batch, q]
     single = bool((read.sum(1) == 1).all())
@@ -183,7 +192,9 @@ def edge_rows(
         nrm = None if norm is None else (torch.nan_to_num(norm[:, L, H]) * w).sum(1)
         claimed = (claims.claimed[:, L, H] & read[:, :, None]).any(1)  # [batch, k]
         lay = {k: (torch.nan_to_num(x[:, L]) * w).sum(1) for k, x in layered.items()}
-        for src, name, e in zip(sources, names, r.edges, strict=True):
+        pattern = r.pattern_edges or [_NAN] * len(sources)
+        atp_h = atp.get(r.head, [math.nan] * len(sources))
+        for j, (src, name, e) in enumerate(zip(sources, names, r.edges, strict=True)):
             ok = src >= 0
             s = src.clamp(min=0)
             out.append({
@@ -202,6 +213,8 @@ def edge_rows(
                    for k, a in lay.items()},
                 "baseline": r.verdict.baseline,
                 **_ci("effect_remove", e),
+                **_ci("effect_pattern", pattern[j]),
+                "atp_pattern": atp_h[j],
             })  # fmt: skip
         if r.locus is not None:  # edges where the effect lives
             q = r.locus.row
@@ -216,5 +229,6 @@ def edge_rows(
                     "claimed_share": float(claims.claimed[:, L, H, q, k].float().mean()),
                     **{n: float(x[:, L, q, k].nanmean()) for n, x in layered.items()},
                     "baseline": r.verdict.baseline, **_ci("effect_remove", e),
+                    **_ci("effect_pattern", _NAN), "atp_pattern": math.nan,
                 })  # fmt: skip
     return pd.DataFrame(out)

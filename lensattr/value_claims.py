@@ -56,7 +56,7 @@ def norm_shares(engine, adapter, prompts) -> tuple[PerEdge, PerEdge]:
 
 def claims_vs_edges(
     claims: Claims, claim_tensors: dict[str, Tensor], heads, sources: list[Tensor],
-    edge_effects: dict, seed: int
+    edge_effects: dict, seed: int, evidence: str = "|edge removal effect|"
 ) -> pd.DataFrame:
     """Rank agreement, per layer, of every claim source from the read rows to each examined
     source with |effect of removing that edge| (per prompt, the verdict's baseline), ranking
@@ -66,7 +66,8 @@ def claims_vs_edges(
     heads). Raw attention is a share of its own row; the norm-based claim is the absolute norm
     ||alpha f||, which is comparable across heads (a head that moves nothing claims nothing).
     ``edge_effects``: head -> list of per-prompt effects, one per source. The ``claim`` column
-    names each source as the edges table does (``attention``, ``norm_attention``, ...)."""
+    names each source as the edges table does (``attention``, ``norm_attention``, ...);
+    ``evidence`` names the effects (e.g. ``|edge pattern-patching effect|``)."""
     from .claim_sources import COLUMN, at_rows
 
     n = claims.patterns.shape[0]
@@ -92,7 +93,7 @@ def claims_vs_edges(
     for k, claim in cl.items():
         df = rank_agreement(claim, eff, layer_dim=1, seed=seed, n_boot=500)
         df.insert(1, "claim", COLUMN[k])
-        df.insert(2, "evidence", "|edge removal effect|")
+        df.insert(2, "evidence", evidence)
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
     out["layer"] = out["layer"].map(lambda i: layers[int(i)] if pd.notna(i) else pd.NA)

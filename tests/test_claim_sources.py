@@ -98,7 +98,8 @@ def test_agree_columns_and_agreement_table(result):
     assert h.loc[(0, 1), "agree_norm"] > h.loc[(0, 1), "agree_raw"]
     ag = result.agreement
     assert set(ag.claim) == {"attention", "norm_attention", "rollout", "flow"}
-    assert set(ag.evidence) == {"|edge removal effect|", "|occlusion (zero)|"}
+    assert set(ag.evidence) == {"|edge removal effect|", "|edge pattern-patching effect|",
+                                "|occlusion (zero)|"}
     for _, g in ag.groupby([ag.evidence, ag.layer.astype(str)]):
         if g.rho.isna().all():  # a layer whose edges were all screened out: no winner
             assert not g.best.any()

@@ -1,6 +1,7 @@
 """Standard sweeps over heads: ablations, read-row splits, claimed-set edits, sink removal,
-direct paths, single edges and joint ablations. Every edit takes the baseline its removed terms
-are replaced by, so all the numbers behind one verdict share one baseline.
+direct paths, single edges (removed, or their weights patched), read-row pattern patches and
+joint ablations. Every edit takes the baseline its removed terms are replaced by, so all the
+numbers behind one verdict share one baseline.
 
 Labels are display names for tables (``kind:layer.head``); the engine keys its results by what
 each intervention does, not by its label.
@@ -13,7 +14,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from ..types import AblationMethod, HeadId
-from .interventions import Intervention, ablate, remove_direct, remove_sources
+from .interventions import Intervention, ablate, patch_weights, remove_direct, remove_sources
 
 __all__ = [
     "label",
@@ -23,6 +24,7 @@ __all__ = [
     "sink_sweep",
     "direct_sweep",
     "edge_sweep",
+    "pattern_sweep",
     "joint_sweep",
 ]
 
@@ -107,10 +109,13 @@ def edge_sweep(
     n_pos: int,
     baseline: AblationMethod = Z,
     kind: str = "edge",
+    weights_only: bool = False,
 ) -> list[Intervention]:
     """Per head and examined source: remove the edges (read rows -> source), replaced by the
-    baseline's terms. ``sources``: one [batch] tensor of source positions per examined source
-    (-1 = absent in that prompt). Labels: ``<kind>-<baseline>:<head>@<source index>``."""
+    baseline's terms; with ``weights_only``, replace only their attention weights by the
+    baseline's (pattern patching of those entries, the run's values kept). ``sources``: one
+    [batch] tensor of source positions per examined source (-1 = absent in that prompt).
+    Labels: ``<kind>-<baseline>:<head>@<source index>``."""
     n = read_rows.shape[0]
     rows = torch.arange(n)
     out = []
@@ -120,9 +125,25 @@ def edge_sweep(
         mask[rows[ok], :, src[ok]] = True
         mask &= read_rows[:, :, None]
         for h in heads:
-            out.append(remove_sources(h, mask, baseline=baseline,
-                                      label=label(f"{kind}-{baseline.value}", h, extra=f"@{j}")))
+            name = label(f"{kind}-{baseline.value}", h, extra=f"@{j}")
+            out.append(patch_weights(h, mask, baseline=baseline, label=name) if weights_only
+                       else remove_sources(h, mask, baseline=baseline, label=name))
     return out
+
+
+def pattern_sweep(
+    heads: list[HeadId],
+    allowed: Bool[Tensor, "batch query_pos key_pos"],
+    read_rows: Bool[Tensor, "batch pos"],
+    baseline: AblationMethod,
+) -> list[Intervention]:
+    """Per head: replace its whole attention row at the read rows by the baseline's (weights
+    only, the run's values kept): how much of the head's effect there comes from *where* it
+    looks. Labels: ``pattern-read-<baseline>:<head>``."""
+    at = allowed & read_rows[:, :, None]
+    b = baseline.value
+    return [patch_weights(h, at, baseline=baseline, label=label(f"pattern-read-{b}", h))
+            for h in heads]
 
 
 def joint_sweep(pairs: list[tuple[HeadId, HeadId]], method: AblationMethod) -> list[Intervention]:

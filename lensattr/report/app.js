@@ -79,12 +79,13 @@
   }
 
   function edgeBars(edges) {
-    var span = 0, hasNorm = false;
+    var span = 0, hasNorm = false, hasPattern = false;
     edges.forEach(function (e) {
       [e.effect, e.lo, e.hi].forEach(function (v) {
         var x = Math.abs(num(v)); if (isFinite(x)) span = Math.max(span, x);
       });
       if (isFinite(num(e.norm))) hasNorm = true;
+      if (e.pattern && isFinite(num(e.pattern[0]))) hasPattern = true;
     });
     span = span || 1;
     function pct(v) { return Math.max(0, Math.min(100, 50 + 50 * v / span)); }
@@ -95,7 +96,9 @@
     }
     var head = el("tr", null, el("th", null, "row"), el("th", null, "source"),
       el("th", null, "attention"), hasNorm ? el("th", null, "norm-based") : null,
-      el("th", null, "effect of removing the edge (CI)"), el("th", null, ""));
+      el("th", null, "effect of removing the edge (CI)"), el("th", null, ""),
+      hasPattern ? el("th", {title: "only the edge's attention weight replaced by the " +
+        "baseline's, values kept (pattern patching)"}, "weight only (CI)") : null);
     var body = edges.map(function (e) {
       var x = num(e.effect), lo = num(e.lo), hi = num(e.hi);
       var bar = el("div", {"class": "bar", title: "effect " + fmtCI([e.effect, e.lo, e.hi])},
@@ -113,7 +116,8 @@
       var label = e.source + (e.token !== null && e.token !== undefined ? " \u201c" + e.token + "\u201d" : "");
       return el("tr", null, el("td", null, e.query), el("td", null, label + (e.sink ? " (sink)" : "")),
         share(e.attention, "#4a78c2", "attention"), hasNorm ? share(e.norm, "#8e5bb5", "norm-based") : null,
-        el("td", null, bar), el("td", {"class": "num"}, fmtCI([e.effect, e.lo, e.hi])));
+        el("td", null, bar), el("td", {"class": "num"}, fmtCI([e.effect, e.lo, e.hi])),
+        hasPattern ? el("td", {"class": "num"}, fmtCI(e.pattern || [null, null, null])) : null);
     });
     return el("table", {"class": "bars"}, head, body);
   }

@@ -21,6 +21,7 @@ LABELS = {
     "sink_effect": "remove the sink's terms",
     "routing": "ρ: share of the effect routed through the claim",
     "effect_read_rows": "ablated at the read rows only",
+    "pattern_read": "read row's weights patched (values kept)",
     "effect_other_rows": "ablated at every other row only",
     "effect_locus": "where the effect lives",
     "direct_effect": "direct effect (path to the readout only)",
@@ -45,7 +46,8 @@ LABELS = {
 _GROUPS = [
     ("Edits of the attention row", ["knockout_unclaimed", "knockout_claimed", "routing",
                                     "knockout_claimed_renorm", "sink_effect", "effect_read_rows",
-                                    "effect_other_rows", "effect_locus", "direct_effect"]),
+                                    "pattern_read", "effect_other_rows", "effect_locus",
+                                    "direct_effect"]),
     ("Compensation and carriers", ["partner", "joint_effect", "interaction", "direct_minus_total",
                                    "compensated_under", "carriers", "carriers_row"]),
     ("Statistics", ["relevance", "routing_class", "verdict_rule", "verdict_share", "p_value",
@@ -114,11 +116,15 @@ def _edges(edges: pd.DataFrame | None, tokens: list[str]) -> list[dict]:
         eff = cell(e, "effect_remove") if "effect_remove" in e.index else [None, None, None]
         if not isinstance(eff, list):
             eff = [eff, None, None]
+        pat = cell(e, "effect_pattern") if "effect_pattern" in e.index else [None, None, None]
+        if not isinstance(pat, list):
+            pat = [pat, None, None]
         out.append({
             "query": encode(e.get("query_role")), "source": encode(e.get("source_role")),
             "token": token, "attention": encode(e.get("attention")),
             "norm": encode(e.get("norm_attention")), "claimed": encode(e.get("claimed_share")),
             "sink": bool(e.get("is_sink", False)), "effect": eff[0], "lo": eff[1], "hi": eff[2],
+            "pattern": pat,
         })
     return out
 

@@ -17,8 +17,8 @@ BASELINES = ("zero", "mean", "resample")
 # shown first in the heads table, in this order, when present
 HEADS_FIRST = ("verdict", "reason", "effect", "routing", "partner", "carriers", "head_type_read",
                "top_source", "relevance", "routing_class", "verdict_share", "q_value")
-EDGES_FIRST = ("verdict", "query_role", "source_role", "effect_remove", "attention",
-               "norm_attention", "claimed_share", "is_sink")
+EDGES_FIRST = ("verdict", "query_role", "source_role", "effect_remove", "effect_pattern",
+               "attention", "norm_attention", "claimed_share", "is_sink")
 
 
 def encode(value: object) -> object:
