@@ -25,6 +25,7 @@ from .audit_setup import (
 from .claim_sources import resolve_claims
 from .claims import compute_claims
 from .claims.head_types import SINK_ROLES
+from .compare.agreement import EFFECT_NOISE, noise_floor
 from .compare.compensation import candidate_partners
 from .compare.judge import Effects, carriers, judge, min_prompts
 from .compare.stats import Estimate
@@ -219,11 +220,12 @@ def audit(
             locus=locus.get(h),
         ))  # fmt: skip
 
+    floor = noise_floor(engine.clean, eff.den)  # effects below it are float32 rounding
     cc = claim_columns(adapter, engine, prompts, metric, claims, results, chosen, sources,
-                       source_names, seed, batch_size)
+                       source_names, seed, batch_size, floor)
     atp_cols, atp_edges, atp_meta = atp_columns(adapter, prompts, metric, heads, eff, methods,
                                                 batch_size, claims.read_rows, sources,
-                                                [r.pattern_edges for r in results])
+                                                [r.pattern_edges for r in results], floor)
     heads_df = pd.DataFrame([{**head_row(r, claims, prompts, cc.norm), **cc.head_rows[r.head],
                               **atp_cols[r.head]} for r in results])
     heads_df = heads_df.astype({"partner_layer": "Int64", "partner_head": "Int64"})
@@ -248,6 +250,11 @@ def audit(
     meta["agreement"] = json.loads(cc.agreement.to_json(orient="records"))
     meta.update(cc.meta)
     meta["min_prompts_for_a_verdict"] = need
+    meta["effect_noise_floor"] = floor
+    meta["effect_noise_floor_definition"] = (
+        f"{EFFECT_NOISE} x (max |m0| + 1) / |mean(m_ref - m0)|: normalised effects below it are "
+        "float32 rounding (two exact engines differ by up to that much) and rank as 0 in the "
+        "agreement statistics (agree_*, Audit.agreement, meta['atp'])")
     meta["screening"] = screening.record
     meta["atp"] = atp_meta
     meta["engine"] = {

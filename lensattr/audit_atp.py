@@ -34,7 +34,7 @@ __all__ = ["atp_columns"]
 def atp_columns(adapter: Adapter, prompts: PromptSet, metric, heads: list[HeadId],
                 eff: Effects, methods: list[AblationMethod], batch_size: int,
                 read_rows: Tensor | None = None, sources: list[Tensor] | None = None,
-                pattern_edges: list | None = None,
+                pattern_edges: list | None = None, floor: float = 0.0,
                 ) -> tuple[dict[HeadId, dict], dict[HeadId, list[float]], dict]:
     """(per head: ``atp_resample``, ``atp_rank``; per head, AtP's estimate of each examined
     edge's ``effect_pattern`` (``atp_pattern``); the record for ``meta["atp"]``).
@@ -42,7 +42,7 @@ def atp_columns(adapter: Adapter, prompts: PromptSet, metric, heads: list[HeadId
     ``read_rows`` [batch, pos] and ``sources`` (one [batch] tensor of positions per examined
     source, -1 = absent) name the edges; ``pattern_edges`` (per head, in the order of
     ``heads``: the exact pattern-patching estimates per source, or None) gives the edge
-    agreement."""
+    agreement (exact effects below ``floor``, float32 rounding, count as 0)."""
     sources = sources or []
     nan = {h: {"atp_resample": math.nan, "atp_rank": math.nan} for h in heads}
     nan_edges = {h: [math.nan] * len(sources) for h in heads}
@@ -78,7 +78,8 @@ def atp_columns(adapter: Adapter, prompts: PromptSet, metric, heads: list[HeadId
         agreement = atp_agreement(approx, exact, top=min(5, len(heads)))
         record["agreement_with_exact"] = agreement.summary()
         if pattern_edges is not None:
-            record["edge_agreement_with_exact"] = _edge_agreement(edges, heads, pattern_edges)
+            record["edge_agreement_with_exact"] = _edge_agreement(edges, heads, pattern_edges,
+                                                                  floor)
     return cols, edges, record
 
 
@@ -98,19 +99,16 @@ def _edge_estimates(edges: Tensor, heads, read_rows, sources) -> dict[HeadId, li
     return out
 
 
-EDGE_FLOOR = 1e-5  # |normalised effect| below this is float32 rounding: counted as 0
-
-
-def _edge_agreement(atp_edges: dict, heads, pattern_edges) -> dict:
+def _edge_agreement(atp_edges: dict, heads, pattern_edges, floor: float) -> dict:
     """Spearman and Kendall of |AtP| against |exact pattern-patching effect| over every
-    measured edge (exact effects below ``EDGE_FLOOR`` count as 0), and the share of the (up
-    to) 10 exactly strongest non-zero edges that AtP ranks in its top as many."""
+    measured edge (exact effects below ``floor`` count as 0), and the share of the (up to) 10
+    exactly strongest non-zero edges that AtP ranks in its top as many."""
     a, e = [], []
     for h, ests in zip(heads, pattern_edges, strict=True):
         for x, ex in zip(atp_edges[h], ests or [], strict=False):
             if math.isfinite(x) and math.isfinite(ex.value):
                 a.append(abs(x))
-                e.append(abs(ex.value) if abs(ex.value) >= EDGE_FLOOR else 0.0)
+                e.append(abs(ex.value) if abs(ex.value) >= floor else 0.0)
     nonzero = sum(1 for x in e if x > 0)
     out = {"n_edges": len(a), "n_nonzero_exact": nonzero, "spearman": math.nan,
            "kendall": math.nan, "recall_at_top": math.nan, "top": min(10, nonzero)}

@@ -39,7 +39,8 @@ class ClaimColumns:
 
 
 def claim_columns(adapter, engine, prompts, metric, claims, results, chosen, sources,
-                  source_names, seed: int, batch_size: int) -> ClaimColumns:
+                  source_names, seed: int, batch_size: int, floor: float = 0.0) -> ClaimColumns:
+    """``floor``: normalised effects below it are float32 rounding and rank as 0."""
     tensors = {"raw": claims.patterns}
     norm = None
     if "norm" in chosen:
@@ -48,20 +49,22 @@ def claim_columns(adapter, engine, prompts, metric, claims, results, chosen, sou
     tensors.update(layered)
     heads = [r.head for r in results]
     edge_agree = claims_vs_edges(claims, tensors, heads, sources,
-                                 {r.head: [e.per_prompt for e in r.edges] for r in results}, seed)
+                                 {r.head: [e.per_prompt for e in r.edges] for r in results}, seed,
+                                 floor=floor)
     if any(r.pattern_edges and any(e.value == e.value for e in r.pattern_edges)
            for r in results):  # pattern patching measured (a replacement baseline)
         pattern = {r.head: [e.per_prompt for e in r.pattern_edges] for r in results}
         edge_agree = pd.concat([edge_agree, claims_vs_edges(
             claims, tensors, heads, sources, pattern, seed,
-            evidence="|edge pattern-patching effect|")], ignore_index=True)
+            evidence="|edge pattern-patching effect|", floor=floor)], ignore_index=True)
     ti = token_importance(adapter, prompts, metric, chosen, claims.patterns, claims.read_rows,
                           layered, batch_size)
     agreement = mark_best(pd.concat([edge_agree, ti.agreement(seed)], ignore_index=True))
     dla = head_dla(adapter, prompts, metric, heads, engine.patterns, engine.v,
                    lambda pos, keep: _mode_name(prompts.take(keep.nonzero()[:, 0]), pos))
     rows = {r.head: {**head_claim_columns(r.head, r.edges, tensors, claims, prompts, sources,
-                                          source_names), **dla.row(r.head)} for r in results}
+                                          source_names, floor), **dla.row(r.head)}
+            for r in results}
     meta = {
         "claims": list(chosen),
         "claims_default": f"raw, norm, rollout; flow too on models of at most {FLOW_MAX_LAYERS}"
@@ -72,7 +75,8 @@ def claim_columns(adapter, engine, prompts, metric, claims, results, chosen, sou
                         "renormalised; an edge at layer l gets the value up to and including "
                         "layer l (shared by the layer's heads); flow solved at the read rows",
         "agree_columns": "Spearman rho over a head's examined sources: claim at the read rows "
-                         "(mean over prompts) vs mean |single-edge removal effect|",
+                         "(mean over prompts) vs mean |single-edge removal effect|; effects "
+                         "below meta['effect_noise_floor'] (float32 rounding) rank as 0",
         "agreement_evidence": "|edge removal effect|: the edge's terms alpha*v*W_O replaced by "
                               "the baseline's; |edge pattern-patching effect|: only its weight "
                               "alpha replaced by the baseline's, the values kept",

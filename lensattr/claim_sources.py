@@ -32,7 +32,7 @@ from torch import Tensor
 from .claims import Claims
 from .claims.flow import attention_flow
 from .claims.rollout import attention_rollout, mix_residual
-from .compare.agreement import spearman
+from .compare.agreement import floor_effects, spearman
 from .prompts import PromptSet
 
 __all__ = ["CLAIM_SOURCES", "COLUMN", "FLOW_MAX_LAYERS", "resolve_claims", "layer_claims",
@@ -118,19 +118,20 @@ def _per_head(x: Tensor, layer: int, head: int) -> Tensor:
 
 def head_claim_columns(
     head, edges: list, claim_tensors: dict[str, Tensor], claims: Claims, prompts: PromptSet,
-    sources: list[Tensor], names: list[str],
+    sources: list[Tensor], names: list[str], floor: float = 0.0,
 ) -> dict:
     """Per-head summary of every claim source: ``<source>_top_source`` (the examined source it
     points at most, from the read rows, averaged over prompts; raw and norm already have
     ``top_source`` / ``norm_top_source``, so only rollout and flow get one here) and
     ``agree_<source>``: Spearman's rho, over the head's examined sources, between the claim
     (mean over prompts) and the mean |single-edge removal effect| (the verdict's baseline).
-    NaN with fewer than 3 examined sources or a constant side."""
+    NaN with fewer than 3 examined sources or a constant side. Mean effects below ``floor``
+    (float32 rounding, :func:`~lensattr.compare.agreement.noise_floor`) rank as 0."""
     n = len(prompts)
     b_idx = torch.arange(n)
     eff = torch.stack([e.per_prompt.abs() for e in edges], 1).double()  # [b, j]
     ok_src = torch.stack([s >= 0 for s in sources], 1)  # [b, j]
-    eff = torch.where(ok_src, eff, math.nan).nanmean(0)  # [j]
+    eff = floor_effects(torch.where(ok_src, eff, math.nan).nanmean(0), floor)  # [j]
     row = {}
     for src, x in claim_tensors.items():
         a = at_rows(_per_head(x, head.layer, head.head), claims.read_rows)  # [b, k]

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .claims import Claims
 from .claims.norms import norm_attention_from
-from .compare.agreement import rank_agreement
+from .compare.agreement import floor_effects, rank_agreement
 
 __all__ = ["norm_shares", "claims_vs_edges", "mark_best", "QUIET"]
 
@@ -56,7 +56,7 @@ def norm_shares(engine, adapter, prompts) -> tuple[PerEdge, PerEdge]:
 
 def claims_vs_edges(
     claims: Claims, claim_tensors: dict[str, Tensor], heads, sources: list[Tensor],
-    edge_effects: dict, seed: int, evidence: str = "|edge removal effect|"
+    edge_effects: dict, seed: int, evidence: str = "|edge removal effect|", floor: float = 0.0
 ) -> pd.DataFrame:
     """Rank agreement, per layer, of every claim source from the read rows to each examined
     source with |effect of removing that edge| (per prompt, the verdict's baseline), ranking
@@ -67,7 +67,8 @@ def claims_vs_edges(
     ||alpha f||, which is comparable across heads (a head that moves nothing claims nothing).
     ``edge_effects``: head -> list of per-prompt effects, one per source. The ``claim`` column
     names each source as the edges table does (``attention``, ``norm_attention``, ...);
-    ``evidence`` names the effects (e.g. ``|edge pattern-patching effect|``)."""
+    ``evidence`` names the effects (e.g. ``|edge pattern-patching effect|``); per-prompt
+    effects below ``floor`` (float32 rounding) rank as 0."""
     from .claim_sources import COLUMN, at_rows
 
     n = claims.patterns.shape[0]
@@ -88,7 +89,7 @@ def claims_vs_edges(
             s = src.clamp(min=0)
             for k, a in at.items():
                 cl[k][:, li, hi, j] = torch.where(ok, a[b_idx, s], math.nan)
-            eff[:, li, hi, j] = edge_effects[h][j].abs()
+            eff[:, li, hi, j] = floor_effects(edge_effects[h][j].abs(), floor)
     frames = []
     for k, claim in cl.items():
         df = rank_agreement(claim, eff, layer_dim=1, seed=seed, n_boot=500)

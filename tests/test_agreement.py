@@ -46,3 +46,24 @@ def test_nan_items_left_out_and_bad_input():
         rank_agreement(torch.rand(3, 4), torch.rand(3, 5))
     with pytest.raises(ValueError, match="how"):
         rank_agreement(x, x, how="pooled")
+
+
+def test_noise_floor_zeroes_rounding_and_keeps_real_effects():
+    import math
+
+    from lensattr.compare.agreement import EFFECT_NOISE, floor_effects, noise_floor
+
+    m0 = torch.tensor([3.0, -9.0, 1.0])
+    den = torch.tensor([-2.0, -2.0, -2.0])
+    f = noise_floor(m0, den)
+    assert f == pytest.approx(EFFECT_NOISE * 10.0 / 2.0)
+    assert noise_floor(m0, torch.zeros(3)) == math.inf  # no reference movement: nothing ranks
+    x = torch.tensor([1e-7, -3e-5, 2e-4, float("nan"), -1e-3])
+    y = floor_effects(x, f)
+    assert y[0] == 0 and y[1] == 0 and y[2] == x[2] and y[4] == x[4] and y[3].isnan()
+    # rounding noise around 0 is no ranking: after the floor a claim meets a constant side
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(20, generator=g) * 1e-7
+    claim = torch.arange(20.0)
+    assert not torch.isnan(spearman(claim, noise.abs()))
+    assert torch.isnan(spearman(claim, floor_effects(noise.abs(), f)))

@@ -144,11 +144,18 @@ def test_audit_verdicts_equal_the_bridge_audit(name):
     assert fast.meta["engine"]["forward_work"] < slow.meta["engine"]["forward_work"]
     cols = ["verdict", "verdict_rule", "labels_by_baseline", "compensated_under", "carriers"]
     assert fast.heads[cols].equals(slow.heads[cols])
-    # agree_*: rank correlations over single-edge effects, some of them at float32 noise
-    # level, whose ranks rounding can reorder; every other number must agree
-    num = [c for c in fast.heads.select_dtypes("number").columns if not c.startswith("agree_")]
-    diff = (fast.heads[num] - slow.heads[num]).abs().max().max()
+    # every number agrees; the rank correlations (agree_*) nearly: effects below the noise
+    # floor (float32 rounding, where the two engines differ) rank as 0 on both, so only
+    # near-ties between real effects can swap (without the floor: 0.14 apart on induction)
+    num = list(fast.heads.select_dtypes("number").columns)
+    agree = [c for c in num if c.startswith("agree_")]
+    assert agree and fast.heads[num].isna().equals(slow.heads[num].isna())
+    rest = [c for c in num if c not in agree]
+    diff = (fast.heads[rest] - slow.heads[rest]).abs().max().max()
     assert diff < 1e-4, diff
+    diff = (fast.heads[agree] - slow.heads[agree]).abs().max().max()
+    assert diff < 0.05, diff
+    assert fast.meta["effect_noise_floor"] == pytest.approx(slow.meta["effect_noise_floor"])
 
 
 def test_screen_skips_only_what_no_verdict_reads():

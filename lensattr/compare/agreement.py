@@ -21,7 +21,26 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["rank_agreement", "spearman", "kendall"]
+__all__ = ["rank_agreement", "spearman", "kendall", "EFFECT_NOISE", "noise_floor",
+           "floor_effects"]
+
+# Relative size (of the metric's scale) of the differences float32 rounding makes between two
+# exact ways of computing one intervention (the hook-free and bridge engines agree within it).
+EFFECT_NOISE = 2e-5
+
+
+def noise_floor(m0: Tensor, den: Tensor) -> float:
+    """The smallest normalised effect (e = (m_int - m0) / mean(den)) that is not rounding:
+    ``EFFECT_NOISE * (max |m0| + 1) / |mean(den)|``. Effects below it are ranked as 0, so rank
+    statistics do not order rounding noise (inf when the reference does not move the metric)."""
+    d = float(den.double().mean().abs())
+    scale = float(m0.double().abs().max()) + 1.0 if m0.numel() else 1.0
+    return EFFECT_NOISE * scale / d if d > 0 else float("inf")
+
+
+def floor_effects(x: Tensor, floor: float) -> Tensor:
+    """``x`` with entries of magnitude below ``floor`` set to 0 (NaN kept)."""
+    return torch.where(x.abs() < floor, torch.zeros_like(x), x)
 
 HOW = ("mean", "per_prompt")
 _MAX_ELEMS = 2**25  # pairwise matrices per chunk of bootstrap replicates
