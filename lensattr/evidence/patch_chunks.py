@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checkpoint import EvidenceStore
-from .engine import _metric_identity, _prompts_digest
 from .interventions import digest
+from .run_identity import metric_identity, prompts_digest
 
 if TYPE_CHECKING:
     from ..model import Adapter
@@ -99,8 +99,8 @@ def open_store(runs: PatchRuns, checkpoint: str | Path | None, method: str, site
     parts = {
         "config": a.config_hash(),
         "weights": a.weights_hash(),
-        "prompts": _prompts_digest(runs.prompts),
-        "metric": digest(_metric_identity(runs.metric)),
+        "prompts": prompts_digest(runs.prompts),
+        "metric": digest(metric_identity(runs.metric)),
         "engine": digest({"semantics": PATCH_SEMANTICS}),
         "method": method,
         "direction": runs.direction,

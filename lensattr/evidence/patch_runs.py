@@ -31,10 +31,10 @@ from ..model import Adapter, ModelError, Site
 from ..prompts import PromptSet
 from .bare import BareForward
 from .checkpoint import EvidenceStore
-from .engine import _metric_identity, _prompts_digest
 from .interventions import digest
 from .patch_chunks import check_budget, plan_chunks
 from .patch_edits import edit, watch_row
+from .run_identity import metric_identity, prompts_digest
 
 __all__ = ["PatchRuns", "Cell", "DIRECTIONS"]
 
@@ -147,9 +147,9 @@ class PatchRuns:
     def meta(self, method: str, **params) -> dict:
         a = self.adapter
         return {
-            "model": a.name, "config": a.config_hash(), "prompts": _prompts_digest(self.prompts),
+            "model": a.name, "config": a.config_hash(), "prompts": prompts_digest(self.prompts),
             "n_prompts": self.n, "metric": self.metric.describe(),
-            "metric_digest": digest(_metric_identity(self.metric)), "method": method,
+            "metric_digest": digest(metric_identity(self.metric)), "method": method,
             "direction": self.direction, "path": self.path, "path_reason": self.path_reason,
             "lensattr_version": __version__, **params,
         }
