@@ -31,6 +31,7 @@ from .bare import BARE_SITES, BareForward
 from .checkpoint import EvidenceStore
 from .hooks import METHOD_CODE, HookBuilders, pattern_hook
 from .interventions import Intervention, digest
+from .memory import position_bytes
 from .run_identity import metric_identity, prompts_digest
 
 __all__ = ["Engine", "EngineResult", "ENGINE_SEMANTICS"]
@@ -136,22 +137,13 @@ class Engine(HookBuilders):
         self.n_rows = {"bare": 0, "bridge": 0}  # rows computed on each path
         # forward work done, in clean forward passes of one prompt (layers x positions run)
         self.work = 0.0
-        self._bytes_per_position = self._position_bytes()
+        self._bytes_per_position = position_bytes(a, self.prompts.n_pos)
         if self.memory_budget is not None and self.memory_budget < self._bytes_per_position * (
                 1 if self.fast else self.prompts.n_pos):
             need = self._bytes_per_position * (1 if self.fast else self.prompts.n_pos)
             raise ValueError(
                 f"memory_budget: {self.memory_budget} bytes cannot hold one row of this model "
                 f"and prompts (about {need} bytes); raise it or leave it unset")
-
-    def _position_bytes(self) -> int:
-        """Working memory of one (row, position) in a forward: residual, norms, q/k/v, MLP
-        hidden units, one attention row per head, and the edit tensors (estimate, x2)."""
-        a, p = self.adapter, self.prompts.n_pos
-        d_mlp = int(getattr(a.cfg, "d_mlp", None) or 4 * a.d_model)
-        floats = (4 * a.d_model + 3 * d_mlp + 3 * a.n_heads * p
-                  + 4 * a.n_heads * a.d_head)
-        return 2 * floats * torch.finfo(a.dtype).bits // 8
 
     def _make_bare(self) -> tuple[BareForward | None, str | None]:
         """The hook-free forward, where it reproduces the bridge's clean readout."""

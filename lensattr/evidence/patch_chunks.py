@@ -16,14 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .checkpoint import EvidenceStore
 from .interventions import digest
+from .memory import position_bytes
 from .run_identity import metric_identity, prompts_digest
 
 if TYPE_CHECKING:
-    from ..model import Adapter
     from .patch_runs import Cell, PatchRuns
 
 __all__ = ["plan_chunks", "open_store", "position_bytes", "check_budget", "PATCH_SEMANTICS"]
@@ -41,15 +39,6 @@ def check_budget(memory_budget) -> int | None:
         raise ValueError("memory_budget: expected a positive number of bytes (or None), got "
                          f"{memory_budget!r}")
     return int(memory_budget)
-
-
-def position_bytes(a: Adapter, n_pos: int) -> int:
-    """Working memory of one (row, position) of a forward: residual, norms, q/k/v, MLP hidden
-    units, one attention row per head (patterns: the patched-in row too) and the edit tensors
-    (an estimate, x2), in the model's dtype."""
-    d_mlp = int(getattr(a.cfg, "d_mlp", None) or 4 * a.d_model)
-    floats = 4 * a.d_model + 3 * d_mlp + 3 * a.n_heads * n_pos + 4 * a.n_heads * a.d_head
-    return 2 * floats * torch.finfo(a.dtype).bits // 8
 
 
 def row_positions(runs: PatchRuns, cell: Cell) -> int:

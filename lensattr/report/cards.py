@@ -103,6 +103,12 @@ def _baselines(row: pd.Series, primary: str | None) -> list[list]:
     return out
 
 
+def _with_ci(row: pd.Series, column: str) -> list:
+    """``[value, lo, hi]`` of ``column`` (None where absent)."""
+    v = cell(row, column) if column in row.index else [None, None, None]
+    return v if isinstance(v, list) else [v, None, None]
+
+
 def _edges(edges: pd.DataFrame | None, tokens: list[str]) -> list[dict]:
     if edges is None or not len(edges):
         return []
@@ -113,12 +119,7 @@ def _edges(edges: pd.DataFrame | None, tokens: list[str]) -> list[dict]:
         if pos is not None and not (isinstance(pos, float) and math.isnan(pos)):
             if 0 <= int(pos) < len(tokens) and float(pos) == int(pos):
                 token = tokens[int(pos)]
-        eff = cell(e, "effect_remove") if "effect_remove" in e.index else [None, None, None]
-        if not isinstance(eff, list):
-            eff = [eff, None, None]
-        pat = cell(e, "effect_pattern") if "effect_pattern" in e.index else [None, None, None]
-        if not isinstance(pat, list):
-            pat = [pat, None, None]
+        eff, pat = _with_ci(e, "effect_remove"), _with_ci(e, "effect_pattern")
         out.append({
             "query": encode(e.get("query_role")), "source": encode(e.get("source_role")),
             "token": token, "attention": encode(e.get("attention")),
