@@ -12,6 +12,17 @@ def word_tokenizer(n_vocab: int):
     return _words(["<bos>"] + [f"w{i}" for i in range(1, n_vocab)], "test-words")
 
 
+def sharp_gpt2(name: str, seed: int = 0, tie_word_embeddings: bool = False):
+    """A random 2-layer, 4-head GPT-2 (50 words) with large weights (initializer range 0.3):
+    sharp attention that moves between prompts, so patches move the metric well above
+    rounding."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie_word_embeddings,
+                     initializer_range=0.3)
+    return boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), name)
+
+
 @pytest.fixture(scope="session")
 def random_gpt2():
     """A randomly initialised 2-layer, 4-head GPT-2 with a 50-token vocabulary."""

@@ -8,14 +8,12 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import lensattr
 from lensattr.evidence import activation_patching, atp
-from lensattr.loading import boot_bridge
 from lensattr.metrics import LogitDiff
 
-from .conftest import word_tokenizer
+from .conftest import sharp_gpt2 as build_sharp_gpt2
 from .test_architectures import prompts
 
 
@@ -26,11 +24,7 @@ def _close(got, want, atol):
 
 @pytest.fixture(scope="module")
 def sharp_gpt2():
-    """Random GPT-2 with large weights: sharp attention that moves between prompts."""
-    torch.manual_seed(3)
-    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                     bos_token_id=0, eos_token_id=0, initializer_range=0.3)
-    return boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), "sharp-gpt2")
+    return build_sharp_gpt2("sharp-gpt2", seed=3, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,14 @@ hand-written reference; invariants; bad input."""
 import pytest
 import torch
 import transformer_lens.patching as tlp
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from lensattr.evidence.patch_runs import Cell, PatchRuns
 from lensattr.evidence.patching import activation_patching, path_patching
-from lensattr.loading import boot_bridge
 from lensattr.metrics import LogitDiff, LogitsMetric, MetricError
 from lensattr.model import ModelError, Site
 from lensattr.prompts import PromptError, PromptSet
 
-from .conftest import word_tokenizer
+from .conftest import sharp_gpt2
 from .test_architectures import build
 from .test_architectures import prompts as _prompts
 
@@ -28,11 +26,7 @@ TL_NAMES = {"z": "out", "q": "q", "k": "k", "v": "v", "pattern": "pattern"}
 @pytest.fixture(scope="module")
 def gpt2():
     """A 2-layer, 4-head GPT-2 with weights large enough for patches to move the metric."""
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
-                     initializer_range=0.3)
-    return boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), "patch-gpt2")
+    return sharp_gpt2("patch-gpt2")
 
 
 @pytest.fixture(scope="module")

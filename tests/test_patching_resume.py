@@ -5,18 +5,16 @@ is refused, naming the minimum)."""
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from lensattr.evidence.checkpoint import EvidenceStore
 from lensattr.evidence.patch_chunks import position_bytes
 from lensattr.evidence.patch_runs import PatchRuns
 from lensattr.evidence.patching import activation_patching, path_patching
-from lensattr.loading import boot_bridge
 from lensattr.metrics import AnswerLogProb, LogitDiff
 from lensattr.model import Adapter
 from lensattr.prompts import PromptSet
 
-from .conftest import word_tokenizer
+from .conftest import sharp_gpt2
 from .test_architectures import build
 from .test_architectures import prompts as _prompts
 
@@ -29,11 +27,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def gpt2():
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
-                     initializer_range=0.3)
-    return boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), "resume-gpt2")
+    return sharp_gpt2("resume-gpt2")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ pattern route. Bad combinations are refused by name."""
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from lensattr.evidence import Engine, activation_patching
 from lensattr.evidence.interventions import (
@@ -15,22 +14,17 @@ from lensattr.evidence.interventions import (
     patch_weights,
     remove_sources,
 )
-from lensattr.loading import boot_bridge
 from lensattr.metrics import LogitDiff
 from lensattr.model import Adapter, Site
 from lensattr.types import HeadId
 
-from .conftest import word_tokenizer
+from .conftest import sharp_gpt2
 from .test_architectures import build, prompts
 
 
 def _fresh_gpt2():
-    """A random GPT-2 with large weights (sharp attention, so pattern patches move the metric
-    well above rounding)."""
-    torch.manual_seed(3)
-    cfg = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                     bos_token_id=0, eos_token_id=0, initializer_range=0.3)
-    return boot_bridge(GPT2LMHeadModel(cfg), word_tokenizer(50), "route-gpt2")
+    """A new sharp GPT-2 each call (one test rewrites its probe store)."""
+    return sharp_gpt2("route-gpt2", seed=3, tie_word_embeddings=True)
 
 
 def _entries(n, p, q, s):
