@@ -46,7 +46,14 @@ from .locus import locus_edges, needs_locus
 from .metrics import as_metric
 from .model import Adapter
 from .screening import screen_heads
-from .tables import HeadResult, edge_rows, head_row, position_name, source_positions
+from .tables import (
+    HeadResult,
+    edge_rows,
+    head_row,
+    position_name,
+    rank_baseline_flags,
+    source_positions,
+)
 from .types import AblationMethod
 
 __all__ = ["audit", "Audit"]
@@ -158,13 +165,13 @@ def audit(
         screening = screen_heads(heads, eff, methods, primary, th, screen)
         located = screening.located[primary.value]
         plan = row_split_sweep(located, primary, claims.read_rows)
-        for m in methods:
+        for m in methods:  # keep-only C, remove C (necessity) and the sink share, per baseline
             plan += claim_sweep(screening.located[m.value], claims.claimed, claims.allowed,
-                                claims.sink, m, remove=m == primary, read_rows=claims.read_rows)
+                                claims.sink, m, remove=True, read_rows=claims.read_rows)
+            if claims.sink.any():
+                plan += sink_sweep(screening.located[m.value], claims.allowed, claims.sink, m)
             if direct:
                 plan += direct_sweep(heads, m)
-        if claims.sink.any():
-            plan += sink_sweep(located, claims.allowed, claims.sink, primary)
         sources, source_names = source_positions(prompts, claims, claims.read_pos, max_edge_sources)
         plan += edge_sweep(located, claims.read_rows, sources, prompts.n_pos, primary)
         if primary != AblationMethod.ZERO:  # pattern patching: the weights alone, values kept
@@ -228,7 +235,8 @@ def audit(
                                                 [r.pattern_edges for r in results], floor)
     heads_df = pd.DataFrame([{**head_row(r, claims, prompts, cc.norm), **cc.head_rows[r.head],
                               **atp_cols[r.head]} for r in results])
-    heads_df = heads_df.astype({"partner_layer": "Int64", "partner_head": "Int64"})
+    heads_df = rank_baseline_flags(
+        heads_df.astype({"partner_layer": "Int64", "partner_head": "Int64"}))
     edges_df = edge_rows(results, claims, prompts, sources, source_names, cc.norm, cc.layered,
                          atp_edges)
     tensors = _tensors(results, claims, prompts, engine, methods, adapter)
@@ -255,6 +263,7 @@ def audit(
         f"{EFFECT_NOISE} x (max |m0| + 1) / |mean(m_ref - m0)|: normalised effects below it are "
         "float32 rounding (two exact engines differ by up to that much) and rank as 0 in the "
         "agreement statistics (agree_*, Audit.agreement, meta['atp'])")
+    meta["weight_processing"] = adapter.weight_processing()
     meta["screening"] = screening.record
     meta["atp"] = atp_meta
     meta["engine"] = {
@@ -368,7 +377,13 @@ def _meta(
         "or prompt-set mean), the run's values kept, no renormalising (pattern patching, "
         "noising); not computed under the zero baseline, where it is the removal itself",
         "claimed_set": "fewest non-sink sources covering >= 50% of the row's non-sink mass; "
-        "sink terms are kept by keep-only and measured apart (sink_effect)",
+        "keep-only removes every other source, the sink's terms too (rho measures C alone); "
+        "the sink's share (sink_share = sink_effect / effect) and C's necessity (necessity = "
+        "knockout_claimed / effect) are ratios of means with their intervals",
+        "selected_intervals": "routing, sink_share and necessity intervals of relevant heads "
+        "at the false-coverage-rate level 1 - alpha * R / m (Benjamini-Yekutieli; R relevant "
+        "of m heads, interval_level); null heads' effect intervals at 1 - alpha * R0 / m for "
+        "R0 heads selected by the equivalence test",
         "verdict_baseline": "every number behind a label uses one baseline; the label follows "
         "the primary, the others are in labels_by_baseline / compensated_under",
         "thresholds": th.to_dict(),

@@ -191,9 +191,11 @@ class Audit:
         lines.append("verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         if "baseline_sensitive" in self.heads.columns and self.heads["baseline_sensitive"].any():
             flagged = self.heads[self.heads["baseline_sensitive"].astype(bool)]
+            if "baseline_flag_rank" in flagged.columns:
+                flagged = flagged.sort_values("baseline_flag_rank")
             names = ", ".join(f"L{r.layer}H{r.head}" for r in flagged.itertuples())
-            lines.append(f"label changes with the ablation baseline: {names} "
-                         "(see labels_by_baseline)")
+            lines.append(f"claim changes with the ablation baseline ({len(flagged)}, most at "
+                         f"stake first): {names} (see labels_by_baseline)")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

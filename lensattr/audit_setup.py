@@ -4,12 +4,13 @@ positions the metric reads and the sink roles. Pure set-up; nothing here runs in
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
 from . import tasks as _tasks
 from .claims.head_types import SINK_ROLES
-from .metrics import Metric, as_metric
+from .metrics import Metric, MetricWarning, as_metric
 from .model import Adapter
 from .prompts import PromptSet
 from .types import AblationMethod
@@ -50,8 +51,27 @@ def baselines(prompts: PromptSet, ablation) -> tuple[list[AblationMethod], Ablat
 
 def read_rows(metric: Metric, prompts: PromptSet) -> torch.Tensor:
     """[batch, pos] bool: the positions the metric reads (its own ``read_positions``), real
-    tokens only, on the CPU like the claims."""
-    return torch.as_tensor(metric.read_positions(prompts)).bool().cpu() & prompts.valid
+    tokens only, on the CPU like the claims. Warns (:class:`MetricWarning`, once per audit) when
+    they are every real position of prompts longer than one token and the metric does not
+    declare that it reads every position (``reads_every_position``): a plain callable."""
+    rows = torch.as_tensor(metric.read_positions(prompts)).bool().cpu() & prompts.valid
+    _warn_every_row(metric, rows, prompts.valid.cpu())
+    return rows
+
+
+def _warn_every_row(metric: Metric, rows: torch.Tensor, valid: torch.Tensor) -> None:
+    if getattr(metric, "reads_every_position", False) or not bool((valid.sum(1) > 1).any()):
+        return
+    if bool((rows == valid).all()):
+        warnings.warn(
+            f"metric {metric.name!r} reads every position, so every real position is a read "
+            "row: the claims 'at the read position' average over every query row and the "
+            "hook-free engine cannot start from the read row (every intervention runs all "
+            "logits on the bridge). If it reads one position, declare it: "
+            "lensattr.Metric.from_fn(fn, position=\"END\") (fn then gets the logits there, "
+            "[batch, d_vocab]). A Metric that pools every token by design sets "
+            "reads_every_position = True.",
+            MetricWarning, stacklevel=3)
 
 
 def with_bos_role(prompts: PromptSet, adapter: Adapter) -> PromptSet:

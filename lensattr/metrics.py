@@ -3,11 +3,14 @@
 A metric says which *readout* it needs (:class:`Readout`): a few token columns of the logits at
 one position per prompt (logit difference), the whole distribution at one position (answer
 log-probability, KL to the clean output), or all logits (a plain callable: the documented slow
-path). ``compute`` turns that readout into one number per prompt.
+path). ``compute`` turns that readout into one number per prompt. A user's own function on the
+logits at one position: :meth:`Metric.from_fn` (``lensattr/metric_fn.py``).
 """
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -30,11 +33,16 @@ __all__ = [
     "mean_pool",
     "as_metric",
     "MetricError",
+    "MetricWarning",
 ]
 
 
 class MetricError(ValueError):
     """A metric that cannot be computed, or returned something of the wrong shape."""
+
+
+class MetricWarning(UserWarning):
+    """A metric that works but costs the audit something (e.g. it reads every position)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +72,24 @@ class Metric:
     name: str = "metric"
     needs_clean: bool = False  # compute() wants the clean run's readout for the same prompts
     position_role: str | None = "END"
+    # True on a metric that by design reads every real token (mean pooling): the audit then
+    # does not warn that every position is a read row
+    reads_every_position: bool = False
+
+    @staticmethod
+    def from_fn(fn: Callable, position="END", columns=None, name: str | None = None) -> Metric:
+        """Your own function of the logits at one position per prompt, as a Metric that
+        declares what it reads (the hook-free engine and the one-row claims stay on).
+
+        ``fn(logits)`` (TransformerLens's convention) or ``fn(logits, prompts)``, told apart
+        by its signature: ``logits`` is ``[batch, d_vocab]`` at ``position`` (a role such as
+        ``"END"``, or one position per prompt), or ``[batch, k]`` when ``columns`` (vocabulary
+        ids: a list, a ``[batch, k]`` tensor, or ``prompts -> [batch, k]``) is declared. It
+        must return one value per prompt, ``[batch]``; see :class:`lensattr.metric_fn.FnMetric`.
+        """
+        from .metric_fn import FnMetric
+
+        return FnMetric(fn, position=position, columns=columns, name=name)
 
     def readout(self, prompts: PromptSet) -> Readout:
         raise NotImplementedError
@@ -150,18 +176,24 @@ class KLToClean(Metric):
 
 
 class LogitsMetric(Metric):
-    """Wraps a plain callable ``fn(logits [batch, pos, d_vocab], prompts) -> [batch]``.
+    """Wraps a plain callable ``fn(logits [batch, pos, d_vocab], prompts) -> [batch]`` (or
+    ``fn(logits)``, TransformerLens's convention, told apart by its signature).
 
-    This is the slow path: the engine must compute every logit at every position.
+    This is the slow path: the engine must compute every logit at every position, and every
+    real position is a read row (the audit warns). A function that reads one position is
+    faster and claims more precisely as ``Metric.from_fn(fn, position="END")``.
     """
 
     position_role = None
+    takes_prompts = True  # set on the instance only when False: older run keys stay valid
 
     def __init__(self, fn: Callable[[Tensor, PromptSet], Tensor], name: str | None = None):
         if not callable(fn):
             raise MetricError(f"metric: expected a Metric or a callable, got {type(fn).__name__}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "callable")
+        if not fn_takes_prompts(fn, f"metric {self.name!r}"):
+            self.takes_prompts = False
 
     def readout(self, prompts: PromptSet) -> Readout:
         return Readout("all_logits")
@@ -171,7 +203,12 @@ class LogitsMetric(Metric):
         return prompts.valid.clone()
 
     def compute(self, values, prompts, clean=None) -> Tensor:
-        return self.fn(values, prompts)
+        def call(v, p):
+            return self.fn(v, p) if self.takes_prompts else self.fn(v)
+
+        out = call(values, prompts)
+        check_row_order(self, call, values, prompts, out)
+        return out
 
 
 def mean_pool(hidden: Float[Tensor, "batch pos d_model"], valid: Tensor | None
@@ -190,6 +227,7 @@ class PairCosine(Metric):
     sentence encoders such as all-MiniLM-L6-v2."""
 
     position_role = None
+    reads_every_position = True
 
     def __init__(self, key: str = "pair_embedding"):
         self.key = key
@@ -243,9 +281,72 @@ def check_metric_output(out, n: int, name: str) -> Tensor:
     """A metric must return a finite float tensor of shape [batch]."""
     if not isinstance(out, Tensor):
         raise MetricError(f"metric {name!r}: returned {type(out).__name__}, expected a tensor")
+    if out.ndim == 0 and n > 1:
+        raise MetricError(
+            f"metric {name!r}: returned shape (), expected ({n},) = one value per prompt; it "
+            "returned one number for the whole batch: return the per-prompt values (e.g. drop "
+            "a final .mean())"
+        )
     if out.shape != (n,):
         raise MetricError(
             f"metric {name!r}: returned shape {tuple(out.shape)}, expected ({n},) = one value "
             "per prompt"
         )
     return out.float()
+
+
+def fn_takes_prompts(fn: Callable, who: str) -> bool:
+    """Is ``fn`` called ``fn(logits, prompts)`` (True) or ``fn(logits)`` (False)? Read from its
+    signature, never by calling it: two required positional arguments (or ``*args``, or a
+    second one named ``prompts``) mean both; one means logits only (TransformerLens's
+    convention; a second argument with a default, e.g. ``answer_tokens=...``, is left alone).
+    A callable whose signature cannot be read is called with both."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    ps = list(sig.parameters.values())
+    pos = [p for p in ps if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    need = [p.name for p in pos if p.default is p.empty]
+    kw_need = [p.name for p in ps if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    if len(need) > 2 or kw_need:
+        raise MetricError(f"{who}: fn must take (logits) or (logits, prompts); it requires "
+                          f"{need + kw_need}")
+    if len(need) == 2 or any(p.kind == p.VAR_POSITIONAL for p in ps):
+        return True
+    if not pos:
+        raise MetricError(f"{who}: fn must take (logits) or (logits, prompts); it takes no "
+                          "positional argument")
+    return len(pos) >= 2 and pos[1].name == "prompts"
+
+
+_ROW_ORDER_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def check_row_order(metric: Metric, call: Callable, values: Tensor, prompts: PromptSet,
+                    out) -> None:
+    """Once per metric object: the same rows in reverse order (logits and prompts) must give
+    the same values in reverse order. The engines evaluate a metric on chunks of rows in any
+    order and number, so a function that takes per-prompt data (answer ids) from a tensor
+    captured outside, instead of from ``prompts`` or declared ``columns``, would be silently
+    wrong; this refuses it on its first call (the clean run)."""
+    n = values.shape[0]
+    if (n < 2 or not isinstance(out, Tensor) or out.shape != (n,) or len(prompts) != n
+            or metric in _ROW_ORDER_CHECKED):
+        return
+    _ROW_ORDER_CHECKED.add(metric)
+    with torch.no_grad():
+        back = values.detach().flip(0)
+        again = call(back, prompts.take(torch.arange(n - 1, -1, -1, device=prompts.tokens.device)))
+        want = out.detach().float().flip(0)
+        ok = isinstance(again, Tensor) and again.shape == want.shape and torch.allclose(
+            again.detach().float().to(want.device), want, rtol=1e-4,
+            atol=1e-5 * (1.0 + float(want.nan_to_num(0.0, 0.0, 0.0).abs().max())), equal_nan=True)
+    if not ok:
+        raise MetricError(
+            f"metric {metric.name!r}: its values depend on the order of the rows it is given "
+            "(the same logits and prompts in reverse order gave other values). The engines "
+            "evaluate a metric on rows in any order and number, so per-prompt data (answer "
+            "ids, ...) must come from `prompts` (fn(logits, prompts)) or from declared "
+            "`columns=`, not from a tensor captured outside the function"
+        )

@@ -21,7 +21,8 @@ from torch import Tensor
 from .fused import fused_mlp
 from .types import HeadId
 
-__all__ = ["Site", "Adapter", "ModelError", "FinalNorm", "BareLayer", "hook_name", "after"]
+__all__ = ["Site", "Adapter", "ModelError", "FinalNorm", "BareLayer", "hook_name", "after",
+           "same_hook"]
 
 
 class ModelError(ValueError):
@@ -43,7 +44,13 @@ class Site(str, Enum):
     RESID_FINAL = "resid_final"  # ln_final.hook_in   [batch, pos, d_model]
     LN_FINAL_SCALE = "ln_final_scale"  # ln_final.hook_scale
     LN_FINAL_OUT = "ln_final_out"  # ln_final.hook_out (the normalised final stream)
-    EMBED = "embed"  # hook_embed          [batch, pos, d_model] token embedding
+    EMBED = "embed"  # hook_embed  [batch, pos, d_model]: the token embedding on GPT-2 / Llama;
+    #                    on BERT bridges the post-LayerNorm sum of word, position and token-type
+    #                    embeddings (the same hook as embed_ln.hook_out)
+    WORD_EMBED = "word_embed"  # embed.hook_out  [batch, pos, d_model]: the word (token)
+    #                    embedding alone, on every family: on GPT-2 / Llama the same hook as
+    #                    EMBED; on BERT positions and token types are added and the embedding
+    #                    LayerNorm applied after it, as the model does
     POS_EMBED = "pos_embed"  # hook_pos_embed  [batch, pos, d_model]; fires only with learned
     #                                            absolute positions (GPT-2), not rotary
     MLP_OUT = "mlp_out"  # blocks.L.hook_mlp_out  [batch, pos, d_model], with its output bias
@@ -74,6 +81,7 @@ _GLOBAL_SITES = {
     Site.LN_FINAL_SCALE: "ln_final.hook_scale",
     Site.LN_FINAL_OUT: "ln_final.hook_out",
     Site.EMBED: "hook_embed",
+    Site.WORD_EMBED: "embed.hook_out",
     Site.POS_EMBED: "hook_pos_embed",
 }
 
@@ -87,6 +95,14 @@ def hook_name(site: Site, layer: int | None = None) -> str:
             raise ValueError(f"site {site.value!r} needs a layer")
         return _LAYER_SITES[site].format(layer=layer)
     return _GLOBAL_SITES[site]
+
+
+def same_hook(model, a: Site, b: Site) -> bool:
+    """Are two global sites one hook point on this bridge? (``Site.WORD_EMBED`` and
+    ``Site.EMBED``: True on GPT-2 / Llama, False on BERT.)"""
+    hooks = (model.model if isinstance(model, Adapter) else model).hook_dict
+    first = hooks.get(hook_name(a))
+    return first is not None and first is hooks.get(hook_name(b))
 
 
 class Adapter:
@@ -314,6 +330,19 @@ class Adapter:
         except AttributeError:  # TL raises for bias-free checkpoints (Llama)
             return torch.zeros(self.n_heads, self.d_head, device=self.device, dtype=self.dtype)
         return b.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
+    def weight_processing(self) -> dict:
+        """How the bridge's weights were processed, for ``meta``: TransformerLens's processing
+        flags and whether value biases are still in b_V (folding moves them into b_O). Zero
+        ablation keeps b_V, so both conventions give the same effects."""
+        m = self.model
+        has_bv = any(bool(self.b_V(i).any()) for i in range(self.n_layers))
+        return {"weights_processed": bool(getattr(m, "_weights_processed", False)),
+                "compatibility_mode": bool(getattr(m, "compatibility_mode", False)),
+                "value_bias_in_b_V": has_bv,
+                "zero_ablation": "z := b_V (the attention-independent part b_V @ W_O is kept; "
+                "edge edits remove or replace alpha_s (v_s - b_V)), the same numbers whether "
+                "or not value biases are folded into b_O"}
 
     def ln1(self, layer: int) -> tuple[Tensor, Tensor]:
         """(weight, bias) of block ``layer``'s first norm, each [d_model] (bias zeros for

@@ -10,12 +10,13 @@ import torch
 
 from .claims import Claims
 from .compare.stats import Estimate
-from .compare.verdicts import HeadEvidence, Verdict
+from .compare.verdicts import HeadEvidence, Verdict, interpretive_change
 from .locus import LocusEdges, effect_locus
 from .prompts import PromptSet
 from .types import HeadId
 
-__all__ = ["HeadResult", "head_row", "edge_rows", "source_positions", "position_name"]
+__all__ = ["HeadResult", "head_row", "edge_rows", "source_positions", "position_name",
+           "rank_baseline_flags"]
 
 
 def position_name(prompts: PromptSet, pos: int) -> str:
@@ -137,6 +138,9 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tens
     row.update(_ci("knockout_claimed_renorm", r.knockouts["renorm"]))
     row.update(_ci("sink_effect", r.knockouts["sink"]))
     row.update(_ci("routing", r.routing))
+    row.update(_ci("sink_share", ev.sink if ev.sink is not None else _NAN))
+    row.update(_ci("necessity", ev.necessity if ev.necessity is not None else _NAN))
+    row["interval_level"] = ev.level
     for m in ("zero", "mean", "resample"):
         row[f"routing_{m}"] = r.routing_by[m].value if m in r.routing_by else math.nan
     row.update(_ci("direct_effect", r.direct))
@@ -163,8 +167,25 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tens
              for b, x in r.by_baseline.items() if x.compensated]
     row["compensated_under"] = ",".join(under)
     row["labels_by_baseline"] = ",".join(f"{b}={x.label}" for b, x in r.by_baseline.items())
-    row["baseline_sensitive"] = len({x.label for x in r.by_baseline.values()}) > 1
+    # flagged only when the claim changes (relevant vs null, or the routing class), ranked
+    # by what is at stake: the largest |effect| under any baseline (rank_baseline_flags)
+    row["baseline_sensitive"] = interpretive_change(x.label for x in r.by_baseline.values())
+    row["baseline_stake"] = max((abs(e.value) for e in r.effects.values()
+                                 if math.isfinite(e.value)), default=math.nan)
     return row  # fmt: skip
+
+
+def rank_baseline_flags(heads: pd.DataFrame) -> pd.DataFrame:
+    """``baseline_flag_rank``: 1 for the flagged head with the most at stake (largest
+    |effect| under any baseline), 2 for the next, ...; NaN for heads not flagged."""
+    heads = heads.copy()
+    rank = pd.Series(math.nan, index=heads.index)
+    if len(heads) and "baseline_sensitive" in heads.columns:
+        flagged = heads[heads["baseline_sensitive"].astype(bool)]
+        order = flagged["baseline_stake"].fillna(-1).sort_values(ascending=False, kind="stable")
+        rank[order.index] = range(1, len(order) + 1)
+    heads["baseline_flag_rank"] = rank.astype("Int64") if len(heads) else rank
+    return heads
 
 
 def edge_rows(

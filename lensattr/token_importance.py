@@ -6,10 +6,14 @@ the metric's read rows (averaged over them):
 * ``attention``: the last layer's attention, averaged over heads (raw attention);
 * ``rollout`` and ``flow`` (Abnar & Zuidema 2020), see :mod:`lensattr.claim_sources`.
 
-Causal evidence: **occlusion** of one input token at the embedding (``Site.EMBED``, the token
-embedding only; learned position embeddings are left alone). ``occlusion_zero``: its embedding
-replaced by zeros; ``occlusion_corrupted``: by the corrupted prompt's token embedding at the
-same position (where the prompts have corrupted versions with the same padding; NaN else).
+Causal evidence: **occlusion** of one input token at its word embedding (``Site.WORD_EMBED``,
+the embedding module's own output). Position and token-type embeddings are kept: they are added,
+and an embedding LayerNorm (BERT) applied, after the edit, as the model does. On GPT-2 / Llama
+that site is the hook ``Site.EMBED`` reads; on BERT bridges ``Site.EMBED`` is the post-LayerNorm
+sum of word, position and token-type embeddings, so zeroing it would remove those as well.
+``occlusion_zero``: the word embedding replaced by zeros; ``occlusion_corrupted``: by the
+corrupted prompt's word embedding at the same position (where the prompts have corrupted
+versions with the same padding; NaN else).
 Both are the raw metric change ``m(occluded) - m0`` per prompt: one forward per (prompt,
 position), batched. The comparison is Abnar & Zuidema's: per layer, Spearman (and Kendall) of
 each claim with |occlusion| over the positions of one prompt, averaged over prompts, with
@@ -30,12 +34,13 @@ from torch import Tensor
 from .claim_sources import at_rows, layer_claims
 from .compare.agreement import rank_agreement
 from .metrics import as_metric, check_metric_output
-from .model import Adapter, Site
+from .model import Adapter, Site, hook_name, same_hook
 from .prompts import PromptSet
 
-__all__ = ["TokenImportance", "token_importance", "occlusion", "REPLACE"]
+__all__ = ["TokenImportance", "token_importance", "occlusion", "REPLACE", "SITE", "site_meta"]
 
 REPLACE = ("zero", "corrupted")
+SITE = Site.WORD_EMBED  # where a token is occluded: its word embedding alone
 PerLayer = Float[Tensor, "batch layer pos"]
 
 
@@ -99,10 +104,10 @@ class TokenImportance:
 def occlusion(model, prompts: PromptSet, metric, replace: str = "zero", batch_size: int = 64
               ) -> Float[Tensor, "batch pos"]:
     """``m(token at p occluded) - m0`` for every prompt and real position p (NaN at padding):
-    the token embedding at p replaced by zeros (``"zero"``) or by the corrupted prompt's token
-    embedding there (``"corrupted"``; positions where the corrupted token is the clean one are
-    exactly 0 and not run). One forward per (prompt, position), ``batch_size`` rows at a
-    time."""
+    the word embedding at p (``Site.WORD_EMBED``; positions, token types and any embedding norm
+    applied after it) replaced by zeros (``"zero"``) or by the corrupted prompt's word embedding
+    there (``"corrupted"``; positions where the corrupted token is the clean one are exactly 0
+    and not run). One forward per (prompt, position), ``batch_size`` rows at a time."""
     if replace not in REPLACE:
         raise ValueError(f"replace: expected one of {REPLACE}, got {replace!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -120,8 +125,8 @@ def occlusion(model, prompts: PromptSet, metric, replace: str = "zero", batch_si
         cm = prompts.corrupted_attention_mask
         if (cm is None) != (mask is None) or (cm is not None and not torch.equal(cm, mask)):
             raise ValueError('replace: "corrupted" needs corrupted prompts with the same padding')
-        _, st = adapter.run_with_cache(prompts.corrupted, cm, sites=(Site.EMBED,))
-        emb = st[(Site.EMBED, None)]  # [batch, pos, d_model]
+        _, st = adapter.run_with_cache(prompts.corrupted, cm, sites=(SITE,))
+        emb = st[(SITE, None)]  # [batch, pos, d_model]
     out = torch.full(prompts.tokens.shape, math.nan)
     todo = prompts.valid
     if emb is not None:  # the same token at p: replacing its embedding by itself changes nothing
@@ -140,9 +145,15 @@ def occlusion(model, prompts: PromptSet, metric, replace: str = "zero", batch_si
             return x
 
         vals = adapter.read(sub.tokens, sub.attention_mask, readout.take(bi),
-                            {(Site.EMBED, None): hook})
+                            {(SITE, None): hook})
         out[bi, pi] = _compute(metric, vals, sub, clean_vals[bi.to(clean_vals.device)]) - clean[bi]
     return out
+
+
+def site_meta(adapter: Adapter) -> dict:
+    """Where occlusion acts on this model, for a result's ``meta``."""
+    return {"site": SITE.value, "hook": hook_name(SITE),
+            "same_as_embed": same_hook(adapter, SITE, Site.EMBED)}
 
 
 def _compute(metric, values: Tensor, prompts: PromptSet, clean: Tensor) -> Tensor:
@@ -198,8 +209,10 @@ def token_importance(
                         else torch.full(prompts.tokens.shape, math.nan))
     meta = {"claims": list(out_claims), "attention": "last layer, head-averaged, read rows",
             "rollout_flow": "0.5 I + 0.5 A, rows renormalised; up to and including each layer",
-            "occlusion": "token embedding (Site.EMBED) at one position replaced; raw metric "
-                         "change m(occluded) - m0",
+            "occlusion": "word embedding (Site.WORD_EMBED) at one position replaced, positions "
+                         "/ token types added and any embedding norm applied after it; raw "
+                         "metric change m(occluded) - m0",
+            "occlusion_site": site_meta(adapter),
             "occlusion_corrupted": "computed" if same_pad else
             "NaN: no corrupted prompts with the same padding"}
     return TokenImportance(out_claims, occ, prompts.tokens.cpu(), valid.cpu(),

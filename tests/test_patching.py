@@ -240,6 +240,105 @@ def test_path_patching_equals_transformer_lens_direct_path(gpt2, llama, comp):
         torch.testing.assert_close(res.values[0, 1].mean(-1), ref[1].cpu(), atol=TOL, rtol=0)
 
 
+def tl_path_patch_frozen(model, p, sender, receiver, comp, frozen):
+    """Path patching by hand with plain TransformerLens hooks, denoising, on a model of any
+    depth. Run 1: the corrupted prompts with the sender's hook_z at its clean value, the hook_z
+    of every head in the layers ``frozen`` and every hook_mlp_out at their corrupted values
+    (heads of the other layers recompute from the patched residual); it records the
+    receiver's hook_q/k/v (receiver None: run 1's own logits are the answer). Run 2: the
+    corrupted prompts with only the receiver's hook_q/k/v replaced by the recorded one.
+    Returns the metric per prompt and run 1's change of the residual the receiver reads
+    (blocks.{layer}.hook_resid_pre, or ln_final's input for the logits)."""
+    Ls, hs = sender
+    L = model.cfg.n_layers
+    _, clean = model.run_with_cache(p.tokens)
+    _, corr = model.run_with_cache(p.corrupted)
+
+    def z_hook(layer):
+        def hook(z, hook):
+            z = (corr[hook.name] if layer in frozen else z).clone()
+            if layer == Ls:
+                z[:, :, hs] = clean[hook.name][:, :, hs]
+            return z
+        return hook
+
+    hooks = [(f"blocks.{layer}.attn.hook_z", z_hook(layer)) for layer in range(L)]
+    hooks += [(f"blocks.{layer}.hook_mlp_out", lambda x, hook: corr[hook.name])
+              for layer in range(L)]
+    got = {}
+    read = "ln_final.hook_in" if receiver is None else f"blocks.{receiver[0]}.hook_resid_pre"
+    hooks.append((read, lambda x, hook: got.update(resid=x.clone())))
+    if receiver is None:
+        logits = model.run_with_hooks(p.corrupted, fwd_hooks=hooks)
+        return tl_metric(p)(logits).detach(), (got["resid"] - corr[read]).detach()
+    Lr, hr = receiver
+    name = f"blocks.{Lr}.attn.hook_{comp}"
+    hooks.append((name, lambda x, hook: got.update(x=x.clone())))
+    model.run_with_hooks(p.corrupted, fwd_hooks=hooks)
+
+    def patch(x, hook):
+        x = x.clone()
+        x[:, :, hr] = got["x"][:, :, hr]
+        return x
+    logits = model.run_with_hooks(p.corrupted, fwd_hooks=[(name, patch)])
+    return tl_metric(p)(logits).detach(), (got["resid"] - corr[read]).detach()
+
+
+@pytest.fixture(scope="module")
+def gpt2_3():
+    """A sharp 3-layer, 4-head GPT-2: a middle attention layer between sender and receiver."""
+    return sharp_gpt2("patch-gpt2-3l", n_layer=3)
+
+
+def test_path_patching_freezes_a_middle_attention_layer(gpt2_3):
+    """Sender L0H0 -> receivers in layer 2 (q, k, v of every head, and the logits): the path is
+    direct, so layer 1's heads (and every MLP) stay at their corrupted values. Equal to the
+    hand-written reference with layer 1 frozen (and to TL's direct path patching); the same
+    reference with layer 1's attention left to recompute gives other numbers on every
+    receiver, so the freeze is what the check measures."""
+    model, p = gpt2_3, prompts()
+    sender, layers = (0, 0), {0, 1, 2}
+    res = path_patching(model, p, LogitDiff(), sender)
+    assert res.meta["path"] == "bare" and res.values.shape[1] == 3
+    # the sender's write, from the HF weights: z [batch, pos, head, d_head] @ W_O[head]
+    _, clean = model.run_with_cache(p.tokens)
+    _, corr = model.run_with_cache(p.corrupted)
+    zname = "blocks.0.attn.hook_z"
+    dh = model.cfg.d_head
+    W_O = model.original_model.transformer.h[0].attn.c_proj.weight[:dh]  # [d_head, d_model]
+    write = ((clean[zname][:, :, 0] - corr[zname][:, :, 0]) @ W_O).detach()
+    lo_free = float("inf")
+    for c, comp in enumerate(res.components):
+        for h in range(4):
+            want, shift = tl_path_patch_frozen(model, p, sender, (2, h), comp, layers)
+            torch.testing.assert_close(shift, write, atol=1e-4, rtol=0)  # the freeze is whole
+            torch.testing.assert_close(res.values[c, 2, h], want, atol=TOL, rtol=0)
+            assert (want - res.base).abs().max() > 100 * TOL, (comp, h)  # the check can fail
+            free, free_shift = tl_path_patch_frozen(model, p, sender, (2, h), comp, {0, 2})
+            assert (free_shift - write).abs().max() > 0.1  # layer 1 relays the sender
+            lo_free = min(lo_free, float((free - res.values[c, 2, h]).abs().max()))
+            want1, _ = tl_path_patch_frozen(model, p, sender, (1, h), comp, layers)
+            torch.testing.assert_close(res.values[c, 1, h], want1, atol=TOL, rtol=0)
+    want, shift = tl_path_patch_frozen(model, p, sender, None, None, layers)
+    torch.testing.assert_close(shift, write, atol=1e-4, rtol=0)
+    torch.testing.assert_close(res.logits, want, atol=TOL, rtol=0)
+    assert (want - res.base).abs().max() > 100 * TOL
+    free, _ = tl_path_patch_frozen(model, p, sender, None, None, {0, 2})
+    lo_free = min(lo_free, float((free - res.logits).abs().max()))
+    # not freezing layer 1 moves every receiver's number by far more than the tolerance
+    assert lo_free > 100 * TOL, lo_free
+    for comp in ("q", "k", "v"):  # TL's own direct path patching: the same, mean over prompts
+        ref = tlp.get_act_patch_direct_path(model, p.corrupted, clean, corr,
+                                            lambda logits: tl_metric(p)(logits).mean(),
+                                            0, 0, component=comp, verbose=False)
+        torch.testing.assert_close(res.values[res.components.index(comp), 1:].mean(-1),
+                                   ref[1:].cpu(), atol=TOL, rtol=0)
+    slow = path_patching(model, p, LogitDiff(), sender, fast=False)
+    assert slow.meta["path"] == "bridge"
+    torch.testing.assert_close(slow.values, res.values, atol=TOL, rtol=0, equal_nan=True)
+    torch.testing.assert_close(slow.logits, res.logits, atol=TOL, rtol=0)
+
+
 # ---- bad input ---------------------------------------------------------------------------
 def test_bad_input_clear_errors(gpt2):
     p = prompts()

@@ -221,6 +221,8 @@ def test_truth_table():
         (0, 3): ("compensated", None), (1, 0): ("compensated", None),
         (1, 1): ("inert", "previous_token"), (1, 2): ("negligible", None),
         (1, 3): ("inert", "self"), (0, 4): ("faithful", None), (1, 4): ("inert", "sink"),
+        (0, 5): ("inert", "self"), (0, 6): ("inert", "sink"), (1, 5): ("inert", "sink"),
+        (1, 6): ("negligible", None),
     }  # fmt: skip
     partners = {(h["layer"], h["head"]): h["partner"] for h in truth["heads"]}
     assert partners[B1] == list(B2) and partners[B2] == list(B1)
@@ -230,7 +232,7 @@ def test_truth_table():
     assert under[P] == under[Q] == ["zero"]
     assert truth["contributions"] == {
         "faithful": 4.0, "decoy": 3.0, "backup": 5.0,
-        "backup_constant": 4.0, "backup_constant_restore": 3.0,
+        "backup_constant": 4.0, "backup_constant_restore": 3.0, "gated_copy": 3.0,
     }  # fmt: skip
 
 

@@ -26,9 +26,12 @@ def est(v, lo, hi, per=None):
     return Estimate(v, lo, hi, torch.full((4,), float(v)) if per is None else torch.tensor(per))
 
 
-def ev(e, rho=NAN, q=0.001, q_null=0.001, striking=False, comp=None, too_few=None):
+def ev(e, rho=NAN, q=0.001, q_null=0.001, striking=False, comp=None, too_few=None,
+       sink=None, nec=None):
+    # removing C takes the whole effect away unless a test says otherwise (faithful needs it)
+    nec = est(1.0, 0.9, 1.1) if nec is None else nec
     return HeadEvidence(HeadId(0, 0), "resample", e, q, q_null, rho, striking,
-                        comp or Compensation(), too_few)
+                        comp or Compensation(), too_few, sink=sink, necessity=nec)
 
 
 BIG, NULL = est(0.3, 0.25, 0.35), est(0.0, -0.01, 0.01)

@@ -18,8 +18,9 @@ from ..evidence.sweeps import label
 from ..types import AblationMethod, HeadId
 from .compensation import compensation
 from .ratio import ratio_p, tost_p
+from .selection import fcr_level
 from .stats import Estimate, bh_qvalues, min_prompts, ratio_of_means, signflip_p
-from .verdicts import Compensation, HeadEvidence, Thresholds, Verdict, decide
+from .verdicts import Compensation, HeadEvidence, Thresholds, Verdict, decide, relevance
 
 __all__ = ["Effects", "judge", "Judgement", "carriers", "min_prompts"]  # min_prompts: re-export
 
@@ -43,9 +44,10 @@ class Effects:
     def get(self, lbl: str) -> Estimate:
         return self(lbl) if lbl in self.values else Estimate.nan(len(self.m0))
 
-    def ratio(self, num: Tensor, lbl: str, den: Tensor | None = None) -> Estimate:
+    def ratio(self, num: Tensor, lbl: str, den: Tensor | None = None,
+              level: float = 0.95) -> Estimate:
         d = self.den if den is None else den
-        return ratio_of_means(num, d, label=lbl)
+        return ratio_of_means(num, d, label=lbl, level=level)
 
 
 @dataclass
@@ -75,30 +77,53 @@ def judge(
 
 
 def _baseline_evidence(eff, heads, m, striking, direct, th, too_few):
+    """Each head's evidence under baseline ``m``. Heads selected as relevant (R of m by BH)
+    get their routing, sink and necessity intervals at the false-coverage-rate level
+    1 - alpha * R / m (Benjamini & Yekutieli 2005); heads selected as null by the equivalence
+    test get e's interval at 1 - alpha * R_null / m for the null check."""
     b, v, m0 = m.value, eff.values, eff.m0
     e = [eff(label(b, h)) for h in heads]
     num = torch.stack([v[label(b, h)] - m0 for h in heads])  # [head, batch]
     p = signflip_p(num, seed=eff.seed)
     q = bh_qvalues(p)
     q_null = bh_qvalues(tost_p(num, eff.den.expand_as(num), th.delta).float())
-    rho = [_routing(eff, h, b, e_h, th) for h, e_h in zip(heads, e, strict=True)]
+    n_heads = len(heads)
+    marginal = [relevance(e[i], float(q[i]), float(q_null[i]), th) for i in range(n_heads)]
+    lv = fcr_level(th.alpha, sum(x == "relevant" for x in marginal), n_heads)
+    sel_null = [i for i in range(n_heads) if float(q_null[i]) < th.alpha]
+    lv_null = fcr_level(th.alpha, len(sel_null), n_heads)
+    e_null = {i: eff.ratio(num[i], label(b, heads[i]), level=lv_null) for i in sel_null}
+    shares = [_shares(eff, h, b, e_h, th, lv) for h, e_h in zip(heads, e, strict=True)]
     comps = _compensations(eff, heads, b, e, direct, th)
     ev = [
-        HeadEvidence(h, b, e[i], float(q[i]), float(q_null[i]), rho[i],
-                     bool(striking[h.layer, h.head]), comps[i], too_few)
+        HeadEvidence(h, b, e[i], float(q[i]), float(q_null[i]), shares[i][0],
+                     bool(striking[h.layer, h.head]), comps[i], too_few, sink=shares[i][1],
+                     necessity=shares[i][2], level=lv, effect_null=e_null.get(i))
         for i, h in enumerate(heads)
     ]  # fmt: skip
     return ev, p
 
 
-def _routing(eff: Effects, h: HeadId, b: str, e_h: Estimate, th: Thresholds) -> Estimate:
-    """rho = mean(m(keep only C) - m(ablated)) / mean(m0 - m(ablated)), both under ``b``;
-    NaN unless the head's effect clears the null margin (nothing to route)."""
-    keep = label(f"keep-{b}", h)
-    if keep not in eff or not (e_h.lo > th.delta or e_h.hi < -th.delta):
-        return Estimate.nan(len(eff.m0))
+def _shares(eff: Effects, h: HeadId, b: str, e_h: Estimate, th: Thresholds, level: float
+            ) -> tuple[Estimate, Estimate | None, Estimate | None]:
+    """(rho, sink share, necessity) at ``level``, all under ``b`` (see
+    :mod:`lensattr.compare.verdicts`): rho = mean(m(keep only C) - m(ablated)) /
+    mean(m0 - m(ablated)); sink share = mean(m(sink removed) - m0) / mean(m(ablated) - m0);
+    necessity = mean(m(C removed) - m0) / mean(m(ablated) - m0). NaN (None for the shares)
+    unless the head's effect clears the null margin (nothing to route) or when not measured."""
+    n = len(eff.m0)
+    if not (e_h.lo > th.delta or e_h.hi < -th.delta):
+        return Estimate.nan(n), None, None
     abl = eff.values[label(b, h)]
-    return eff.ratio(eff.values[keep] - abl, label("rho-" + b, h), den=eff.m0 - abl)
+    v, m0 = eff.values, eff.m0
+    keep, sink, rm = (label(f"{k}-{b}", h) for k in ("keep", "sink", "remove"))
+    rho = (eff.ratio(v[keep] - abl, label("rho-" + b, h), den=m0 - abl, level=level)
+           if keep in v else Estimate.nan(n))
+    share = (eff.ratio(v[sink] - m0, label("sinkshare-" + b, h), den=abl - m0, level=level)
+             if sink in v else None)
+    nec = (eff.ratio(v[rm] - m0, label("necessity-" + b, h), den=abl - m0, level=level)
+           if rm in v else None)
+    return rho, share, nec
 
 
 def _compensations(eff, heads, b, e, direct, th) -> list[Compensation]:
@@ -144,12 +169,19 @@ def _compensations(eff, heads, b, e, direct, th) -> list[Compensation]:
 def carriers(
     edge_est: list[Estimate], names: list[str], e_h: Estimate, th: Thresholds
 ) -> str:
-    """Sources whose single-edge removal carries at least half of the head's effect; only for
-    a head whose effect clears the null margin (a noise-level head has no carriers)."""
+    """Sources whose single-edge removal carries at least half of the head's effect, tested:
+    the ratio of means mean(m(edge removed) - m0) / mean(m(ablated) - m0) must have its
+    Fieller interval above 0.5 at level 1 - alpha / k (Bonferroni over the k sources
+    examined). Only for a head whose effect clears the null margin (a noise-level head has
+    no carriers)."""
     if not (e_h.lo > th.delta or e_h.hi < -th.delta) or abs(e_h.value) < 1e-9:
         return ""
-    return ",".join(
-        n
-        for n, e in zip(names, edge_est, strict=True)
-        if math.isfinite(e.value) and e.value / e_h.value >= 0.5
-    )
+    k = max(1, sum(math.isfinite(e.value) for e in edge_est))
+    out = []
+    for n, e in zip(names, edge_est, strict=True):
+        if not math.isfinite(e.value) or e.value / e_h.value < 0.5:
+            continue
+        share = ratio_of_means(e.per_prompt, e_h.per_prompt, level=1 - th.alpha / k)
+        if math.isfinite(share.lo) and share.lo > 0.5:
+            out.append(n)
+    return ",".join(out)

@@ -13,10 +13,18 @@ Two axes, then a label (``Thresholds`` holds every margin):
   BH across heads) has q below alpha, with the CI inside [-delta, delta]; ``unclear``
   otherwise (also when there are too few prompts for either test to reach alpha).
 * **routing** rho = (m(keep only C) - m(ablated)) / (m0 - m(ablated)), keep-only and ablation
-  under the same baseline, C the claimed set (sink terms left alone): ``through_claim`` when its
-  CI lies inside [0.7, 1.3]; ``elsewhere`` when its CI lies below 0.3; ``partial`` when the CI
-  lies clear of both bands and their edges; ``unclear`` when it straddles an edge; ``n/a`` when
-  undefined (the head is not relevant: nothing to route).
+  under the same baseline, C the claimed set. Keep-only removes every source outside C *and the
+  sink's terms*, so rho measures C alone. Two more shares of the head's effect, each a ratio of
+  means with its CI: the sink share sigma = (m(sink terms removed) - m0) / (m(ablated) - m0) and
+  the necessity nu = (m(C removed) - m0) / (m(ablated) - m0). Classes: ``through_sink`` when
+  sigma's CI lies above 0.5 (most of the effect, CI-backed, travels through the sink's terms);
+  ``through_claim`` when rho's CI lies inside [0.7, 1.3] *and* nu's CI lies above 0.5 (C is
+  sufficient and necessary); ``redundant`` when rho's CI is inside the band but nu's CI lies
+  below 0.5 (C suffices, but removing it leaves the effect: other sources back it up);
+  ``elsewhere`` when rho's CI lies below 0.3; ``partial`` when it lies clear of both bands and
+  their edges; ``unclear`` when a CI straddles an edge; ``n/a`` when undefined (the head is
+  not relevant: nothing to route). Intervals of selected (relevant) heads are false-coverage-
+  rate intervals (Benjamini-Yekutieli: level 1 - alpha * R / m for R relevant of m heads).
 
 Labels, in precedence order:
 
@@ -26,9 +34,9 @@ Labels, in precedence order:
    the partner is the candidate with the largest significant interaction), or the sign-aware
    direct - total effect s * (e_direct - e_total) > tau (CI, and BH q < alpha), s = sign of the
    direct effect.
-2. ``faithful`` (relevant, through_claim), ``misleading`` (relevant, elsewhere),
-   ``partial`` (relevant, partial routing).
-3. ``inert``: null, and a striking pattern (type score >= 0.5, over every query or at the read
+2. ``through_sink`` (relevant, through_sink), ``faithful`` (relevant, through_claim),
+   ``misleading`` (relevant, elsewhere), ``partial`` (relevant, partial routing).
+3. ``inert``: null (e's FCR interval inside [-delta, delta] for heads selected by TOST), and a striking pattern (type score >= 0.5, over every query or at the read
    position). ``negligible``: null, no striking pattern.
 4. ``undetermined``: anything else; the reason says which number kept the verdict open.
 
@@ -53,12 +61,15 @@ __all__ = [
     "Verdict",
     "relevance",
     "routing_class",
+    "LABEL_CLASS",
+    "interpretive_change",
     "decide",
     "VERDICTS",
 ]
 
 VERDICTS = (
     "compensated",
+    "through_sink",
     "faithful",
     "misleading",
     "partial",
@@ -66,6 +77,26 @@ VERDICTS = (
     "negligible",
     "undetermined",
 )
+
+# The claim each label makes about the head; a head whose labels under two baselines make
+# different claims is flagged (``undetermined`` makes none, so it never causes a flag).
+LABEL_CLASS = {
+    "compensated": "compensated",  # it matters, through a partner or downstream cancellation
+    "through_sink": "through_sink",
+    "faithful": "through_claim",
+    "misleading": "elsewhere",
+    "partial": "partial",
+    "inert": "null",
+    "negligible": "null",
+    "undetermined": None,
+}
+
+
+def interpretive_change(labels) -> bool:
+    """Do ``labels`` (one per baseline) make different claims: relevant vs null, or
+    different routing classes? ``inert`` vs ``negligible`` (both null) and anything vs
+    ``undetermined`` (no claim) are not a change."""
+    return len({LABEL_CLASS.get(x) for x in labels} - {None}) > 1
 
 
 @dataclass(frozen=True)
@@ -77,6 +108,8 @@ class Thresholds:
     faithful_hi: float = 1.3
     misleading_hi: float = 0.3
     striking: float = 0.5
+    necessary: float = 0.5  # faithful: removing C takes away more than this share (CI)
+    sink_carried: float = 0.5  # through_sink: the sink's terms carry more than this share (CI)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,6 +147,10 @@ class HeadEvidence:
     striking: bool
     compensation: Compensation = field(default_factory=Compensation)
     too_few: str | None = None  # why the prompts cannot support a verdict, if they cannot
+    sink: Estimate | None = None  # share of the effect carried by the sink's terms
+    necessity: Estimate | None = None  # share of the effect removed by removing C
+    level: float = 0.95  # confidence level of routing, sink and necessity intervals (FCR)
+    effect_null: Estimate | None = None  # e at the null selection's FCR level (None: e's own)
 
 
 @dataclass(frozen=True)
@@ -144,21 +181,39 @@ class Verdict:
         return self.label == "compensated"
 
 
-def relevance(e: Estimate, q: float, q_null: float, th: Thresholds) -> str:
+def relevance(e: Estimate, q: float, q_null: float, th: Thresholds,
+              e_null: Estimate | None = None) -> str:
+    """``e_null``: e's interval at the null selection's FCR level (default e's own)."""
     if not all(math.isfinite(x) for x in (e.value, e.lo, e.hi)):
         return "unclear"
     if e.lo > th.delta or e.hi < -th.delta:
         return "relevant" if q < th.alpha else "unclear"
-    if e.lo >= -th.delta and e.hi <= th.delta and (math.isnan(q_null) or q_null < th.alpha):
+    n = e if e_null is None else e_null
+    inside = n.lo >= -th.delta and n.hi <= th.delta
+    if inside and e.lo >= -th.delta and e.hi <= th.delta and (
+            math.isnan(q_null) or q_null < th.alpha):
         return "null"
     return "unclear"
 
 
-def routing_class(rho: Estimate, th: Thresholds) -> str:
-    if not all(math.isfinite(x) for x in (rho.value, rho.lo, rho.hi)):
+def _finite(e: Estimate | None) -> bool:
+    return e is not None and all(math.isfinite(x) for x in (e.value, e.lo, e.hi))
+
+
+def routing_class(rho: Estimate, th: Thresholds, sink: Estimate | None = None,
+                  necessity: Estimate | None = None) -> str:
+    """Where the head's effect flows (see the module docstring). Without ``necessity`` (not
+    measured) the claim cannot be shown necessary, so ``through_claim`` needs it."""
+    if _finite(sink) and sink.lo > th.sink_carried:
+        return "through_sink"
+    if not _finite(rho):
         return "n/a"
     if th.faithful_lo <= rho.lo and rho.hi <= th.faithful_hi:
-        return "through_claim"
+        if not _finite(necessity):
+            return "unclear"
+        if necessity.lo > th.necessary:
+            return "through_claim"
+        return "redundant" if necessity.hi < th.necessary else "unclear"
     if rho.hi < th.misleading_hi:
         return "elsewhere"
     edges = (th.misleading_hi, th.faithful_lo, th.faithful_hi)
@@ -194,11 +249,17 @@ def _dmt_fires(c: Compensation, th: Thresholds) -> bool:
 def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
     """Apply the rules above to one head's evidence under one baseline."""
     e, rho, c, b = ev.effect, ev.routing, ev.compensation, ev.baseline
-    rel, rout = relevance(e, ev.q, ev.q_null, th), routing_class(rho, th)
+    sink, nec = ev.sink, ev.necessity
+    rel = relevance(e, ev.q, ev.q_null, th, ev.effect_null)
+    rout = routing_class(rho, th, sink, nec)
     x, r = e.per_prompt, rho.per_prompt
+    nan_est = Estimate.nan(len(x))
+    sk, nc = sink or nan_est, nec or nan_est
     nums = {"effect": e.value, "effect_lo": e.lo, "effect_hi": e.hi, "q": ev.q,
             "q_null": ev.q_null, "routing": rho.value, "routing_lo": rho.lo,
-            "routing_hi": rho.hi}  # fmt: skip
+            "routing_hi": rho.hi, "sink_share": sk.value, "sink_share_lo": sk.lo,
+            "sink_share_hi": sk.hi, "necessity": nc.value, "necessity_lo": nc.lo,
+            "necessity_hi": nc.hi, "interval_level": ev.level}  # fmt: skip
 
     def out(label, rule, reason, holds, partner=None, **extra):
         return Verdict(label, rule, rel, rout, b, reason, {**nums, **extra}, holds, partner)
@@ -224,31 +285,7 @@ def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
         return out("compensated", "compensated_direct_gt_total", why,
                    (d.per_prompt > th.tau).float(), direct_minus_total=d.value, q_dmt=c.q_dmt)
     if rel == "relevant":
-        big = x.abs() > th.delta
-        head = f"{b.capitalize()}-ablating the head moves the metric by {_ci(e)} (q = {ev.q:.3g})"
-        if rout == "through_claim":
-            why = (f"{head}, and keeping only its claimed sources keeps {_ci(rho)} of that "
-                   "effect: its attention map's claim carries the effect.")
-            holds = big & (r >= th.faithful_lo) & (r <= th.faithful_hi)
-            return out("faithful", "faithful", why, _defined(holds, x, r))
-        if rout == "elsewhere":
-            why = (f"{head}, but keeping only its claimed sources keeps just {_ci(rho)} of it: "
-                   "the effect flows through sources its attention map does not claim.")
-            holds = big & (r < th.misleading_hi)
-            return out("misleading", "misleading", why, _defined(holds, x, r))
-        if rout == "partial":
-            why = (f"{head}; keeping only its claimed sources keeps {_ci(rho)} of it, between "
-                   "the misleading and faithful bands: the claim carries part of the effect.")
-            holds = big & (r >= th.misleading_hi) & ((r < th.faithful_lo) | (r > th.faithful_hi))
-            return out("partial", "partial", why, _defined(holds, x, r))
-        if rout == "n/a":
-            why = (f"{head}, but its routing ratio could not be measured (the keep-only edit "
-                   "or its reference is undefined on these prompts).")
-            return out("undetermined", "routing_undefined", why, nan)
-        why = (f"{head}, but the routing ratio's CI [{rho.lo:.2f}, {rho.hi:.2f}] straddles a band "
-               f"edge ({th.misleading_hi}, {th.faithful_lo} or {th.faithful_hi}): more prompts "
-               "would decide whether the claim carries the effect.")
-        return out("undetermined", "routing_straddles", why, nan)
+        return _routed(ev, th, out, nan)
     if rel == "null":
         eq = "" if math.isnan(ev.q_null) else f", equivalence q = {ev.q_null:.3g}"
         small = (x.abs() <= th.delta).float()
@@ -282,6 +319,69 @@ def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
     why = (f"The {b} effect {_ci(e)} straddles the null margin ±{th.delta}: more prompts would "
            "decide whether the head matters.")
     return out("undetermined", "effect_straddles", why, nan)
+
+
+def _ci_at(e: Estimate, level: float) -> str:
+    pct = f"{100 * level:.3g}%"
+    return f"{e.value:.3f} ({pct} CI [{e.lo:.3f}, {e.hi:.3f}])"
+
+
+def _routed(ev: HeadEvidence, th: Thresholds, out, nan: Tensor) -> Verdict:
+    """The label of a relevant head: where its effect flows (through the sink, the claim,
+    elsewhere, partly), from rho, the sink share and the necessity of C."""
+    e, rho, b, lv = ev.effect, ev.routing, ev.baseline, ev.level
+    rout = routing_class(rho, th, ev.sink, ev.necessity)
+    x, r = e.per_prompt, rho.per_prompt
+    big = x.abs() > th.delta
+    head = f"{b.capitalize()}-ablating the head moves the metric by {_ci(e)} (q = {ev.q:.3g})"
+    fcr = "" if lv == 0.95 else f" (false-coverage-rate level {lv:.4g} for the selected heads)"
+    sink_txt = "" if not _finite(ev.sink) else (
+        f"; the sink's terms carry {_ci_at(ev.sink, lv)} of it")
+    if rout == "through_sink":
+        sg = ev.sink
+        why = (f"{head}, and removing only the terms of the sink (BOS) it attends moves the "
+               f"metric by {_ci_at(sg, lv)} of that effect{fcr}: the effect travels through "
+               f"its attention to the sink, not through its claimed sources (keeping only them "
+               f"keeps {_ci_at(rho, lv)}).")
+        return out("through_sink", "through_sink", why,
+                   _defined(big & (sg.per_prompt > th.sink_carried), x, sg.per_prompt))
+    if rout == "through_claim":
+        nu = ev.necessity
+        why = (f"{head}; keeping only its claimed sources (sink removed too) keeps "
+               f"{_ci_at(rho, lv)} of that effect and removing them takes away "
+               f"{_ci_at(nu, lv)}{fcr}: its attention map's claim carries the effect{sink_txt}.")
+        holds = (big & (r >= th.faithful_lo) & (r <= th.faithful_hi)
+                 & (nu.per_prompt > th.necessary))
+        return out("faithful", "faithful", why, _defined(holds, x, r + nu.per_prompt))
+    if rout == "redundant":
+        nu = ev.necessity
+        why = (f"{head}; keeping only its claimed sources keeps {_ci_at(rho, lv)} of it, but "
+               f"removing them takes away only {_ci_at(nu, lv)}{fcr}: the claim suffices but "
+               "is not necessary (other sources back it up), so the map neither is nor is "
+               "not the route.")
+        return out("undetermined", "claim_not_necessary", why, nan)
+    if rout == "elsewhere":
+        why = (f"{head}, but keeping only its claimed sources keeps just {_ci_at(rho, lv)} of "
+               f"it{fcr}: the effect flows through sources its attention map does not "
+               f"claim{sink_txt}.")
+        return out("misleading", "misleading", why, _defined(big & (r < th.misleading_hi), x, r))
+    if rout == "partial":
+        why = (f"{head}; keeping only its claimed sources keeps {_ci_at(rho, lv)} of it{fcr}, "
+               f"between the misleading and faithful bands: the claim carries part of the "
+               f"effect{sink_txt}.")
+        holds = big & (r >= th.misleading_hi) & ((r < th.faithful_lo) | (r > th.faithful_hi))
+        return out("partial", "partial", why, _defined(holds, x, r))
+    if rout == "n/a":
+        why = (f"{head}, but its routing ratio could not be measured (the keep-only edit "
+               "or its reference is undefined on these prompts).")
+        return out("undetermined", "routing_undefined", why, nan)
+    nu = ev.necessity
+    nec = "" if not _finite(nu) else f", necessity {_ci_at(nu, lv)}"
+    why = (f"{head}, but an interval straddles a band edge (routing {_ci_at(rho, lv)}{nec}"
+           f"{sink_txt}; bands {th.misleading_hi}, {th.faithful_lo}-{th.faithful_hi}, "
+           f"necessity and sink share {th.necessary}){fcr}: more prompts would decide whether "
+           "the claim carries the effect.")
+    return out("undetermined", "routing_straddles", why, nan)
 
 
 def _defined(holds: Tensor, x: Tensor, r: Tensor) -> Tensor:

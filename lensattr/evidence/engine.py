@@ -38,7 +38,7 @@ __all__ = ["Engine", "EngineResult", "ENGINE_SEMANTICS"]
 
 # bump when the numbers the engine computes for one intervention change meaning: saved
 # results of an older definition are then not reused
-ENGINE_SEMANTICS = 1
+ENGINE_SEMANTICS = 2  # 2: zero baseline keeps b_V (value bias)
 # tensors assembled here before one move to the model's device, and every result: named
 # explicitly, so a default device set by the user (torch.set_default_device) changes nothing
 _CPU = torch.device("cpu")
@@ -115,6 +115,7 @@ class Engine(HookBuilders):
             cv, self.z_corr, self.patterns_corr = self._reference(prompts.corrupted)
             self.corrupted = self._metric(cv, prompts.corrupted_view(), self.clean_values)
         self._edge_mean: dict[int, Tensor] = {}
+        self._bias_v: dict[int, Tensor] = {}
         rows = torch.arange(n, device=_CPU)
         pos = self._read_pos(self.readout)
         self.out_clean = [  # [batch, head, d_model] each head's output at the read position (CPU)
@@ -426,13 +427,19 @@ class Engine(HookBuilders):
             if remove is not None:
                 remove, base, wonly = remove.to(dev), base.to(dev), wonly.to(dev)
                 weights = self._weight_terms(layer, remove, base, wonly, idx)
+                biased = bool(self._value_bias(layer).any())  # b_V kept out of edits
+                counted = remove & ~wonly[:, :, None, None] & ~renorm[:, :, None, None]
+                stash = {} if biased and self._editable else None
                 if self._editable:
-                    hooks[(Site.PATTERN, layer)] = pattern_hook(remove, renorm, invalid, weights)
+                    hooks[(Site.PATTERN, layer)] = pattern_hook(remove, renorm, invalid, weights,
+                                                                stash, counted)
                 else:  # attention delegated to HF: edit the head outputs instead (exact)
                     edge_z = self._edge_z_hook(layer, remove, renorm, invalid, idx, weights)
                 if (base > 0).any():
                     edge_z = self._edge_baseline_hook(layer, remove & ~wonly[:, :, None, None],
                                                       base, idx, edge_z)
+                if biased:
+                    edge_z = self._bias_hook(layer, counted, base, idx, stash, edge_z)
             if (codes > 0).any() or edge_z is not None:
                 hooks[(Site.Z, layer)] = self._z_hook(layer, codes, idx, edge_z)
         if any(iv.direct for iv in ivs):

@@ -30,7 +30,9 @@ class HookBuilders:
             rows = slice(k * n, (k + 1) * n)
             for h in iv.direct:
                 z = self.z[h.layer][:, :, h.head]  # [batch, pos, d_head]
-                if iv.direct_baseline == AblationMethod.MEAN:
+                if iv.direct_baseline == AblationMethod.ZERO:  # b_V stays: see _value_bias
+                    z = z - self._value_bias(h.layer)[h.head].to(z.dtype)
+                elif iv.direct_baseline == AblationMethod.MEAN:
                     z = z - self.z_mean[h.layer][None, :, h.head]
                 elif iv.direct_baseline == AblationMethod.RESAMPLE:
                     z = z - self.z_corr[h.layer][:, :, h.head]
@@ -132,8 +134,53 @@ class HookBuilders:
             self._edge_mean[layer] = terms
         return self._edge_mean[layer]
 
+    def _value_bias(self, layer: int) -> Tensor:
+        """The layer's value bias per query head [head, d_head] (zeros when it has none).
+
+        Zero-baseline convention, independent of weight processing: the part of a head's
+        output that does not depend on attention, b_V (attention sums to one, so every row
+        writes b_V @ W_O whatever the pattern), belongs to the layer's bias, not to any head's
+        routing. Zero ablation sets z to b_V (removing sum_s alpha_s (v_s - b_V)), and an edge
+        edit removes or replaces the terms alpha_s (v_s - b_V). With value biases folded into
+        b_O (``enable_compatibility_mode``, ``fold_value_biases``) b_V is zero and the same
+        edits give the same numbers."""
+        if layer not in self._bias_v:
+            self._bias_v[layer] = self.adapter.b_V(layer).to(self.device, self.z[layer].dtype)
+        return self._bias_v[layer]
+
+    def _bias_hook(self, layer, counted, base, idx, stash, inner=None):
+        """Keep b_V out of edge edits (see :meth:`_value_bias`): add back b_V times the weight
+        removed at the ``counted`` entries ([rows, head, q, k]: removals, not renormalised,
+        not weights-only) minus the weight of their replacements. The removed weight comes
+        from the pattern hook (``stash``), or, on the z route (``stash`` None), from the clean
+        pattern, which is the in-forward one there. Renormalised rows keep their mass (one)
+        and weights-only entries follow pattern patching's convention (values kept as run)."""
+        bv = self._value_bias(layer)  # [head, d_head]
+        dev = bv.device
+        added = torch.zeros(counted.shape[:3], device=dev, dtype=bv.dtype)  # [rows, head, q]
+        res = counted & (base == METHOD_CODE[AblationMethod.RESAMPLE])[:, :, None, None]
+        if res.any():
+            pc = self.patterns_corr[layer][idx].to(dev, bv.dtype)
+            added = added + (pc * res.to(bv.dtype)).sum(-1)
+        mean = counted & (base == METHOD_CODE[AblationMethod.MEAN])[:, :, None, None]
+        if mean.any():
+            avg = self.patterns[layer].mean(0).to(dev, bv.dtype)  # [head, q, k]
+            added = added + (avg[None] * mean.to(bv.dtype)).sum(-1)
+        if stash is None:
+            pat = self.patterns[layer][idx].to(dev, bv.dtype)
+            stash = {"mass": (pat * counted.to(bv.dtype)).sum(-1), "p0": 0}
+
+        def edit(z, p0=0):  # z: [rows, q, head, d_head], queries from p0
+            if inner is not None:
+                z = inner(z, p0)
+            cut = stash["mass"][:, :, p0 - stash["p0"]:] - added[:, :, p0:]  # [rows, head, q]
+            return z + (cut.transpose(1, 2)[..., None] * bv).to(z.dtype)
+
+        return edit
+
     def _z_hook(self, layer: int, codes: Tensor, idx: Tensor, edge_z=None):
         mean = self.z_mean[layer]
+        bias = self._value_bias(layer)  # zero ablation keeps b_V (see _value_bias)
         resample = self.z_corr is not None and bool((codes == 3).any())
         corr = self.z_corr[layer][idx] if resample else None  # [rows, pos, head, d_head]
 
@@ -141,7 +188,7 @@ class HookBuilders:
             if edge_z is not None:
                 z = edge_z(z, p0)
             c = codes[:, p0:].to(z.device)[..., None]  # [rows, pos, head, 1]
-            z = torch.where(c == 1, torch.zeros_like(z), z)
+            z = torch.where(c == 1, bias.to(z.dtype).expand_as(z), z)
             z = torch.where(c == 2, mean[p0:].to(z.device, z.dtype)[None], z)
             if corr is not None:
                 z = torch.where(c == 3, corr[:, p0:].to(z.device, z.dtype), z)
@@ -166,11 +213,17 @@ class HookBuilders:
         return hook
 
 
-def pattern_hook(remove: Tensor, renorm: Tensor, invalid: Tensor, weights: Tensor | None = None):
+def pattern_hook(remove: Tensor, renorm: Tensor, invalid: Tensor, weights: Tensor | None = None,
+                 stash: dict | None = None, counted: Tensor | None = None):
     """Set the removed weights to 0 (renormalising the rows flagged in ``renorm``), or, where
-    ``weights`` ([rows, head, q, k], zero elsewhere) holds weights-only replacements, to those."""
+    ``weights`` ([rows, head, q, k], zero elsewhere) holds weights-only replacements, to those.
+    ``stash``: receives ``mass`` [rows, head, q], the in-forward weight removed at the entries
+    ``counted`` selects (for the value-bias correction of the z hook), and ``p0``."""
     def hook(pattern, p0=0):  # [rows, head, query_pos, key_pos], queries from p0 onwards
         rm = remove[:, :, p0:].to(pattern.device)
+        if stash is not None:
+            sel = counted[:, :, p0:].to(pattern.device, pattern.dtype)
+            stash["mass"], stash["p0"] = (pattern * sel).sum(-1), p0
         new = pattern.masked_fill(rm, 0.0)
         if weights is not None:
             new = new + weights[:, :, p0:].to(pattern.device, pattern.dtype)

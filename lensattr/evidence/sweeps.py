@@ -64,17 +64,18 @@ def claim_sweep(
     read_rows: Bool[Tensor, "batch pos"] | None = None,
 ) -> list[Intervention]:
     """Per head, on the rows whose claim is non-empty: keep only the claimed set C (every
-    non-sink source outside C removed; the sink's terms left alone) and, with ``remove``,
-    remove C; under the zero baseline, remove C at the read rows and renormalise what is
-    left there (the secondary, renormalised knockout of the claim the tables show). Removed
-    terms are replaced by ``baseline``'s counterparts."""
+    source outside C removed, the sink's terms too, so what is kept is C alone) and, with
+    ``remove``, remove C; under the zero baseline, remove C at the read rows and renormalise
+    what is left there (the secondary, renormalised knockout of the claim the tables show).
+    Removed terms are replaced by ``baseline``'s counterparts. ``sink`` is kept in the
+    signature for callers; the sink's own share is measured by :func:`sink_sweep`."""
     b = baseline.value
-    non_sink = allowed & ~sink[:, None, :]  # [batch, q, k]
+    del sink
     out = []
     for h in heads:
         c = claimed[:, h.layer, h.head] & allowed  # [batch, q, k]
         rows = c.any(-1, keepdim=True)  # the rows the claim is about
-        keep = non_sink & ~c & rows
+        keep = allowed & ~c & rows
         out.append(remove_sources(h, keep, baseline=baseline, label=label(f"keep-{b}", h)))
         if remove:
             out.append(remove_sources(h, c, baseline=baseline, label=label(f"remove-{b}", h)))

@@ -1,10 +1,13 @@
 """Input-token importance for a metric, by captum: gradient x input, integrated gradients,
 occlusion (blank-out), LIME and KernelSHAP.
 
-Every method acts on the token embeddings (the output of hook_embed; positions and token
-types, where a model adds them later, are kept). A token's score is the sum over its embedding
-dimensions (gradient methods) or the attribution of the feature group made of its whole
-embedding (perturbation methods). The blank-out baseline is the zero embedding. Scores are
+Every method acts on the word (token) embeddings alone: ``Site.WORD_EMBED``, the embedding
+module's own output. Positions and token types are kept: a model adds them, and BERT applies
+its embedding LayerNorm, after that site, so a blanked-out word still has its position. (On
+GPT-2 / Llama that site is hook_embed; on BERT bridges hook_embed is the post-LayerNorm sum of
+all three.) A token's score is the sum over its embedding dimensions (gradient methods) or the
+attribution of the feature group made of its whole embedding (perturbation methods). The
+blank-out baseline is the zero word embedding. Scores are
 signed, in the metric's units for integrated gradients, occlusion, LIME and KernelSHAP
 (completeness: IG and SHAP sum to metric(x) - metric(baseline)); padded tokens are NaN.
 
@@ -24,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..model import Site
+from ..token_importance import SITE, site_meta
 from .edits import evaluate
 from .setup import Setup, prepare
 
@@ -126,8 +129,8 @@ def attributions_from(s: Setup, methods=METHODS, n_steps: int = 32, n_samples: i
     methods = check_methods(methods)
     store: dict = {}
     s.adapter.forward(s.prompts.tokens, s.prompts.attention_mask,
-                      s.adapter.capture_hooks((Site.EMBED,), store))
-    emb = store[(Site.EMBED, None)]  # [batch, pos, d_model]
+                      s.adapter.capture_hooks((SITE,), store))
+    emb = store[(SITE, None)]  # [batch, pos, d_model] word embeddings
     valid = s.prompts.valid
     scores = {m: torch.full(s.prompts.tokens.shape, torch.nan, dtype=torch.float64)
               for m in methods}
@@ -138,7 +141,7 @@ def attributions_from(s: Setup, methods=METHODS, n_steps: int = 32, n_samples: i
 
         def forward(e, _i=i):
             idx = torch.full((e.shape[0],), _i, dtype=torch.long)
-            hooks = {(Site.EMBED, None): lambda _x, _e=e: _e.to(_x.dtype)}
+            hooks = {(SITE, None): lambda _x, _e=e: _e.to(_x.dtype)}
             clean = s.clean.values[idx.to(s.clean.values.device)]
             return evaluate(s.adapter, s.prompts.take(idx), s.metric, hooks, clean_values=clean,
                             grad=torch.is_grad_enabled()).metric
@@ -150,7 +153,9 @@ def attributions_from(s: Setup, methods=METHODS, n_steps: int = 32, n_samples: i
             secs[m] += got.meta["seconds"][m]
     meta = {**s.meta(), "test": "attributions", "methods": list(methods), "n_steps": n_steps,
             "n_samples": n_samples, "seed": seed, "seconds": secs,
-            "baseline": "zero token embedding (hook_embed); positions kept",
+            "baseline": "zero word embedding (Site.WORD_EMBED); positions, token types and "
+                        "any embedding norm applied after it, as the model does",
+            "site": site_meta(s.adapter),
             "scores": "signed; [batch, pos]; NaN on padding"}
     return TokenAttributions(scores, meta)
 
@@ -165,7 +170,7 @@ def token_attributions(model, task, metric=None, methods=METHODS, n_prompts=None
 
 def occlusion(model, prompts, metric=None, n_prompts=None, perturbations_per_eval: int = 16
               ) -> TokenAttributions:
-    """Blank-out importance: metric(x) - metric(x with token t's embedding zeroed), for every
-    real token of every prompt (``prompts``: a task name, Task or PromptSet)."""
+    """Blank-out importance: metric(x) - metric(x with token t's word embedding zeroed), for
+    every real token of every prompt (``prompts``: a task name, Task or PromptSet)."""
     return token_attributions(model, prompts, metric, ("occlusion",), n_prompts,
                               perturbations_per_eval=perturbations_per_eval)

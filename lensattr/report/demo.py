@@ -12,7 +12,7 @@ from ..audit_result import Audit
 
 __all__ = ["synthetic_audit"]
 
-_VERDICTS = ["faithful", "misleading", "partial", "compensated", "inert", "negligible",
+_VERDICTS = ["faithful", "misleading", "through_sink", "partial", "compensated", "inert", "negligible",
              "undetermined"]
 
 

@@ -19,6 +19,7 @@ __all__ = ["VERDICT_COLOURS", "VERDICT_LETTERS", "summary_line", "verdict_chips"
 VERDICT_COLOURS: dict[str, str] = {
     "faithful": "#a8e0b4",  # green
     "misleading": "#f2a3a3",  # red
+    "through_sink": "#c9a6e8",  # violet: the effect travels through the sink's terms
     "compensated": "#f8c27a",  # orange
     "inert": "#bdbdbd",  # grey
     "negligible": "#e8e8e8",  # light grey
@@ -26,10 +27,11 @@ VERDICT_COLOURS: dict[str, str] = {
     "undetermined": "#fbe98a",  # yellow
     "diffuse": "#cfe0f5",  # pale blue (claim-side flag)
 }
-VERDICT_LETTERS = {"faithful": "F", "misleading": "M", "compensated": "C", "inert": "I",
+VERDICT_LETTERS = {"faithful": "F", "misleading": "M", "through_sink": "S",
+                   "compensated": "C", "inert": "I",
                    "negligible": "N", "partial": "P", "undetermined": "U", "diffuse": "D"}
-_ORDER = ("faithful", "misleading", "partial", "compensated", "inert", "negligible",
-          "undetermined")
+_ORDER = ("faithful", "misleading", "through_sink", "partial", "compensated", "inert",
+          "negligible", "undetermined")
 e = html.escape
 
 
@@ -151,6 +153,10 @@ def _words(r: pd.Series, col: str | None) -> str:
                 f"{' (' + claim + ')' if claim else ''}{c}")
     if v == "partial":
         return f"matters (effect {eff}); its claimed sources carry part of it (ρ {rho})"
+    if v == "through_sink":
+        sink = _ci(r, "sink_share") if "sink_share" in r.index else "–"
+        return (f"matters (effect {eff}), but through its attention to the sink (BOS): the "
+                f"sink's terms carry {sink} of it, its claimed sources ρ {rho}")
     if v == "compensated":
         if partner:
             return (f"looks unimportant alone (effect {eff}) because {partner} takes over; "
@@ -175,7 +181,7 @@ def top_heads(heads: pd.DataFrame, meta: Mapping, n: int = 8) -> list[tuple[str,
         comp = heads.get("verdict", pd.Series("", index=heads.index)) == "compensated"
         size = size.where(~comp, heads["joint_effect"].map(_num).abs())
     matters = heads.get("verdict", pd.Series("", index=heads.index)).isin(
-        ["faithful", "misleading", "partial", "compensated"])
+        ["faithful", "misleading", "through_sink", "partial", "compensated"])
     if "relevance" in heads.columns:
         matters |= heads["relevance"] == "relevant"
     pick = heads[matters] if matters.any() else heads

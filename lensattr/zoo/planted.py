@@ -7,13 +7,22 @@ Task ("planted-copy"), every prompt 7 tokens so positions are roles::
 The corrupted prompt replaces A (S1) by a third name C, so its metric is ~0. Every weight is
 set in code (no training, no randomness); :data:`PLANTED_TRUTH` says what each head really does.
 
-Heads (2 layers x 5 heads): L0H0 faithful copy of S1; L0H1 decoy (attends a zero-value token,
+Heads (2 layers x 7 heads): L0H0 faithful copy of S1; L0H1 decoy (attends a zero-value token,
 its effect comes through S1); L0H2 sink; L0H3 / L1H0 a backup pair whose trigger depends on the
 names (L0H3's tag T(A) silences L1H0's query); L0H4 / L1H4 a second backup pair whose trigger
 does NOT depend on the prompt (L0H4 writes a constant tag K that silences L1H4's query), so
 resample and mean ablation of L0H4 keep L1H4 off and only zero ablation shows the pair;
 L1H1 previous-token, L1H3 self (inert, writing junk nobody reads); L1H2 diffuse and negligible.
-Clean metric 4 (L0H0) + 3 (L0H1) + 5 (L0H3) + 4 (L0H4) = 16; L1H0 and L1H4 are off.
+L0H5 a sink carrier: at END it attends BOS 0.7 and S2 0.3, and only BOS has a non-zero value
+(a gate G); L0H6 a constant-value head: W_V = 0 and b_V != 0, so it writes b_V @ W_O = H at
+every position whatever its attention (END attends S1 0.8, BOS 0.2). L1H5 is silenced while
+both G and H are present (its END query attends BOS, zero value) and otherwise copies S1
+(+G3 on the metric). So L0H5's effect travels only through its BOS term, and L0H6's output
+does not depend on attention at all: zero ablation (which keeps b_V, see
+:mod:`lensattr.evidence.hooks`) leaves it, and every edge edit of it, without effect. Both gates
+are the same on every prompt (BOS and b_V do not depend on the names), so resample and mean
+ablation leave them: L0H5 shows its sink route under zero ablation only.
+Clean metric 4 (L0H0) + 3 (L0H1) + 5 (L0H3) + 4 (L0H4) = 16; L1H0, L1H4 and L1H5 are off.
 
 Why only zero ablation sees L0H4 / L1H4: every source's value in L0H4 carries kappa * K (read
 from the position one-hots) and attention sums to one, so L0H4 writes exactly kappa * K at every
@@ -36,46 +45,58 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from ..loading import ModelInfo, register_model
+from .planted_layout import (
+    A_B,
+    A_D,
+    A_F,
+    A_G,
+    A_P,
+    A_Q,
+    BAL,
+    BETA,
+    BIG,
+    BOS,
+    C_G,
+    CONSTANT_HEAD,
+    D_HEAD,
+    D_MODEL,
+    DECOY_WORD,
+    E0,
+    END,
+    END_WORD,
+    FILLER_POS,
+    FILLERS,
+    G0,
+    G2,
+    GAMMA,
+    H0,
+    J0,
+    K0,
+    KAPPA,
+    LAMBDA,
+    LAMBDA_G,
+    LAMBDA_Q,
+    N_HEADS,
+    N_LAYERS,
+    N_NAMES,
+    N_POS,
+    NAME_IDS,
+    NAMES,
+    OFF,
+    P0,
+    ROLES,
+    SINK_BOS,
+    SINK_GAIN,
+    T0,
+    TAG,
+    TOKEN_ID,
+    U0,
+    VOCAB,
+)
+from .planted_truth import PLANTED_TRUTH
 from .word_vocab import word_tokenizer
 
 __all__ = ["NAMES", "FILLERS", "ROLES", "PLANTED_TRUTH", "build_planted", "planted_copy_data"]
-
-NAMES: tuple[str, ...] = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
-FILLERS: tuple[str, ...] = ("went", "to", "the", "park", "and", "home")
-BOS, DECOY_WORD, END_WORD = "<bos>", "then", "?"
-VOCAB: tuple[str, ...] = (BOS, *NAMES, DECOY_WORD, END_WORD, *FILLERS)  # 17 tokens
-TOKEN_ID = {w: i for i, w in enumerate(VOCAB)}
-NAME_IDS = tuple(TOKEN_ID[n] for n in NAMES)
-ROLES = {"BOS": 0, "S1": 1, "DECOY": 3, "S2": 4, "END": 6}
-SEQ_LEN, END = 7, ROLES["END"]
-FILLER_POS = (2, 5)
-
-# ---- sizes and residual layout -----------------------------------------------------------
-D_MODEL, N_LAYERS, N_HEADS, D_HEAD, N_POS = 80, 2, 5, 16, 8
-N_NAMES = len(NAMES)
-BIG = 1000.0  # the +C / -C constant dims 0 and 1
-BAL = 2  # balance dim: keeps every written vector zero-mean
-E0 = 3  # token one-hot E(t), 17 dims
-P0 = E0 + len(VOCAB)  # position one-hot P(i), 8 dims
-U0 = P0 + N_POS  # answer direction U(k) per name: W_U reads it, nothing else does
-T0 = U0 + N_NAMES  # tag T(k) per name: written by L0H3, read by L1H0's query
-J0 = T0 + N_NAMES  # junk J(m): written by the inert layer-1 heads, read by nothing
-K0 = J0 + 8  # constant tag K: written by L0H4 at every position, read by L1H4's query
-assert K0 + 1 <= D_MODEL
-
-# ---- planted constants -------------------------------------------------------------------
-A_F, A_D, A_B = 4.0, 3.0, 5.0  # contributions of faithful, decoy, backup to logit diff
-OFF = math.log(1e-9)  # attention score of an "off" source
-SINK_GAIN = 5.0  # L0H2 writes names -> U but never attends a name at END
-TAG = 1.0  # size of L0H3's tag T(k)
-BETA, GAMMA = 14.0, 7.0  # L1H0 / L1H4 END-query score for S1 and BOS (before suppression)
-LAMBDA = (BETA + 5.0) / (0.9 * TAG)  # tag suppression: S1 score 14 - 19 = -5 with B1 present
-G2 = A_B  # L1H0's gain: when it takes over it restores B1's contribution
-# Second backup pair, L0H4 (P) -> L1H4 (Q), triggered by a prompt-independent tag.
-A_P = 4.0  # P's contribution to the logit diff (END attends S1 0.9)
-KAPPA = 1.0  # size of P's constant tag K: every source's value carries it, attention sums to 1
-LAMBDA_Q = (BETA + 5.0) / (0.9 * KAPPA)  # Q's S1 score 14 - 19 = -5 while >= 0.9 K is present
-A_Q = 3.0  # Q's gain: when P is zeroed it restores 3 of P's 4
 
 # Target attention per query position: {source: probability}; unlisted sources get OFF.
 _BOS_ONLY = {0: 1.0}
@@ -112,6 +133,16 @@ def _uniform(i):  # L1H2: uniform over all causal positions
 
 def _self(i):  # L1H3: itself 0.9, BOS 0.1
     return {i: 0.9, 0: 0.1} if i > 0 else {0: 1.0}
+
+
+def _sink_carrier(i):  # L0H5: END attends BOS 0.7, S2 0.3; other rows attend themselves
+    if i == END:
+        return {0: SINK_BOS, ROLES["S2"]: 1.0 - SINK_BOS}
+    return {i: 1.0}
+
+
+def _constant_value(i):  # L0H6: END attends S1 0.8, BOS 0.2; a copier's map, a constant value
+    return {1: 0.8, 0: 0.2} if i == END else _BOS_ONLY
 
 
 def _score_row(target: dict[int, float]) -> list[float]:
@@ -166,6 +197,42 @@ def _junk_ov() -> tuple[torch.Tensor, torch.Tensor]:
     return wv, wo
 
 
+def _bos_gate_ov() -> tuple[torch.Tensor, torch.Tensor]:
+    """W_V, W_O: only the BOS token has a value, G / SINK_BOS (so END, attending BOS 0.7,
+    writes exactly G); every other token's value is zero."""
+    wv, wo = torch.zeros(D_MODEL, D_HEAD), torch.zeros(D_HEAD, D_MODEL)
+    wv[E0 + TOKEN_ID[BOS], 0] = 1.0
+    wo[0, G0] = 1.0 / SINK_BOS
+    return wv, wo
+
+
+def _constant_ov() -> tuple[torch.Tensor, torch.Tensor]:
+    """W_V = 0 and W_O: d_head dim 0 -> H; the head's value is its bias b_V = e_0 (set in
+    :func:`build_planted`), the same at every source."""
+    wo = torch.zeros(D_HEAD, D_MODEL)
+    wo[0, H0] = 1.0
+    return torch.zeros(D_MODEL, D_HEAD), wo
+
+
+def _gated_copy_qk() -> tuple[torch.Tensor, torch.Tensor]:
+    """L1H5: END attends S1 (score 33 - 19 G - 19 H) against BOS (7); with both gates present
+    the S1 score is -5 and END attends BOS (zero value); with either missing, S1 (>= 14)."""
+
+    def scores_at(i):
+        if i == END:
+            return [GAMMA, C_G] + [OFF] * (N_POS - 2)
+        return _score_row(_BOS_ONLY)
+
+    wq, wk = _position_qk(scores_at)
+    wq[G0, ROLES["S1"]] = -math.sqrt(D_HEAD) * LAMBDA_G
+    wq[H0, ROLES["S1"]] = -math.sqrt(D_HEAD) * LAMBDA_G
+    # H is present at every row: keep S1 off at the other rows' queries
+    for i in range(N_POS):
+        if i != END:
+            wq[P0 + i, ROLES["S1"]] += math.sqrt(D_HEAD) * LAMBDA_G
+    return wq, wk
+
+
 def _backup2_qk() -> tuple[torch.Tensor, torch.Tensor]:
     """L1H0: END attends S1 unless L0H3's tag T(name at S1) is present; else BOS."""
 
@@ -202,6 +269,8 @@ def _heads() -> list[list[tuple[torch.Tensor, ...]]]:
         (*_position_qk(lambda i: _score_row(_sink(i))), *_name_ov(SINK_GAIN)),  # sink
         (*_position_qk(lambda i: _score_row(_backup1(i))), *_name_ov(A_B / 0.9, TAG)),  # B1
         (*_position_qk(lambda i: _score_row(_const_primary(i))), *_const_tag_ov(A_P / 0.9, KAPPA)),
+        (*_position_qk(lambda i: _score_row(_sink_carrier(i))), *_bos_gate_ov()),  # sink carrier
+        (*_position_qk(lambda i: _score_row(_constant_value(i))), *_constant_ov()),  # constant
     ]
     layer1 = [
         (*_backup2_qk(), *_name_ov(G2)),  # B2: real backup of L0H3
@@ -209,6 +278,8 @@ def _heads() -> list[list[tuple[torch.Tensor, ...]]]:
         (*_position_qk(lambda i: _score_row(_uniform(i))), *_junk_ov()),  # diffuse, negligible
         (*_position_qk(lambda i: _score_row(_self(i))), *_junk_ov()),  # inert self
         (*_const_backup_qk(), *_name_ov(A_Q)),  # Q: backup of L0H4, silenced by its tag K
+        (*_gated_copy_qk(), *_name_ov(A_G)),  # gated copier: off while G and H are present
+        (*_position_qk(lambda i: _score_row(_uniform(i))), *_junk_ov()),  # diffuse, negligible
     ]
     return [layer0, layer1]
 
@@ -262,6 +333,8 @@ def build_planted() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
                     col = part * D_MODEL + h * D_HEAD
                     block.attn.c_attn.weight[:, col : col + D_HEAD] = w
                 block.attn.c_proj.weight[h * D_HEAD : (h + 1) * D_HEAD] = _balance(wo)
+            if layer == 0:  # the constant-value head's value bias b_V = e_0
+                block.attn.c_attn.bias[2 * D_MODEL + CONSTANT_HEAD * D_HEAD] = 1.0
             # LayerNorms: LN(x) ~= x off the constant dims (ln_2 feeds the all-zero MLP).
             block.ln_1.weight.copy_(ln_gain)
             block.ln_2.weight.copy_(ln_gain)
@@ -307,80 +380,16 @@ def planted_copy_data(n_prompts: int = 32, seed: int = 0) -> dict:
     }
 
 
-ALL_BASELINES = ["zero", "mean", "resample"]
-
-
-def _head(
-    layer,
-    head,
-    verdict,
-    role,
-    claimed,
-    carrier,
-    head_type=None,
-    partner=None,
-    compensated_under=(),
-    note="",
-):
-    return {
-        "layer": layer, "head": head, "role": role, "verdict": verdict, "head_type": head_type,
-        "partner": partner, "compensated_under": list(compensated_under),
-        "claimed_source_role": claimed, "carrier_role": carrier, "diffuse": role == "diffuse",
-        "note": note,
-    }  # fmt: skip
-
-
-# fmt: off
-PLANTED_TRUTH: dict = {
-    "model": "planted",
-    "task": "planted-copy",
-    "heads": [
-        _head(0, 0, "faithful", "faithful", "S1", "S1",
-              note="END attends S1 0.7 (BOS/fillers 0.3, zero value); writes 4 * U(A)"),
-        _head(0, 1, "misleading", "decoy", "DECOY", "S1",
-              note="END attends DECOY 0.82 whose value is zero; S1 (0.15 x gain 20) carries 3"),
-        _head(0, 2, "inert", "sink", "BOS", None, head_type="sink",
-              note="BOS >= 0.95 everywhere, never a name at END; nonzero W_O, no effect"),
-        _head(0, 3, "compensated", "backup_primary", "S1", "S1", partner=[1, 0],
-              compensated_under=ALL_BASELINES,
-              note="END attends S1 0.9; writes 5 * U(A) and a tag T(A) that silences L1H0"),
-        _head(0, 4, "faithful", "backup_primary_constant", "S1", "S1", partner=[1, 4],
-              compensated_under=["zero"],
-              note="END attends S1 0.9 (BOS 0.1); writes 4 * U(A) and, at every position, a "
-              "constant tag K that silences L1H4. K is the same on every prompt, so resample "
-              "and mean ablation keep L1H4 off (effect 4, routed through S1: faithful under "
-              "the primary baseline); zero ablation switches L1H4 on (effect 1, compensated)"),
-        _head(1, 0, "compensated", "backup_secondary", "BOS", "S1", partner=[0, 3],
-              compensated_under=ALL_BASELINES,
-              note="END attends BOS while L0H3's tag matches S1; without it attends S1 "
-              "and restores ~5"),
-        _head(1, 1, "inert", "previous_token", None, None, head_type="previous_token",
-              note="attends the previous token 0.95 (END -> pos 5); writes junk J nobody reads"),
-        _head(1, 2, "negligible", "diffuse", None, None,
-              note="uniform attention over causal positions; writes junk J nobody reads"),
-        _head(1, 3, "inert", "self", "END", None, head_type="self",
-              note="attends itself 0.9, BOS 0.1; writes junk J nobody reads"),
-        _head(1, 4, "inert", "backup_secondary_constant", "BOS", "S1", head_type="sink",
-              partner=[0, 4], compensated_under=["zero"],
-              note="END attends BOS (zero value) while L0H4's constant tag K is present: on "
-              "clean prompts and under resample or mean ablation of L0H4 alike, so its effect "
-              "is null there (inert under the primary baseline); when L0H4 is zero-ablated it "
-              "attends S1 and restores 3 of 4 (compensated under zero, flagged)"),
-    ],
-    "contributions": {"faithful": A_F, "decoy": A_D, "backup": A_B,
-                      "backup_constant": A_P, "backup_constant_restore": A_Q},
-}
-# fmt: on
 
 register_model(
     ModelInfo(
         name="planted",
         description="hand-wired GPT-2 with planted head roles for the planted-copy task "
         "(<bos> A filler then B filler ? -> A)",
-        size="2 layers x 5 heads, d_model 80, 17-token vocab",
+        size="2 layers x 7 heads, d_model 112, 17-token vocab",
         recipe="hand-wired in code (lensattr/zoo/planted.py)",
         contains="faithful, decoy, sink, two backup pairs (one invisible to resample "
-        "ablation), inert heads; see PLANTED_TRUTH",
+        "ablation), a sink carrier, a constant-value head, inert heads; see PLANTED_TRUTH",
         builder=build_planted,
     )
 )

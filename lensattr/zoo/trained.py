@@ -93,9 +93,10 @@ def measure_facts(bridge, tokenizer, heldout: str | None = None, half: int = 40)
     * ``prev_token_score[L][h]``: mean attention from query i in 1..2T to key i-1;
     * ``loss_first_half``: mean NLL of the tokens at 1..T; ``loss_second_half``: of the
       tokens at T+2..2T (the ones induction can predict);
-    * ``ablate_top_induction``: second-half loss with that head's ``hook_z`` zeroed (likewise
-      for the top previous-token head); ``ablate_all_induction``: with every head of induction
-      score > 0.3 zeroed at once; ``heldout_loss``: on 64 held-out stdlib windows.
+    * ``ablate_top_induction``: second-half loss with that head zero-ablated (lensattr's zero
+      ablation: ``hook_z`` set to the value bias b_V; likewise for the top previous-token
+      head); ``ablate_all_induction``: with every head of induction score > 0.3 zero-ablated
+      at once; ``heldout_loss``: on 64 held-out stdlib windows.
     """
     ad = Adapter(bridge)
     T = half
