@@ -141,6 +141,8 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tens
     row.update(_ci("sink_share", ev.sink if ev.sink is not None else _NAN))
     row.update(_ci("necessity", ev.necessity if ev.necessity is not None else _NAN))
     row["interval_level"] = ev.level
+    row.update(_ci("effect_selected", ev.effect))  # e's interval the verdict read (FCR level)
+    row["effect_level"] = ev.effect_level
     for m in ("zero", "mean", "resample"):
         row[f"routing_{m}"] = r.routing_by[m].value if m in r.routing_by else math.nan
     row.update(_ci("direct_effect", r.direct))

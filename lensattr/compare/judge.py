@@ -77,10 +77,13 @@ def judge(
 
 
 def _baseline_evidence(eff, heads, m, striking, direct, th, too_few):
-    """Each head's evidence under baseline ``m``. Heads selected as relevant (R of m by BH)
-    get their routing, sink and necessity intervals at the false-coverage-rate level
-    1 - alpha * R / m (Benjamini & Yekutieli 2005); heads selected as null by the equivalence
-    test get e's interval at 1 - alpha * R_null / m for the null check."""
+    """Each head's evidence under baseline ``m``, with false-coverage-rate intervals
+    (Benjamini & Yekutieli 2005: level 1 - alpha * R / m for R selected of the m heads BH
+    tested) for selected heads: e of the heads BH selects (q < alpha), the routing, sink and
+    necessity intervals of the relevant heads, and e's interval for the null check of the
+    heads the equivalence test selects. Other heads keep marginal 95% intervals. FCR bounds
+    the expected share of selected heads whose interval misses, not false labels per label
+    (``experiments/fcr_simulation.py``)."""
     b, v, m0 = m.value, eff.values, eff.m0
     e = [eff(label(b, h)) for h in heads]
     num = torch.stack([v[label(b, h)] - m0 for h in heads])  # [head, batch]
@@ -88,17 +91,26 @@ def _baseline_evidence(eff, heads, m, striking, direct, th, too_few):
     q = bh_qvalues(p)
     q_null = bh_qvalues(tost_p(num, eff.den.expand_as(num), th.delta).float())
     n_heads = len(heads)
-    marginal = [relevance(e[i], float(q[i]), float(q_null[i]), th) for i in range(n_heads)]
-    lv = fcr_level(th.alpha, sum(x == "relevant" for x in marginal), n_heads)
+    tested = int(torch.isfinite(p).sum())  # the family BH counted
+    # e of the heads BH selects (q < alpha): its interval at their FCR level decides whether
+    # it clears the null margin
+    sel = [i for i in range(n_heads) if float(q[i]) < th.alpha]
+    lv_e = fcr_level(th.alpha, len(sel), tested)
+    for i in sel:
+        e[i] = eff.ratio(num[i], label(b, heads[i]), level=lv_e)
+    rel = [relevance(e[i], float(q[i]), float(q_null[i]), th) for i in range(n_heads)]
+    lv = fcr_level(th.alpha, sum(x == "relevant" for x in rel), tested)
     sel_null = [i for i in range(n_heads) if float(q_null[i]) < th.alpha]
-    lv_null = fcr_level(th.alpha, len(sel_null), n_heads)
+    lv_null = fcr_level(th.alpha, len(sel_null), tested)
     e_null = {i: eff.ratio(num[i], label(b, heads[i]), level=lv_null) for i in sel_null}
-    shares = [_shares(eff, h, b, e_h, th, lv) for h, e_h in zip(heads, e, strict=True)]
+    shares = [_shares(eff, h, b, e_h, th, lv if rel[i] == "relevant" else 0.95)
+              for i, (h, e_h) in enumerate(zip(heads, e, strict=True))]
     comps = _compensations(eff, heads, b, e, direct, th)
     ev = [
         HeadEvidence(h, b, e[i], float(q[i]), float(q_null[i]), shares[i][0],
                      bool(striking[h.layer, h.head]), comps[i], too_few, sink=shares[i][1],
-                     necessity=shares[i][2], level=lv, effect_null=e_null.get(i))
+                     necessity=shares[i][2], level=lv, effect_null=e_null.get(i),
+                     effect_level=lv_e if i in sel else 0.95)
         for i, h in enumerate(heads)
     ]  # fmt: skip
     return ev, p

@@ -8,8 +8,8 @@ others are reported beside it (``compensated_under``, ``labels_by_baseline``).
 Two axes, then a label (``Thresholds`` holds every margin):
 
 * **relevance** of the head's solo effect e:
-  ``relevant`` when e's 95% CI lies outside [-delta, delta] and the BH q-value of the sign-flip
-  test (across heads) is below alpha; ``null`` when the equivalence test |e| < delta (TOST,
+  ``relevant`` when e's CI (at the FCR level of the heads BH selects) lies outside
+  [-delta, delta] and the BH q-value of the sign-flip test (across heads) is below alpha; ``null`` when the equivalence test |e| < delta (TOST,
   BH across heads) has q below alpha, with the CI inside [-delta, delta]; ``unclear``
   otherwise (also when there are too few prompts for either test to reach alpha).
 * **routing** rho = (m(keep only C) - m(ablated)) / (m0 - m(ablated)), keep-only and ablation
@@ -36,8 +36,9 @@ Labels, in precedence order:
    direct effect.
 2. ``through_sink`` (relevant, through_sink), ``faithful`` (relevant, through_claim),
    ``misleading`` (relevant, elsewhere), ``partial`` (relevant, partial routing).
-3. ``inert``: null (e's FCR interval inside [-delta, delta] for heads selected by TOST), and a striking pattern (type score >= 0.5, over every query or at the read
-   position). ``negligible``: null, no striking pattern.
+3. ``inert``: null (e's FCR interval inside [-delta, delta] for heads selected by TOST), and
+   a striking pattern (type score >= 0.5, over every query or at the read position).
+   ``negligible``: null, no striking pattern.
 4. ``undetermined``: anything else; the reason says which number kept the verdict open.
 
 ``diffuse`` is a claim-side flag reported beside the label, not a label.
@@ -151,6 +152,7 @@ class HeadEvidence:
     necessity: Estimate | None = None  # share of the effect removed by removing C
     level: float = 0.95  # confidence level of routing, sink and necessity intervals (FCR)
     effect_null: Estimate | None = None  # e at the null selection's FCR level (None: e's own)
+    effect_level: float = 0.95  # confidence level of ``effect``'s interval (FCR if selected)
 
 
 @dataclass(frozen=True)
@@ -222,8 +224,8 @@ def routing_class(rho: Estimate, th: Thresholds, sink: Estimate | None = None,
     return "partial"
 
 
-def _ci(e: Estimate) -> str:
-    return f"{e.value:.3f} (95% CI [{e.lo:.3f}, {e.hi:.3f}])"
+def _ci(e: Estimate, level: float = 0.95) -> str:
+    return f"{e.value:.3f} ({100 * level:.3g}% CI [{e.lo:.3f}, {e.hi:.3f}])"
 
 
 def _small(e: Estimate, th: Thresholds) -> bool:
@@ -252,7 +254,7 @@ def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
     sink, nec = ev.sink, ev.necessity
     rel = relevance(e, ev.q, ev.q_null, th, ev.effect_null)
     rout = routing_class(rho, th, sink, nec)
-    x, r = e.per_prompt, rho.per_prompt
+    x, ce = e.per_prompt, _ci(e, ev.effect_level)
     nan_est = Estimate.nan(len(x))
     sk, nc = sink or nan_est, nec or nan_est
     nums = {"effect": e.value, "effect_lo": e.lo, "effect_hi": e.hi, "q": ev.q,
@@ -271,7 +273,7 @@ def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
         j, i, p = c.joint, c.interaction, c.partner
         s = 1.0 if j.value >= 0 else -1.0
         holds = (x.abs() < th.tau) & (s * j.per_prompt >= th.tau) & (s * i.per_prompt > th.delta)
-        why = (f"Alone, {b}-ablating the head moves the metric by only {_ci(e)}, but ablating "
+        why = (f"Alone, {b}-ablating the head moves the metric by only {ce}, but ablating "
                f"it together with {HeadId(*p)} moves it by {_ci(j)}; the interaction "
                f"{_ci(i)} (q = {c.q_interaction:.3g}) says {HeadId(*p)} takes over when this "
                "head is gone.")  # fmt: skip
@@ -290,11 +292,11 @@ def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
         eq = "" if math.isnan(ev.q_null) else f", equivalence q = {ev.q_null:.3g}"
         small = (x.abs() <= th.delta).float()
         if ev.striking:
-            why = (f"{b.capitalize()}-ablating the head moves the metric by {_ci(e)}, inside the "
+            why = (f"{b.capitalize()}-ablating the head moves the metric by {ce}, inside the "
                    f"null margin ±{th.delta}{eq}, although its attention pattern is striking: "
                    "the pattern does nothing for this metric.")
             return out("inert", "inert", why, small)
-        why = (f"{b.capitalize()}-ablating the head moves the metric by {_ci(e)}, inside the "
+        why = (f"{b.capitalize()}-ablating the head moves the metric by {ce}, inside the "
                f"null margin ±{th.delta}{eq}, and its pattern is not striking.")
         return out("negligible", "negligible", why, small)
     if not math.isfinite(e.value):
@@ -307,23 +309,21 @@ def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
                "normalised by it; use prompts whose corruption changes the metric.")
         return out("undetermined", "reference_not_significant", why, nan)
     if e.lo > th.delta or e.hi < -th.delta:
-        why = (f"The {b} effect {_ci(e)} clears the null margin but is not significant after "
+        why = (f"The {b} effect {ce} clears the null margin but is not significant after "
                f"correction across heads (q = {ev.q:.3g} >= {th.alpha}): more prompts would "
                "decide.")
         return out("undetermined", "not_significant", why, nan)
     if e.lo >= -th.delta and e.hi <= th.delta:
-        why = (f"The {b} effect {_ci(e)} lies inside the null margin ±{th.delta}, but the "
+        why = (f"The {b} effect {ce} lies inside the null margin ±{th.delta}, but the "
                f"equivalence test is not significant after correction (q = {ev.q_null:.3g}): "
                "more prompts would decide.")
         return out("undetermined", "equivalence_not_significant", why, nan)
-    why = (f"The {b} effect {_ci(e)} straddles the null margin ±{th.delta}: more prompts would "
+    why = (f"The {b} effect {ce} straddles the null margin ±{th.delta}: more prompts would "
            "decide whether the head matters.")
     return out("undetermined", "effect_straddles", why, nan)
 
 
-def _ci_at(e: Estimate, level: float) -> str:
-    pct = f"{100 * level:.3g}%"
-    return f"{e.value:.3f} ({pct} CI [{e.lo:.3f}, {e.hi:.3f}])"
+_ci_at = _ci
 
 
 def _routed(ev: HeadEvidence, th: Thresholds, out, nan: Tensor) -> Verdict:
@@ -333,7 +333,8 @@ def _routed(ev: HeadEvidence, th: Thresholds, out, nan: Tensor) -> Verdict:
     rout = routing_class(rho, th, ev.sink, ev.necessity)
     x, r = e.per_prompt, rho.per_prompt
     big = x.abs() > th.delta
-    head = f"{b.capitalize()}-ablating the head moves the metric by {_ci(e)} (q = {ev.q:.3g})"
+    head = (f"{b.capitalize()}-ablating the head moves the metric by "
+            f"{_ci(e, ev.effect_level)} (q = {ev.q:.3g})")
     fcr = "" if lv == 0.95 else f" (false-coverage-rate level {lv:.4g} for the selected heads)"
     sink_txt = "" if not _finite(ev.sink) else (
         f"; the sink's terms carry {_ci_at(ev.sink, lv)} of it")

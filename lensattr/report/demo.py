@@ -12,8 +12,8 @@ from ..audit_result import Audit
 
 __all__ = ["synthetic_audit"]
 
-_VERDICTS = ["faithful", "misleading", "through_sink", "partial", "compensated", "inert", "negligible",
-             "undetermined"]
+_VERDICTS = ["faithful", "misleading", "through_sink", "partial", "compensated", "inert",
+             "negligible", "undetermined"]
 
 
 def _ci(rng: np.random.Generator, x: np.ndarray, name: str) -> dict:
