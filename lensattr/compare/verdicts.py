@@ -11,7 +11,8 @@ Two axes, then a label (``Thresholds`` holds every margin):
   ``relevant`` when e's CI (at the FCR level of the heads BH selects) lies outside
   [-delta, delta] and the BH q-value of the sign-flip test (across heads) is below alpha;
   ``null`` when the equivalence test |e| < delta (TOST, BH across heads) has q below alpha,
-  with the CI inside [-delta, delta]; ``unclear`` otherwise (also when there are too few prompts for either test to reach alpha).
+  with the CI inside [-delta, delta]; ``unclear`` otherwise (also when there are too few
+  prompts for either test to reach alpha).
 * **routing** rho = (m(keep only C) - m(ablated)) / (m0 - m(ablated)), keep-only and ablation
   under the same baseline, C the claimed set. Keep-only removes every source outside C *and the
   sink's terms*, so rho measures C alone. Two more shares of the head's effect, each a ratio of
