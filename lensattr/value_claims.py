@@ -35,6 +35,8 @@ def norm_shares(engine, adapter, prompts) -> tuple[PerEdge, PerEdge]:
     """Norm-based attention of every head, each row divided by its sum. Rows where the head
     writes (almost) nothing -- total norm below ``QUIET`` times the layer's median row norm,
     e.g. a head resting on a zero-value BOS -- are NaN: their shares would be noise.
+    The value bias is separated (``value_bias="separate"``): its b_V @ W_O is written whatever
+    the attention, so the shares do not change when value biases are folded into b_O.
     Returns (shares, absolute norms ||alpha[q, s] f(x_s)||)."""
     L = range(adapter.n_layers)
     na = norm_attention_from(
@@ -42,6 +44,7 @@ def norm_shares(engine, adapter, prompts) -> tuple[PerEdge, PerEdge]:
         values=[v.detach().float().cpu() for v in engine.v],
         W_O=[w.detach().float().cpu() for w in engine.W_O],
         b_V=[adapter.b_V(i).detach().float().cpu() for i in L],
+        value_bias="separate",  # b_V @ W_O is attention-independent: the same folded or not
     )
     pair = (prompts.valid[:, :, None] & prompts.valid[:, None, :]).float()  # [b, q, k]
     na.per_head = na.per_head * pair[:, None, None]

@@ -22,8 +22,9 @@ from lensattr.compare.verdicts import (
 from lensattr.evidence import Engine, ablate, remove_sources
 from lensattr.loading import boot_bridge
 from lensattr.metrics import LogitDiff
-from lensattr.model import Site, hook_name
+from lensattr.model import Adapter, Site, hook_name
 from lensattr.types import HeadId
+from lensattr.value_claims import norm_shares
 from lensattr.zoo.planted import ROLES
 
 from .conftest import left_padded_prompts, word_tokenizer
@@ -172,10 +173,21 @@ def test_zero_ablation_independent_of_folding():
     ivs = [ablate(h, label=f"z{h}") for h in heads]
     ivs += [remove_sources(h, cut, label=f"e{h}") for h in heads]
     ivs += [remove_sources(h, cut, baseline="resample", label=f"r{h}") for h in heads]
-    out = {}
-    for name, model in (("plain", plain), ("folded", folded)):
+    out, shares = {}, {}
+    # value biases folded alone (centering W_O would change norms in its own right)
+    only_bv = boot_bridge(copy.deepcopy(hf), word_tokenizer(50), "biased-bv-folded")
+    only_bv.enable_compatibility_mode(disable_warnings=True, fold_ln=False,
+                                      center_writing_weights=False, center_unembed=False)
+    for name, model in (("plain", plain), ("folded", folded), ("only_bv", only_bv)):
         eng = Engine(model, prompts, LogitDiff(), progress=False)
         out[name] = eng.run(ivs).values - eng.clean
+        shares[name] = norm_shares(eng, Adapter(model), prompts)[0]
+    torch.testing.assert_close(out["only_bv"], out["plain"], atol=2e-3, rtol=2e-3)
+    # the audit's norm-based attention separates b_V too
+    shares["folded"] = shares["only_bv"]
+    ok = torch.isfinite(shares["plain"])
+    assert bool((ok == torch.isfinite(shares["folded"])).all()) and float(ok.float().mean()) > 0.3
+    torch.testing.assert_close(shares["folded"][ok], shares["plain"][ok], atol=2e-3, rtol=0)
     moved = out["plain"].abs() > 0.05
     assert float(moved.float().mean()) > 0.6  # mostly not a comparison of tiny numbers (0.73)
     torch.testing.assert_close(out["folded"], out["plain"], atol=2e-3, rtol=2e-3)
