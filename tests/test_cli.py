@@ -13,7 +13,7 @@ def test_cli_audit_writes_the_four_files(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "faithful" in text and "misleading" in text and "compensated" in text
     heads = pd.read_csv(out / "heads.csv")
-    assert len(heads) == 10 and "verdict" in heads.columns
+    assert len(heads) == 14 and "verdict" in heads.columns
     assert len(pd.read_csv(out / "edges.csv")) > 0
     meta = json.loads((out / "audit.json").read_text())["meta"]
     assert meta["n_prompts"] == 12 and meta["task"] == "planted-copy"

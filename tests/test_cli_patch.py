@@ -26,7 +26,7 @@ def test_patch_writes_frame_meta_and_summary(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "activation patching of z by pos" in text and "layer=0 pos=6 head=3" in text
     frame = pd.read_csv(out / "patching.csv")
-    assert len(frame) == 2 * 7 * 5 and {"layer", "pos", "head", "effect"} <= set(frame.columns)
+    assert len(frame) == 2 * 7 * 7 and {"layer", "pos", "head", "effect"} <= set(frame.columns)
     meta = json.loads((out / "patching.json").read_text())
     assert meta["task"] == "planted-copy" and meta["n_prompts"] == 8 and meta["by"] == "pos"
     assert not (out / "patching.ckpt.safetensors").exists()  # removed once the files exist
@@ -45,7 +45,7 @@ def test_path_patching_from_the_cli(tmp_path, capsys):
                  "--memory-budget", "100000", "--out", str(out), "--quiet"]) == 0
     assert "path patching from sender 0.3" in capsys.readouterr().out
     frame = pd.read_csv(out / "patching.csv")
-    assert set(frame["receiver"]) == {"q", "logits"} and len(frame) == 5 + 1
+    assert set(frame["receiver"]) == {"q", "logits"} and len(frame) == 7 + 1
     meta = json.loads((out / "patching.json").read_text())
     assert meta["sender"] == [0, 3] and meta["memory_budget"] == 100000
 

@@ -192,9 +192,9 @@ def test_bad_input(planted):
         source_dla(model, p, metric, (0, 7))
     with pytest.raises(ValueError, match="head: layer 2 out of range"):
         compensators(model, p, metric, (2, 0))
-    with pytest.raises(ValueError, match="head: 5 out of range"):
+    with pytest.raises(ValueError, match="head: 9 out of range"):  # planted has 7 heads
         _, store = Adapter(model).run_with_cache(p.tokens, sites=(Site.PATTERN, Site.V))
-        source_terms(store[(Site.PATTERN, 0)], store[(Site.V, 0)], Adapter(model).W_O(0), 5)
+        source_terms(store[(Site.PATTERN, 0)], store[(Site.V, 0)], Adapter(model).W_O(0), 9)
     with pytest.raises(ValueError, match="baseline: expected one of"):
         compensators(model, p, metric, (0, 3), "median")
     with pytest.raises(MetricError, match="linear in a few logit columns"):

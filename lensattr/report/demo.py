@@ -37,7 +37,7 @@ def synthetic_audit(n_layers: int = 2, n_heads: int = 4, n_tokens: int = 8, *, s
     n = n_layers * n_heads
     layer, head = np.divmod(np.arange(n), n_heads)
     eff = rng.normal(0, 0.02, n) + (rng.random(n) < 0.1) * rng.uniform(0.1, 0.5, n)
-    verdict = rng.choice(_VERDICTS, n, p=[0.1, 0.05, 0.05, 0.05, 0.25, 0.4, 0.1])
+    verdict = rng.choice(_VERDICTS, n, p=[0.1, 0.05, 0.02, 0.05, 0.05, 0.25, 0.38, 0.1])
     if template is not None:
         pick = rng.integers(0, len(template.heads), n)
         heads = template.heads.iloc[pick].reset_index(drop=True).copy()
