@@ -1,6 +1,8 @@
 """Architecture families, built from configs offline: GPT-NeoX, Llama with grouped-query
-attention, BERT. The full audit runs on each, and the per-query-head invariants hold."""
+attention, BERT. The full audit runs the verdict rules on each (enough prompts, sharp models),
+and the per-query-head invariants hold."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -13,6 +15,8 @@ from transformers import (
 )
 
 import lensattr
+from lensattr.compare.stats import min_prompts
+from lensattr.compare.verdicts import VERDICTS, Thresholds
 from lensattr.evidence import Engine, ablate, remove_sources
 from lensattr.evidence.decomposition import head_output, per_source_terms
 from lensattr.loading import boot_bridge
@@ -59,19 +63,149 @@ def prompts(n=6, p=9, pad=False):
                      wrong=torch.randint(1, 50, (n,), generator=g), roles={"S": 2, "TOK": 3})
 
 
-def test_full_audit_runs(family_model):
-    family, model = family_model
-    metric = HiddenCosineToClean("TOK") if family == "bert" else LogitDiff()
-    r = lensattr.audit(model, prompts(), metric, progress=False, n_boot=100)
-    a = Adapter(model)
-    assert len(r.heads) == a.n_layers * a.n_heads
-    assert r.heads.verdict.isin(["compensated", "faithful", "misleading", "partial", "inert",
-                                 "negligible", "undetermined"]).all()
-    assert r.heads["ablation_zero"].notna().all()
+# The full audit. A verdict needs at least min_prompts(n_heads) prompts (9 for these 8 heads:
+# below that no head can pass BH, every head is ``too_few_prompts``); random heads mix their
+# sources (routing 0.4-0.7), so at 9-64 prompts every routing interval still straddles a band
+# edge. 128 prompts decide some heads on every family, in a few seconds each.
+AUDIT_PROMPTS = 128
+
+
+def audit_task(model, family, n=AUDIT_PROMPTS, p=9):
+    """n prompts of BOS + random words, corrupted at S (a different word; resample baseline).
+    Decoders: the answer is the clean run's top token at END and the wrong answer the token the
+    corruption raises most, so the corrupted run moves the logit difference on every prompt
+    (a significant reference). BERT reads the hidden state at TOK (cosine to clean)."""
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(1, 50, (n, p), generator=g)
+    toks[:, 0] = 0
+    corr = toks.clone()
+    corr[:, 2] = (toks[:, 2] - 1 + torch.randint(1, 49, (n,), generator=g)) % 49 + 1
+    ans = wrong = None
+    if family != "bert":
+        a = Adapter(model)
+        clean, bad = a.forward(toks)[:, -1].float(), a.forward(corr)[:, -1].float()
+        ans = clean.argmax(-1)
+        raise_ = (bad - clean).index_put((torch.arange(n), ans), torch.tensor(-torch.inf))
+        wrong = raise_.argmax(-1)
+    return PromptSet(tokens=toks, corrupted=corr, answers=ans, wrong=wrong,
+                     roles={"S": 2, "TOK": 3})
+
+
+def audit_metric(family):
+    return HiddenCosineToClean("TOK") if family == "bert" else LogitDiff()
+
+
+@pytest.fixture(scope="module", params=["neox", "llama-gqa", "bert"])
+def sharp_audit(request):
+    family = request.param
+    model = build(family)  # seeded (torch.manual_seed(0)), initializer_range 0.3
+    p = audit_task(model, family)
+    torch.manual_seed(0)
+    r = lensattr.audit(model, p, audit_metric(family), progress=False)
+    return family, model, p, r
+
+
+SHOWN = ["layer", "head", "verdict", "verdict_rule", "relevance", "routing_lo", "routing_hi",
+         "necessity_lo", "sink_share_lo", "ablation_resample_lo", "ablation_resample_hi"]
+
+
+def show(h, rows=None):
+    """The heads table's verdict columns (and reasons) for assertion messages."""
+    h = h if rows is None else h[rows]
+    return "\n" + h[SHOWN].round(3).to_string() + "\n" + "\n".join(
+        f"L{r.layer}H{r.head}: {r.reason}" for r in h.itertuples())
+
+
+# What the current rules give on these seeded models and prompts (resample baseline, 128
+# prompts). Deterministic: models seeded, prompts from a seeded torch.Generator, the
+# sign-flip test's Monte Carlo seeded by audit(seed=0). A change here is a change in the
+# evidence or the rules, to be explained, not re-pinned blindly.
+PINNED_COUNTS = {
+    "neox": {"partial": 1, "undetermined": 7},
+    "llama-gqa": {"partial": 3, "undetermined": 5},
+    "bert": {"faithful": 1, "partial": 4, "undetermined": 3},
+}
+PINNED_HEADS = {  # (layer, head) -> (verdict, verdict_rule)
+    "neox": {(0, 0): ("partial", "partial"), (0, 1): ("undetermined", "routing_straddles")},
+    "llama-gqa": {(0, 1): ("partial", "partial"), (0, 2): ("partial", "partial"),
+                  (1, 0): ("undetermined", "routing_straddles")},
+    "bert": {(0, 3): ("faithful", "faithful"), (0, 1): ("partial", "partial"),
+             (0, 0): ("undetermined", "routing_straddles")},
+}
+
+
+def test_full_audit_runs_the_rules(sharp_audit):
+    family, model, p, r = sharp_audit
+    h, a = r.heads, Adapter(model)
+    assert len(h) == a.n_layers * a.n_heads
+    assert len(p) >= min_prompts(a.n_layers * a.n_heads) + 2
+    assert r.meta["n_prompts"] == AUDIT_PROMPTS
+    assert r.meta["primary_ablation"] == "resample"
+    assert (h.baseline == "resample").all(), show(h)
+    assert h.verdict.isin(VERDICTS).all(), show(h)
+    assert h["ablation_zero"].notna().all()
     if family == "bert":  # post-norm encoder: no direct path
-        assert r.heads["direct_effect"].isna().all()
+        assert h["direct_effect"].isna().all()
     else:
-        assert r.heads["direct_effect"].notna().all()
+        assert h["direct_effect"].notna().all()
+    assert (h.verdict_rule != "too_few_prompts").all(), show(h)
+    assert (h.verdict != "undetermined").any(), show(h)
+    assert (h.relevance == "relevant").any(), show(h)
+    assert h.verdict.value_counts().to_dict() == PINNED_COUNTS[family], show(h)
+    for (layer, head), want in PINNED_HEADS[family].items():
+        row = h[(h["layer"] == layer) & (h["head"] == head)].iloc[0]
+        assert (row.verdict, row.verdict_rule) == want, show(h)
+
+
+def test_full_audit_verdict_invariants(sharp_audit):
+    """What each label promises, whatever the pinned labels are."""
+    family, _, _, r = sharp_audit
+    h, th, b = r.heads, Thresholds(), r.meta["primary_ablation"]
+    faithful = h.verdict == "faithful"
+    bad = faithful & ~((h.routing_lo >= th.faithful_lo) & (h.routing_hi <= th.faithful_hi)
+                       & (h.necessity_lo > th.necessary)
+                       & ((h.sink_share_lo <= th.sink_carried) | h.sink_share_lo.isna()))
+    assert not bad.any(), show(h, bad)
+    bad = (h.verdict == "misleading") & ~(h.routing_hi < th.misleading_hi)
+    assert not bad.any(), show(h, bad)
+    bad = (h.verdict == "through_sink") & ~(h.sink_share_lo > th.sink_carried)
+    assert not bad.any(), show(h, bad)
+    routed = h.verdict.isin(["faithful", "misleading", "partial", "through_sink"])
+    assert not (routed & (h.relevance != "relevant")).any(), show(h, routed)
+    null = h.verdict.isin(["inert", "negligible"])
+    bad = null & ~((h[f"ablation_{b}_lo"] >= -th.delta) & (h[f"ablation_{b}_hi"] <= th.delta))
+    assert not bad.any(), show(h, bad)
+    assert not (null & (h.relevance != "null")).any(), show(h, null)
+    decided = h.verdict != "undetermined"
+    share = h.verdict_share[decided]
+    assert share.notna().all() and share.between(0, 1).all(), show(h, decided)
+    assert h.verdict_share[~decided].isna().all(), show(h, ~decided)
+
+
+EFFECT_COLUMNS = [f"ablation_{m}{s}" for m in ("zero", "mean", "resample")
+                  for s in ("", "_lo", "_hi")] + [
+    "routing", "routing_lo", "routing_hi", "routing_zero", "routing_mean", "routing_resample"]
+
+
+def test_full_audit_engine_path(sharp_audit):
+    """Decoders with a logit metric run every intervention hook-free, and it gives the bridge's
+    numbers (fast=False); BERT's hidden-state metric keeps the bridge."""
+    family, model, p, r = sharp_audit
+    eng = r.meta["engine"]
+    if family == "bert":
+        assert eng["path"] == "bridge", eng
+        assert "hidden" in eng["why_not_hook_free"], eng
+        assert eng["rows"]["bare"] == 0 and eng["rows"]["bridge"] > 0, eng
+        return
+    assert eng["path"] == "hook-free" and eng["why_not_hook_free"] is None, eng
+    assert eng["rows"]["bridge"] == 0 and eng["rows"]["bare"] > 0, eng
+    torch.manual_seed(0)
+    ref = lensattr.audit(model, p, audit_metric(family), progress=False, fast=False)
+    assert ref.meta["engine"]["path"] == "bridge", ref.meta["engine"]
+    np.testing.assert_allclose(r.heads[EFFECT_COLUMNS].to_numpy(float),
+                               ref.heads[EFFECT_COLUMNS].to_numpy(float), rtol=0, atol=1e-4,
+                               err_msg=show(r.heads) + show(ref.heads))
+    assert (r.heads.verdict == ref.heads.verdict).all(), show(r.heads) + show(ref.heads)
 
 
 def test_per_query_head_decomposition(family_model):
