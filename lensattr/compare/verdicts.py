@@ -324,9 +324,6 @@ def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
     return out("undetermined", "effect_straddles", why, nan)
 
 
-_ci_at = _ci
-
-
 def _routed(ev: HeadEvidence, th: Thresholds, out, nan: Tensor) -> Verdict:
     """The label of a relevant head: where its effect flows (through the sink, the claim,
     elsewhere, partly), from rho, the sink share and the necessity of C."""
@@ -338,37 +335,37 @@ def _routed(ev: HeadEvidence, th: Thresholds, out, nan: Tensor) -> Verdict:
             f"{_ci(e, ev.effect_level)} (q = {ev.q:.3g})")
     fcr = "" if lv == 0.95 else f" (false-coverage-rate level {lv:.4g} for the selected heads)"
     sink_txt = "" if not _finite(ev.sink) else (
-        f"; the sink's terms carry {_ci_at(ev.sink, lv)} of it")
+        f"; the sink's terms carry {_ci(ev.sink, lv)} of it")
     if rout == "through_sink":
         sg = ev.sink
         why = (f"{head}, and removing only the terms of the sink (BOS) it attends moves the "
-               f"metric by {_ci_at(sg, lv)} of that effect{fcr}: the effect travels through "
+               f"metric by {_ci(sg, lv)} of that effect{fcr}: the effect travels through "
                f"its attention to the sink, not through its claimed sources (keeping only them "
-               f"keeps {_ci_at(rho, lv)}).")
+               f"keeps {_ci(rho, lv)}).")
         return out("through_sink", "through_sink", why,
                    _defined(big & (sg.per_prompt > th.sink_carried), x, sg.per_prompt))
     if rout == "through_claim":
         nu = ev.necessity
         why = (f"{head}; keeping only its claimed sources (sink removed too) keeps "
-               f"{_ci_at(rho, lv)} of that effect and removing them takes away "
-               f"{_ci_at(nu, lv)}{fcr}: its attention map's claim carries the effect{sink_txt}.")
+               f"{_ci(rho, lv)} of that effect and removing them takes away "
+               f"{_ci(nu, lv)}{fcr}: its attention map's claim carries the effect{sink_txt}.")
         holds = (big & (r >= th.faithful_lo) & (r <= th.faithful_hi)
                  & (nu.per_prompt > th.necessary))
         return out("faithful", "faithful", why, _defined(holds, x, r + nu.per_prompt))
     if rout == "redundant":
         nu = ev.necessity
-        why = (f"{head}; keeping only its claimed sources keeps {_ci_at(rho, lv)} of it, but "
-               f"removing them takes away only {_ci_at(nu, lv)}{fcr}: the claim suffices but "
+        why = (f"{head}; keeping only its claimed sources keeps {_ci(rho, lv)} of it, but "
+               f"removing them takes away only {_ci(nu, lv)}{fcr}: the claim suffices but "
                "is not necessary (other sources back it up), so the map neither is nor is "
                "not the route.")
         return out("undetermined", "claim_not_necessary", why, nan)
     if rout == "elsewhere":
-        why = (f"{head}, but keeping only its claimed sources keeps just {_ci_at(rho, lv)} of "
+        why = (f"{head}, but keeping only its claimed sources keeps just {_ci(rho, lv)} of "
                f"it{fcr}: the effect flows through sources its attention map does not "
                f"claim{sink_txt}.")
         return out("misleading", "misleading", why, _defined(big & (r < th.misleading_hi), x, r))
     if rout == "partial":
-        why = (f"{head}; keeping only its claimed sources keeps {_ci_at(rho, lv)} of it{fcr}, "
+        why = (f"{head}; keeping only its claimed sources keeps {_ci(rho, lv)} of it{fcr}, "
                f"between the misleading and faithful bands: the claim carries part of the "
                f"effect{sink_txt}.")
         holds = big & (r >= th.misleading_hi) & ((r < th.faithful_lo) | (r > th.faithful_hi))
@@ -378,8 +375,8 @@ def _routed(ev: HeadEvidence, th: Thresholds, out, nan: Tensor) -> Verdict:
                "or its reference is undefined on these prompts).")
         return out("undetermined", "routing_undefined", why, nan)
     nu = ev.necessity
-    nec = "" if not _finite(nu) else f", necessity {_ci_at(nu, lv)}"
-    why = (f"{head}, but an interval straddles a band edge (routing {_ci_at(rho, lv)}{nec}"
+    nec = "" if not _finite(nu) else f", necessity {_ci(nu, lv)}"
+    why = (f"{head}, but an interval straddles a band edge (routing {_ci(rho, lv)}{nec}"
            f"{sink_txt}; bands {th.misleading_hi}, {th.faithful_lo}-{th.faithful_hi}, "
            f"necessity and sink share {th.necessary}){fcr}: more prompts would decide whether "
            "the claim carries the effect.")
