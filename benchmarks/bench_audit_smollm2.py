@@ -30,8 +30,8 @@ import warnings
 import torch
 
 import lensattr
+from lensattr.core.types import HeadId
 from lensattr.evidence import Engine
-from lensattr.types import HeadId
 
 ENGINE_SECONDS = [0.0]
 _run = Engine.run
@@ -73,7 +73,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = lensattr.load_model("smollm2")
     task = lensattr.tasks.get("ioi")
-    a = lensattr.model.Adapter(model)
+    a = lensattr.Adapter(model)
     step = max(1, a.n_layers // args.subset)
     heads = [HeadId(layer, (layer // step) % a.n_heads)
              for layer in range(0, a.n_layers, step)][: args.subset]

@@ -36,7 +36,7 @@ from lensattr.claims.rollout import layer_matrices
 def _model(n_tokens: int):
     try:
         import lensattr
-        from lensattr.zoo.minilm import SIMILARITY_PAIRS
+        from lensattr.models.zoo.minilm import SIMILARITY_PAIRS
 
         model = lensattr.load_model("minilm")
         text = " ".join(p[0] + " " + p[1] for p in SIMILARITY_PAIRS)
@@ -46,8 +46,8 @@ def _model(n_tokens: int):
     except Exception:  # the optional package is missing: a random 6-layer BERT
         from transformers import BertConfig, BertForMaskedLM
 
-        from lensattr.loading import boot_bridge
-        from lensattr.zoo.word_vocab import word_tokenizer
+        from lensattr.models.loading import boot_bridge
+        from lensattr.models.zoo.word_vocab import word_tokenizer
 
         torch.manual_seed(0)
         cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=6,

@@ -39,8 +39,8 @@ import lensattr  # noqa: E402
 from lensattr import LogitDiff, PromptSet  # noqa: E402
 from lensattr.evidence import Engine  # noqa: E402
 from lensattr.evidence.interventions import ablate  # noqa: E402
-from lensattr.loading import boot_bridge  # noqa: E402
-from lensattr.zoo.word_vocab import word_tokenizer as _words  # noqa: E402
+from lensattr.models.loading import boot_bridge  # noqa: E402
+from lensattr.models.zoo.word_vocab import word_tokenizer as _words  # noqa: E402
 
 # Configuration of DESIGN.md, "Where the time goes".
 N_LAYERS, N_HEADS, D_MODEL, D_VOCAB = 4, 8, 256, 30_522

@@ -27,15 +27,9 @@ import pandas as pd
 import torch
 
 import lensattr
-from lensattr.evidence import (
-    Engine,
-    ablate,
-    compensators,
-    direct_logit_attribution,
-    remove_direct,
-)
-from lensattr.metrics import LogitDiff
-from lensattr.prompts import PromptSet
+from lensattr.core.metrics import LogitDiff
+from lensattr.core.prompts import PromptSet
+from lensattr.evidence import Engine, ablate, compensators, direct_logit_attribution, remove_direct
 
 NAMES = ["Mary", "John", "Tom", "James", "Anna", "Paul", "Sarah", "David", "Kate", "Mark"]
 PLACES = ["store", "park", "school", "market"]

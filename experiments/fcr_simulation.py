@@ -87,9 +87,10 @@ from pathlib import Path
 import torch
 
 from lensattr.compare.judge import Effects, judge
-from lensattr.compare.ratio import tost_p
-from lensattr.compare.selection import fcr_estimates
-from lensattr.compare.stats import (
+from lensattr.compare.verdicts import Thresholds, relevance, routing_class
+from lensattr.core.types import AblationMethod, HeadId
+from lensattr.evidence.sweeps import label
+from lensattr.stats.inference import (
     EXACT_MAX_N,
     Estimate,
     bh_qvalues,
@@ -97,9 +98,8 @@ from lensattr.compare.stats import (
     ratio_of_means,
     signflip_p,
 )
-from lensattr.compare.verdicts import Thresholds, relevance, routing_class
-from lensattr.evidence.sweeps import label
-from lensattr.types import AblationMethod, HeadId
+from lensattr.stats.ratio import tost_p
+from lensattr.stats.selection import fcr_estimates
 
 B = "resample"
 TH = Thresholds()

@@ -23,7 +23,8 @@ import torch
 import lensattr
 from lensattr.claims.head_types import sink_mask
 from lensattr.claims.norms import norm_attention
-from lensattr.model import Adapter, Site
+from lensattr.core.sites import Site
+from lensattr.models.adapter import Adapter
 
 OUT = Path(__file__).parent / "results"
 

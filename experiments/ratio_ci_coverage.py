@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from lensattr.compare.ratio import fieller, t_ppf, tost_p
+from lensattr.stats.ratio import fieller, t_ppf, tost_p
 
 DELTA = 0.03
 THETAS = (0.0, DELTA, 0.1, 0.5)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import lensattr
-from lensattr.report.demo import synthetic_audit
+from lensattr.auditing.demo import synthetic_audit
 
 CHROMIUM = "/usr/bin/chromium"
 IOI = ["<|im_start|>", "When", " Mary", " and", " John", " went", " to", " the", " store", ",",

@@ -1,5 +1,5 @@
 """Measure SmolLM2-135M-Instruct's facts with PLAIN TransformerLens hooks and write
-``lensattr/zoo/data/smollm2_facts.json``.
+``lensattr/models/zoo/data/smollm2_facts.json``.
 
 Independent of lensattr's engine on purpose: only the prompts come from lensattr
 (``lensattr.tasks_text``); every number is read from ``model(tokens)``,
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing lensattr
     sys.path.insert(0, str(ROOT))
 
-OUT = ROOT / "lensattr" / "zoo" / "data" / "smollm2_facts.json"
+OUT = ROOT / "lensattr" / "models" / "zoo" / "data" / "smollm2_facts.json"
 TASK_N = {"ioi": 32, "repeat-tokens": 32, "capital-recall": 23}
 REPEAT_HALF, REPEAT_SEQ = 30, 16
 
@@ -102,7 +102,7 @@ def resample_effects(model, prompts, heads: list[tuple[int, int]]) -> dict:
 def repeated_tokens(tokenizer, n_seq: int = REPEAT_SEQ, half: int = REPEAT_HALF, seed: int = 0
                     ) -> torch.Tensor:
     """[n_seq, 1 + 2 * half]: BOS + R + R, R = ``half`` distinct random word tokens."""
-    from lensattr.tasks_text import word_tokens
+    from lensattr.tasks.text import word_tokens
 
     allowed = word_tokens(tokenizer)
     g = torch.Generator().manual_seed(seed)
@@ -138,8 +138,8 @@ def top(grid: list[list[float]], k: int, key: str = "score", reverse: bool = Tru
 
 
 def measure(model, heads_limit: int | None = None, progress: bool = True) -> dict:
-    from lensattr.gguf_loading import file_sha256
-    from lensattr.zoo.smollm2 import GGUF_FILE, gguf_path
+    from lensattr.models.gguf import file_sha256
+    from lensattr.models.zoo.smollm2 import GGUF_FILE, gguf_path
 
     t0 = time.time()
     L, H = model.cfg.n_layers, model.cfg.n_heads

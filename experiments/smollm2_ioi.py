@@ -75,7 +75,8 @@ def claims_ioi(engine, prompts):
 def claims_repeated(model, n: int, seed: int = 0):
     import lensattr
     from lensattr.claims import compute_claims
-    from lensattr.model import Adapter, Site
+    from lensattr.core.sites import Site
+    from lensattr.models.adapter import Adapter
 
     p = lensattr.tasks.get("repeat-tokens").prompts(n, seed, model)
     _, store = Adapter(model).run_with_cache(p.tokens, sites=(Site.PATTERN,))
@@ -87,7 +88,7 @@ def dla(adapter, prompts, hooks=None, part: str = "diff") -> torch.Tensor:
     """[layer, head] mean direct logit attribution of each head to logit(IO) - logit(S) at END
     (``part`` "io" / "s": to logit(IO) / logit(S) alone), through the final RMSNorm with the
     run's own scale: z @ W_O / scale * w . (u_IO - u_S)."""
-    from lensattr.model import Site
+    from lensattr.core.sites import Site
 
     store = {}
     adapter.forward(prompts.tokens, hooks=adapter.capture_hooks((Site.Z, Site.LN_FINAL_SCALE),
@@ -110,7 +111,7 @@ def dla(adapter, prompts, hooks=None, part: str = "diff") -> torch.Tensor:
 def ablation_hooks(engine, heads):
     """Hooks replacing the heads' hook_z by the corrupted run's (what ``ablate(method=
     'resample')`` does inside the Engine), for a run outside the Engine."""
-    from lensattr.model import Site
+    from lensattr.core.sites import Site
 
     by_layer = {}
     for layer, h in heads:
@@ -147,10 +148,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import lensattr
+    from lensattr.core.types import AblationMethod, HeadId
     from lensattr.evidence import Engine, ablate, remove_direct
     from lensattr.evidence.sweeps import ablation_sweep
-    from lensattr.model import Adapter
-    from lensattr.types import AblationMethod, HeadId
+    from lensattr.models.adapter import Adapter
 
     t0 = time.time()
     model = lensattr.load_model("smollm2")

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 import lensattr
-from lensattr.token_importance import token_importance
+from lensattr.compare.token_importance import token_importance
 
 OUT = Path(__file__).parent / "results"
 RUNS = [("planted", "planted-copy", None), ("attn2", "induction", 16),

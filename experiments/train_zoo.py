@@ -30,8 +30,8 @@ comes from ``torch.manual_seed(seed)`` (initialisation) and one ``torch.Generato
 Every ``--log-every`` steps the script prints the mean training loss, the held-out loss and the
 best induction and previous-token scores (a loss curve, also saved in ``facts.json``). At the
 end it writes ``config.json``, ``model.safetensors`` (fp32), the tokenizer files,
-``recipe.json`` and ``facts.json`` (from :func:`lensattr.zoo.trained.measure_facts` on the
-booted ``TransformerBridge``) to ``lensattr/zoo/weights/<name>/``.
+``recipe.json`` and ``facts.json`` (from :func:`lensattr.evidence.facts.measure_facts` on the
+booted ``TransformerBridge``) to ``lensattr/models/zoo/weights/<name>/``.
 
     python experiments/train_zoo.py                   # both models, as shipped
     python experiments/train_zoo.py --model attn2 --steps 300 --out /tmp/zoo   # quick check
@@ -207,8 +207,9 @@ def monitor(model, tok, held: torch.Tensor, rep: torch.Tensor) -> tuple[float, f
 
 
 def train(name: str, args, recipe: dict, train_text: str, held_text: str) -> None:
-    from lensattr.loading import boot_bridge
-    from lensattr.zoo.trained import load, measure_facts, repeated_tokens, text_windows
+    from lensattr.evidence.facts import measure_facts
+    from lensattr.models.loading import boot_bridge
+    from lensattr.models.zoo.trained import load, repeated_tokens, text_windows
 
     spec = ARCHS[name]
     steps = args.steps or spec["steps"]
@@ -293,7 +294,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rep-frac", type=float, default=None, help="default: the model's (0.5)")
     ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--out", default=str(ROOT / "lensattr" / "zoo" / "weights"))
+    ap.add_argument("--out", default=str(ROOT / "lensattr" / "models" / "zoo" / "weights"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)

@@ -8,23 +8,23 @@ The front door::
     result.heads, result.edges, result.save("out/")
 """
 
-__version__ = "0.1.0"
-
-from . import tasks, tasks_text  # noqa: F401  (tasks_text registers ioi, repeat-tokens, ...)
-from .audit import audit
-from .audit_result import Audit, AuditLoadError
+from . import tasks
+from .auditing.result import Audit, AuditLoadError
+from .auditing.run import audit
 from .compare.atp_agreement import AtPAgreement, atp_agreement
 from .compare.verdicts import Thresholds
+from .core.metric import Metric
+from .core.metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric
+from .core.prompts import PromptSet
+from .core.types import AblationMethod, HeadId
+from .core.version import __version__
 from .evidence.attribution import atp
 from .evidence.attribution_result import AtPResult
 from .evidence.patching import activation_patching, path_patching
 from .evidence.patching_result import ActivationPatching, PathPatching
 from .explain import ExplanationTests, explanation_tests
-from .loading import list_models, load_model
-from .metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric, Metric
-from .model import Adapter
-from .prompts import PromptSet
-from .types import AblationMethod, HeadId
+from .models.adapter import Adapter
+from .models.loading import list_models, load_model
 
 __all__ = [
     "__version__",

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lensattr.loading import boot_bridge
-from lensattr.prompts import PromptSet
-from lensattr.zoo.word_vocab import word_tokenizer as _words
+from lensattr.core.prompts import PromptSet
+from lensattr.models.loading import boot_bridge
+from lensattr.models.zoo.word_vocab import word_tokenizer as _words
 
 
 def word_tokenizer(n_vocab: int):
@@ -43,7 +43,7 @@ def random_gpt2():
 
 @pytest.fixture(scope="session")
 def random_prompts():
-    from lensattr.prompts import PromptSet
+    from lensattr.core.prompts import PromptSet
 
     g = torch.Generator().manual_seed(1)
     toks = torch.randint(1, 50, (6, 9), generator=g)

@@ -4,7 +4,7 @@ for independent ones; per layer rows; CIs cover the point."""
 import pytest
 import torch
 
-from lensattr.compare.agreement import kendall, rank_agreement, spearman
+from lensattr.stats.agreement import kendall, rank_agreement, spearman
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -51,7 +51,7 @@ def test_nan_items_left_out_and_bad_input():
 def test_noise_floor_zeroes_rounding_and_keeps_real_effects():
     import math
 
-    from lensattr.compare.agreement import EFFECT_NOISE, floor_effects, noise_floor
+    from lensattr.stats.agreement import EFFECT_NOISE, floor_effects, noise_floor
 
     m0 = torch.tensor([3.0, -9.0, 1.0])
     den = torch.tensor([-2.0, -2.0, -2.0])

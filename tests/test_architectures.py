@@ -15,15 +15,16 @@ from transformers import (
 )
 
 import lensattr
-from lensattr.compare.stats import min_prompts
 from lensattr.compare.verdicts import VERDICTS, Thresholds
+from lensattr.core.metrics import HiddenCosineToClean, LogitDiff
+from lensattr.core.prompts import PromptSet
+from lensattr.core.sites import Site
+from lensattr.core.types import HeadId
 from lensattr.evidence import Engine, ablate, remove_sources
 from lensattr.evidence.decomposition import head_output, per_source_terms
-from lensattr.loading import boot_bridge
-from lensattr.metrics import HiddenCosineToClean, LogitDiff
-from lensattr.model import Adapter, ModelError, Site
-from lensattr.prompts import PromptSet
-from lensattr.types import HeadId
+from lensattr.models.adapter import Adapter, ModelError
+from lensattr.models.loading import boot_bridge
+from lensattr.stats.inference import min_prompts
 
 from .conftest import word_tokenizer
 

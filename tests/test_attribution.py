@@ -9,13 +9,15 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lensattr.compare.atp_agreement import atp_agreement
+from lensattr.core.metric import MetricError
+from lensattr.core.metrics import LogitDiff, LogitsMetric
+from lensattr.core.prompts import PromptError, PromptSet
+from lensattr.core.sites import Site
 from lensattr.evidence import Engine, ablate
 from lensattr.evidence.attribution import atp
 from lensattr.evidence.grad_forward import GradForward
-from lensattr.loading import boot_bridge
-from lensattr.metrics import LogitDiff, LogitsMetric, MetricError
-from lensattr.model import Adapter, Site
-from lensattr.prompts import PromptError, PromptSet
+from lensattr.models.adapter import Adapter
+from lensattr.models.loading import boot_bridge
 
 from .conftest import word_tokenizer
 from .test_architectures import build

@@ -6,7 +6,7 @@ import math
 import torch
 
 import lensattr
-from lensattr.prompts import PromptSet
+from lensattr.core.prompts import PromptSet
 
 
 def test_atp_columns_are_atp_normalised_like_the_effects():

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import lensattr
+from lensattr.core.metrics import LogitDiff
 from lensattr.evidence import activation_patching, atp
-from lensattr.metrics import LogitDiff
 
 from .conftest import sharp_gpt2 as build_sharp_gpt2
 from .test_architectures import prompts

@@ -9,8 +9,8 @@ import torch
 
 import lensattr
 from lensattr.compare.verdicts import interpretive_change
-from lensattr.model import Site, hook_name
-from lensattr.zoo.planted import PLANTED_TRUTH
+from lensattr.core.sites import Site, hook_name
+from lensattr.models.zoo.planted import PLANTED_TRUTH
 
 TRUTH = {(h["layer"], h["head"]): h for h in PLANTED_TRUTH["heads"]}
 CLEAN = ("faithful", "decoy", "backup", "backup_constant")  # the heads that are on when clean

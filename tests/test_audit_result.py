@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-import lensattr.audit_result as ar
-from lensattr.audit_result import Audit, AuditLoadError
+import lensattr.auditing.result as ar
+from lensattr.auditing.result import Audit, AuditLoadError
 
 
 def make_audit(verdict: str = "faithful") -> Audit:

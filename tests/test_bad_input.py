@@ -4,10 +4,12 @@ import pytest
 import torch
 
 import lensattr
+from lensattr.core.metric import MetricError
+from lensattr.core.metrics import LogitDiff, LogitsMetric
+from lensattr.core.prompts import PromptError, PromptSet
+from lensattr.core.sites import Site
 from lensattr.evidence import Engine, ablate, remove_sources
-from lensattr.metrics import LogitDiff, LogitsMetric, MetricError
-from lensattr.model import Adapter, ModelError, Site
-from lensattr.prompts import PromptError, PromptSet
+from lensattr.models.adapter import Adapter, ModelError
 
 
 def test_head_out_of_range(random_gpt2, random_prompts):

@@ -5,15 +5,15 @@ import pytest
 import torch
 
 import lensattr
-from lensattr.audit_setup import baselines as _baselines
-from lensattr.audit_setup import with_bos_role as _with_bos_role
+from lensattr.auditing.columns import source_positions
+from lensattr.auditing.plan import baselines as _baselines
+from lensattr.auditing.plan import with_bos_role as _with_bos_role
 from lensattr.claims import compute_claims, type_scores
 from lensattr.claims.head_types import label_types, sink_mask
+from lensattr.core.metrics import LogitDiff
+from lensattr.core.prompts import PromptSet
+from lensattr.core.types import AblationMethod, HeadId
 from lensattr.evidence import Engine, ablate, remove_sources
-from lensattr.metrics import LogitDiff
-from lensattr.prompts import PromptSet
-from lensattr.tables import source_positions
-from lensattr.types import AblationMethod, HeadId
 
 HEADS = [HeadId(0, 1), HeadId(1, 2)]
 
@@ -144,7 +144,7 @@ def test_left_padded_read_rows_follow_the_metric(random_gpt2):
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
     p = PromptSet(tokens=toks, attention_mask=mask, answers=[3, 3], wrong=[4, 4],
                   roles={"END": [4, 4]})
-    from lensattr.audit_setup import read_rows as _read_rows
+    from lensattr.core.metrics import read_rows as _read_rows
 
     rows = _read_rows(LogitDiff(), p)
     assert rows.nonzero().tolist() == [[0, 4], [1, 4]]

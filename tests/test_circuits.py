@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lensattr.claims.circuits import composition_scores, copying_scores, head_circuits
-from lensattr.model import Adapter
+from lensattr.models.adapter import Adapter
 
 from .test_architectures import build
 

@@ -9,14 +9,14 @@ import torch
 
 import lensattr
 from lensattr import tasks
-from lensattr.audit_result import Audit, AuditLoadError
-from lensattr.claim_sources import CLAIM_SOURCES, FLOW_MAX_LAYERS, resolve_claims
+from lensattr.auditing.result import Audit, AuditLoadError
 from lensattr.claims.flow import attention_flow, flow
 from lensattr.claims.rollout import layer_matrices, rollout
+from lensattr.claims.sources import CLAIM_SOURCES, FLOW_MAX_LAYERS, resolve_claims
+from lensattr.compare.token_importance import occlusion, token_importance
+from lensattr.core.sites import Site, hook_name
 from lensattr.evidence.decomposition import source_dla
 from lensattr.evidence.dla import direct_logit_attribution
-from lensattr.model import Site, hook_name
-from lensattr.token_importance import occlusion, token_importance
 
 pytest.importorskip("igraph")
 
@@ -60,7 +60,7 @@ def test_bogus_claims_is_a_clear_error_before_any_work(model):
 
 
 def test_cli_refuses_bogus_claims_before_loading(tmp_path, capsys):
-    from lensattr.cli import main
+    from lensattr.cli.main import main
 
     assert main(["audit", "--claims", "raw,bogus", "--out", str(tmp_path / "o")]) == 2
     assert "claims: unknown claim source(s) ['bogus']" in capsys.readouterr().err
@@ -91,7 +91,7 @@ def test_agree_columns_and_agreement_table(result):
     for src in CLAIM_SOURCES:
         assert f"agree_{src}" in h.columns
     e = head_edges(result, 0, 1)  # the decoy: norm ranks its edges like their effects
-    from lensattr.compare.agreement import spearman
+    from lensattr.stats.agreement import spearman
 
     raw = spearman(torch.tensor(e.attention.values), torch.tensor(e.effect_remove.abs().values))
     assert h.loc[(0, 1), "agree_raw"] == pytest.approx(float(raw), abs=1e-6)
@@ -142,7 +142,7 @@ def test_token_table_claims(result, model, task_prompts):
     assert len(t) == p.tokens.numel()
     assert set(t.role[t.pos == int(p.roles["S1"][0])]) == {"S1"}
     end = int(p.roles["END"][0])
-    _, st = lensattr.model.Adapter(model).run_with_cache(p.tokens, sites=(Site.PATTERN,))
+    _, st = lensattr.Adapter(model).run_with_cache(p.tokens, sites=(Site.PATTERN,))
     last = st[(Site.PATTERN, 1)].mean(1)[:, end]  # [b, k]: last layer, heads averaged
     got = torch.tensor(t.sort_values(["prompt", "pos"]).attention.values).reshape(last.shape)
     torch.testing.assert_close(got, last.double(), atol=1e-6, rtol=1e-6)
@@ -218,8 +218,8 @@ def test_encoder_tokens_and_no_dla():
         assert df[col].notna().all(), col
     ag = ti.agreement(n_boot=50)
     assert set(ag.claim) == {"attention", "rollout", "flow"} and ag.layer.notna().all()
-    from lensattr.head_dla import head_dla
-    from lensattr.model import Adapter
+    from lensattr.evidence.head_dla import head_dla
+    from lensattr.models.adapter import Adapter
 
     hd = head_dla(Adapter(model), p, t.metric(), [lensattr.HeadId(0, 0)], [], [], None)
     assert hd.reason.startswith("not computed") and "encoder" in hd.reason

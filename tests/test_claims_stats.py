@@ -8,8 +8,8 @@ from transformer_lens.utilities.statistics import sign_flip_permutation_pvalue
 
 from lensattr.claims import claimed_sets, compute_claims, type_scores
 from lensattr.claims.head_types import allowed_keys
-from lensattr.compare.stats import bh_qvalues, ratio_of_means, signflip_p
-from lensattr.prompts import PromptSet
+from lensattr.core.prompts import PromptSet
+from lensattr.stats.inference import bh_qvalues, ratio_of_means, signflip_p
 
 
 def one_head(rows):

@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 
-from lensattr.cli import main
+from lensattr.cli.main import main
 
 
 def test_cli_audit_writes_the_four_files(tmp_path, capsys):

@@ -6,27 +6,28 @@ import sys
 
 import pytest
 
-from lensattr.cli import CLIError, check_out, main
-from lensattr.metrics import MetricError
-from lensattr.model import ModelError
-from lensattr.prompts import PromptError
+from lensattr.cli.common import CLIError, check_out
+from lensattr.cli.main import main
+from lensattr.core.metric import MetricError
+from lensattr.core.prompts import PromptError
+from lensattr.models.adapter import ModelError
 
 
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if the CLI gets as far as loading a model."""
-    import lensattr.loading
+    import lensattr.models.loading
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(lensattr.loading, "load_model", boom)
+    monkeypatch.setattr(lensattr.models.loading, "load_model", boom)
 
 
 @pytest.fixture
 def fake_audit(monkeypatch):
     """Replace the audit by a function that raises what the test sets in ``raise_``."""
-    audit_module = sys.modules["lensattr.audit"]
+    audit_module = sys.modules["lensattr.auditing.run"]
     state = {}
 
     def fake(model, task, **kw):

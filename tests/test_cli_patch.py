@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 import lensattr
-from lensattr.cli import main
+from lensattr.cli.main import main
 from lensattr.evidence.patch_runs import PatchRuns
-from lensattr.tasks import Task
+from lensattr.tasks.bundled import Task
 
 
 def one_line_error(capsys) -> str:
@@ -110,7 +110,7 @@ def test_task_without_corrupted_prompts(tmp_path, capsys, monkeypatch):
 
     task = Task("clean-only", "no corrupted prompts", "planted", "-", clean_only,
                 planted.make_metric)
-    monkeypatch.setitem(lensattr.tasks._TASKS, "clean-only", task)
+    monkeypatch.setitem(lensattr.tasks.bundled._TASKS, "clean-only", task)
     assert main(["patch", "--task", "clean-only", "--n-prompts", "4",
                  "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "--task: task 'clean-only' has no corrupted prompts" in one_line_error(capsys)

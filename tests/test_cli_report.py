@@ -8,8 +8,8 @@ import re
 import pytest
 
 import lensattr
-from lensattr.cli import build_parser, main
-from lensattr.report.demo import synthetic_audit
+from lensattr.auditing.demo import synthetic_audit
+from lensattr.cli.main import build_parser, main
 
 
 def test_report_rebuilds_from_a_saved_audit(tmp_path, capsys):

@@ -10,10 +10,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lensattr
+from lensattr.core.metrics import AnswerLogProb, KLToClean, LogitDiff
+from lensattr.core.types import HeadId
 from lensattr.evidence import Engine, ablate, keep_only, remove_direct, remove_sources
-from lensattr.loading import boot_bridge
-from lensattr.metrics import AnswerLogProb, KLToClean, LogitDiff
-from lensattr.types import HeadId
+from lensattr.models.loading import boot_bridge
 
 from .conftest import word_tokenizer
 
@@ -62,7 +62,8 @@ def test_engine_factories_name_a_device():
     model's, or the CPU on purpose): a tensor made on the default device is what broke the
     engine on CUDA models. Checked on the source, so it holds without a GPU."""
     bad = []
-    for rel in ("evidence/engine.py", "evidence/hooks.py", "model.py", "metrics.py"):
+    for rel in ("evidence/engine.py", "evidence/hooks.py", "models/adapter.py", "core/metrics.py",
+                "core/metric.py"):
         tree = ast.parse((ROOT / rel).read_text())
         for node in ast.walk(tree):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)

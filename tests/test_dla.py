@@ -7,6 +7,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lensattr
+from lensattr.core.metric import MetricError
+from lensattr.core.metrics import AnswerLogProb, LogitDiff
+from lensattr.core.sites import Site
+from lensattr.core.types import HeadId
 from lensattr.evidence import (
     Engine,
     ablate,
@@ -18,11 +22,9 @@ from lensattr.evidence import (
     source_terms_along,
 )
 from lensattr.evidence.decomposition import per_source_terms
-from lensattr.loading import boot_bridge
-from lensattr.metrics import AnswerLogProb, LogitDiff, MetricError
-from lensattr.model import Adapter, ModelError, Site
-from lensattr.types import HeadId
-from lensattr.zoo.planted import ROLES
+from lensattr.models.adapter import Adapter, ModelError
+from lensattr.models.loading import boot_bridge
+from lensattr.models.zoo.planted import ROLES
 
 from .conftest import word_tokenizer
 from .test_architectures import build, prompts

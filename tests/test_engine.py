@@ -3,12 +3,13 @@
 import pytest
 import torch
 
+from lensattr.core.metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric
+from lensattr.core.prompts import PromptSet
+from lensattr.core.sites import Site, hook_name
+from lensattr.core.types import HeadId
 from lensattr.evidence import Engine, Intervention, ablate, keep_only, remove_direct, remove_sources
 from lensattr.evidence.decomposition import head_output, per_source_terms
-from lensattr.metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric
-from lensattr.model import Adapter, Site, hook_name
-from lensattr.prompts import PromptSet
-from lensattr.types import HeadId
+from lensattr.models.adapter import Adapter
 
 HEADS = [HeadId(0, 1), HeadId(1, 2), HeadId(1, 3)]
 
@@ -233,7 +234,7 @@ def test_checkpoint_not_shared_across_weights(random_gpt2, random_prompts, tmp_p
     """Same config, other weights: the checkpoint of one must not be reused by the other."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lensattr.loading import boot_bridge
+    from lensattr.models.loading import boot_bridge
 
     from .conftest import word_tokenizer
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lensattr
+from lensattr.core.sites import Site
 from lensattr.explain import ExplainLoadError, ExplanationTests, explanation_tests
 from lensattr.explain.adversarial import adversarial_from, jsd
 from lensattr.explain.attributions import attribute_embeddings, attributions_from
@@ -15,7 +16,7 @@ from lensattr.explain.baselines import baselines_from, uniform_rows
 from lensattr.explain.edits import _z_override, override_hooks, units_from
 from lensattr.explain.permute import permute_rows, permuted_from
 from lensattr.explain.setup import prepare, run_edits
-from lensattr.model import ModelError, Site
+from lensattr.models.adapter import ModelError
 
 pytest.importorskip("captum")
 
@@ -226,7 +227,7 @@ def test_minilm_edits_through_z():
 
 
 def test_cli_explain(tmp_path, capsys):
-    from lensattr.cli import main
+    from lensattr.cli.main import main
 
     out = tmp_path / "ex"
     assert main(["explain", "--tests", "permuted", "--heads", "0,1", "--n-prompts", "2",

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 import lensattr
+from lensattr.core.metrics import LogitDiff
+from lensattr.core.prompts import PromptSet
+from lensattr.core.types import HeadId
 from lensattr.evidence import Engine
 from lensattr.evidence.interventions import (
     Intervention,
@@ -16,9 +19,6 @@ from lensattr.evidence.interventions import (
     remove_direct,
     remove_sources,
 )
-from lensattr.metrics import LogitDiff
-from lensattr.prompts import PromptSet
-from lensattr.types import HeadId
 
 from .conftest import left_padded_prompts, sharp_gpt2
 from .test_architectures import build, prompts
@@ -190,7 +190,7 @@ def test_an_edit_reaches_only_later_positions_and_layers(gpt2, random_prompts):
 
 
 def test_encoder_stays_on_the_bridge_with_a_reason():
-    from lensattr.metrics import HiddenCosineToClean
+    from lensattr.core.metrics import HiddenCosineToClean
 
     eng = Engine(build("bert"), prompts(), HiddenCosineToClean(), progress=False)
     assert not eng.fast and "hidden" in eng.fast_reason

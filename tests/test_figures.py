@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lensattr.report.demo import synthetic_audit
+from lensattr.auditing.demo import synthetic_audit
 
 pytest.importorskip("matplotlib", reason="figures need matplotlib (pip install 'lensattr[plot]')")
 from matplotlib.colors import to_rgb  # noqa: E402

@@ -6,7 +6,7 @@ from transformers import GPT2Config
 from transformers.activations import FastGELUActivation, NewGELUActivation
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from lensattr.fused import TanhGELU, fused_mlp
+from lensattr.models.fused import TanhGELU, fused_mlp
 
 
 def test_fused_mlp_equals_hf_and_shares_weights():

@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lensattr
+from lensattr.core.metrics import AnswerLogProb, LogitDiff, LogitsMetric
+from lensattr.core.types import HeadId
 from lensattr.evidence import (
     EdgeEdit,
     Engine,
@@ -21,10 +23,8 @@ from lensattr.evidence import (
     remove_direct,
     remove_sources,
 )
-from lensattr.loading import boot_bridge
-from lensattr.metrics import AnswerLogProb, LogitDiff, LogitsMetric
-from lensattr.model import Adapter, ModelError
-from lensattr.types import HeadId
+from lensattr.models.adapter import Adapter, ModelError
+from lensattr.models.loading import boot_bridge
 
 from .conftest import word_tokenizer
 
@@ -187,7 +187,7 @@ def test_audit_with_other_claims_does_not_reuse_positional_labels(random_gpt2, r
     _, store = a.run_with_cache(random_prompts.tokens)
     flipped = {}  # each layer's patterns of the prompts in reverse order: other claims
     for (site, layer), t in store.items():
-        from lensattr.model import hook_name
+        from lensattr.core.sites import hook_name
 
         flipped[hook_name(site, layer)] = t.flip(0) if site.value == "pattern" else t
     resumed = lensattr.audit(random_gpt2, random_prompts, LogitDiff(), cache=flipped,

@@ -6,8 +6,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lensattr
-from lensattr.loading import is_hub_id
-from lensattr.model import ModelError
+from lensattr.models.adapter import ModelError
+from lensattr.models.loading import is_hub_id
 
 from .conftest import word_tokenizer
 

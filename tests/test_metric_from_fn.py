@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import lensattr
-from lensattr.audit_setup import read_rows
+from lensattr.core.metric import FnMetric, Metric, MetricError, MetricWarning
+from lensattr.core.metrics import LogitDiff, LogitsMetric, as_metric, read_rows
+from lensattr.core.prompts import PromptSet
 from lensattr.evidence import Engine, ablate
-from lensattr.metric_fn import FnMetric
-from lensattr.metrics import LogitDiff, LogitsMetric, Metric, MetricError, MetricWarning, as_metric
-from lensattr.prompts import PromptSet
 
 HEADS = [(0, 0), (0, 1), (0, 3), (1, 0)]
 N = 8
@@ -99,7 +98,7 @@ def test_no_warning_for_metrics_that_declare_every_position(prompts):
         warnings.simplefilter("error")
         read_rows(Pooled(all_logits_ld), prompts)
         read_rows(as_metric(all_logits_ld), p1)  # one-token prompts: nothing else to read
-    assert lensattr.metrics.PairCosine.reads_every_position
+    assert lensattr.core.metrics.PairCosine.reads_every_position
 
 
 def test_audit_with_plain_callable_warns(model):

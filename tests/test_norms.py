@@ -7,8 +7,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import lensattr
 from lensattr.claims.norms import norm_attention
-from lensattr.loading import boot_bridge
-from lensattr.model import Adapter, Site
+from lensattr.core.sites import Site
+from lensattr.models.adapter import Adapter
+from lensattr.models.loading import boot_bridge
 
 from .conftest import word_tokenizer
 from .test_architectures import build

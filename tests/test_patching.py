@@ -5,11 +5,13 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
+from lensattr.core.metric import MetricError
+from lensattr.core.metrics import LogitDiff, LogitsMetric
+from lensattr.core.prompts import PromptError, PromptSet
+from lensattr.core.sites import Site
 from lensattr.evidence.patch_runs import Cell, PatchRuns
 from lensattr.evidence.patching import activation_patching, path_patching
-from lensattr.metrics import LogitDiff, LogitsMetric, MetricError
-from lensattr.model import ModelError, Site
-from lensattr.prompts import PromptError, PromptSet
+from lensattr.models.adapter import ModelError
 
 from .conftest import sharp_gpt2
 from .test_architectures import build

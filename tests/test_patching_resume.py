@@ -6,13 +6,13 @@ is refused, naming the minimum)."""
 import pytest
 import torch
 
+from lensattr.core.metrics import AnswerLogProb, LogitDiff
+from lensattr.core.prompts import PromptSet
 from lensattr.evidence.checkpoint import EvidenceStore
 from lensattr.evidence.patch_chunks import position_bytes
 from lensattr.evidence.patch_runs import PatchRuns
 from lensattr.evidence.patching import activation_patching, path_patching
-from lensattr.metrics import AnswerLogProb, LogitDiff
-from lensattr.model import Adapter
-from lensattr.prompts import PromptSet
+from lensattr.models.adapter import Adapter
 
 from .conftest import sharp_gpt2
 from .test_architectures import build

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from lensattr.loading import boot_bridge, list_models
-from lensattr.zoo.planted import (
+from lensattr.models.loading import boot_bridge, list_models
+from lensattr.models.zoo.planted import (
     FILLERS,
     NAMES,
     PLANTED_TRUTH,

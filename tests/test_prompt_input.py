@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import lensattr
+from lensattr.core.metrics import HiddenCosineToClean, LogitDiff, LogitsMetric, PairCosine
+from lensattr.core.prompts import PromptError, PromptSet
 from lensattr.evidence import Engine
-from lensattr.metrics import HiddenCosineToClean, LogitDiff, LogitsMetric, PairCosine
-from lensattr.model import Adapter
-from lensattr.prompts import PromptError, PromptSet
+from lensattr.models.adapter import Adapter
 
 
 def padded(side: str) -> PromptSet:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lensattr.cli import main
-from lensattr.report.demo import synthetic_audit
+from lensattr.auditing.demo import synthetic_audit
+from lensattr.cli.main import main
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install 'lensattr[dev]')")

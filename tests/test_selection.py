@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lensattr.compare.selection import fcr_estimates, fcr_level
-from lensattr.compare.stats import bh_qvalues, ratio_of_means, signflip_p
+from lensattr.stats.inference import bh_qvalues, ratio_of_means, signflip_p
+from lensattr.stats.selection import fcr_estimates, fcr_level
 
 ALPHA = 0.05
 

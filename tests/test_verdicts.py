@@ -7,7 +7,6 @@ import torch
 
 from lensattr.compare.compensation import best_partner, candidate_partners
 from lensattr.compare.judge import carriers
-from lensattr.compare.stats import Estimate, min_prompts
 from lensattr.compare.verdicts import (
     Compensation,
     HeadEvidence,
@@ -16,7 +15,8 @@ from lensattr.compare.verdicts import (
     decide,
     routing_class,
 )
-from lensattr.types import HeadId
+from lensattr.core.types import HeadId
+from lensattr.stats.inference import Estimate, min_prompts
 
 TH = Thresholds()
 NAN = Estimate(math.nan, math.nan, math.nan, torch.full((4,), math.nan))

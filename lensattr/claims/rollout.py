@@ -18,7 +18,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..model import Adapter, Site
+from ..core.sites import Site
+from ..models.adapter import Adapter
 
 __all__ = ["Rollout", "mix_residual", "attention_rollout", "layer_matrices", "head_averaged",
            "WEIGHTS"]

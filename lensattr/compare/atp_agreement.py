@@ -10,8 +10,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..types import HeadId
-from .agreement import kendall, spearman
+from ..core.types import HeadId
+from ..stats.agreement import kendall, spearman
 
 __all__ = ["AtPAgreement", "atp_agreement"]
 

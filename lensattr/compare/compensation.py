@@ -22,8 +22,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..types import HeadId
-from .stats import Estimate
+from ..core.types import HeadId
+from ..stats.inference import Estimate
 from .verdicts import Compensation, Thresholds
 
 __all__ = [

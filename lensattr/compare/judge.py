@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..core.types import AblationMethod, HeadId
 from ..evidence.sweeps import label
-from ..types import AblationMethod, HeadId
+from ..stats.inference import Estimate, bh_qvalues, min_prompts, ratio_of_means, signflip_p
+from ..stats.ratio import ratio_p, tost_p
+from ..stats.selection import fcr_level
 from .compensation import compensation
-from .ratio import ratio_p, tost_p
-from .selection import fcr_level
-from .stats import Estimate, bh_qvalues, min_prompts, ratio_of_means, signflip_p
 from .verdicts import Compensation, HeadEvidence, Thresholds, Verdict, decide, relevance
 
 __all__ = ["Effects", "judge", "Judgement", "carriers", "min_prompts"]  # min_prompts: re-export

@@ -53,8 +53,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from ..types import HeadId
-from .stats import Estimate
+from ..core.types import HeadId
+from ..stats.inference import Estimate
 
 __all__ = [
     "Thresholds",

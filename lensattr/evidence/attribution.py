@@ -55,9 +55,11 @@ import time
 import torch
 from torch import Tensor
 
-from ..metrics import Metric, MetricError, as_metric, check_metric_output
-from ..model import Adapter, ModelError, Site
-from ..prompts import PromptSet
+from ..core.metric import Metric, MetricError, check_metric_output
+from ..core.metrics import as_metric
+from ..core.prompts import PromptSet
+from ..core.sites import Site
+from ..models.adapter import Adapter, ModelError
 from .attribution_result import AtPResult
 from .grad_forward import GradForward, LayerActs
 
@@ -385,6 +387,6 @@ def _bridge_chunk(a: Adapter, p, metric, readout, read_rows, mode) -> dict:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..core.version import __version__
 
     return __version__

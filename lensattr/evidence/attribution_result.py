@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..types import HeadId
+from ..core.types import HeadId
 
 __all__ = ["AtPResult", "KINDS"]
 

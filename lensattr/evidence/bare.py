@@ -23,7 +23,8 @@ import functools
 import torch
 from torch import Tensor
 
-from ..model import Adapter, ModelError, Site
+from ..core.sites import Site
+from ..models.adapter import Adapter, ModelError
 
 __all__ = ["BareForward", "BARE_SITES", "apply_rotary"]
 

@@ -23,9 +23,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .. import __version__
-from ..model import Site
-from ..types import AblationMethod, HeadId
+from ..core.sites import Site
+from ..core.types import AblationMethod, HeadId
+from ..core.version import __version__
 from .dla import Component, capture, check_direct_path, decompose, linear_weights, readout_direction
 from .engine import Engine
 from .hooks import METHOD_CODE

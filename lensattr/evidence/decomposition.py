@@ -19,11 +19,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .. import __version__
-from ..metrics import as_metric
-from ..model import Adapter, Site
-from ..prompts import PromptSet
-from ..types import HeadId
+from ..core.metrics import as_metric
+from ..core.prompts import PromptSet
+from ..core.sites import Site
+from ..core.types import HeadId
+from ..core.version import __version__
+from ..models.adapter import Adapter
 from .dla import capture, check_direct_path, linear_weights, readout_direction
 
 __all__ = ["per_source_terms", "head_output", "source_terms", "source_terms_along",

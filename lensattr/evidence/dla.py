@@ -31,10 +31,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .. import __version__
-from ..metrics import Metric, MetricError, Readout, as_metric
-from ..model import Adapter, ModelError, Site
-from ..prompts import PromptSet
+from ..core.metric import Metric, MetricError, Readout
+from ..core.metrics import as_metric
+from ..core.prompts import PromptSet
+from ..core.sites import Site
+from ..core.version import __version__
+from ..models.adapter import Adapter, ModelError
 
 __all__ = ["Component", "DLA", "direct_logit_attribution", "readout_direction",
            "DLA_SITES", "ReadoutDirection"]

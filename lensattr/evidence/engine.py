@@ -23,10 +23,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..metrics import Metric, MetricError, as_metric, check_metric_output
-from ..model import Adapter, ModelError, Site
-from ..prompts import PromptSet
-from ..types import AblationMethod
+from ..core.metric import Metric, MetricError, check_metric_output
+from ..core.metrics import as_metric
+from ..core.prompts import PromptSet
+from ..core.sites import Site
+from ..core.types import AblationMethod
+from ..models.adapter import Adapter, ModelError
 from .bare import BARE_SITES, BareForward
 from .checkpoint import EvidenceStore
 from .hooks import METHOD_CODE, HookBuilders, pattern_hook

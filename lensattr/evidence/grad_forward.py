@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..metrics import Readout
-from ..model import Adapter, ModelError, Site
+from ..core.metric import Readout
+from ..core.sites import Site
+from ..models.adapter import Adapter, ModelError
 from .bare import apply_rotary
 
 __all__ = ["GradForward", "LayerActs", "Embedded", "Prefix"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..model import Site
-from ..types import AblationMethod
+from ..core.sites import Site
+from ..core.types import AblationMethod
 
 __all__ = ["HookBuilders", "METHOD_CODE", "pattern_hook"]
 

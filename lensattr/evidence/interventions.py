@@ -39,7 +39,8 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from ..types import AblationMethod, HeadId
+from ..core.names import stable_name
+from ..core.types import AblationMethod, HeadId
 
 __all__ = [
     "HeadAblation",
@@ -84,7 +85,7 @@ def _feed(h, x) -> None:  # one branch per kind of value
     elif isinstance(x, bool):
         _put(h, b"B", b"1" if x else b"0")
     elif isinstance(x, Enum):
-        _put(h, b"M", f"{type(x).__module__}.{type(x).__qualname__}".encode())
+        _put(h, b"M", stable_name(type(x)).encode())
         _feed(h, x.value)
     elif isinstance(x, int):
         _put(h, b"I", str(int(x)).encode())
@@ -99,7 +100,7 @@ def _feed(h, x) -> None:  # one branch per kind of value
         _put(h, b"T", f"{t.dtype}|{tuple(x.shape)}".encode())
         _put(h, b"", t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-        _put(h, b"D", f"{type(x).__module__}.{type(x).__qualname__}".encode())
+        _put(h, b"D", stable_name(type(x)).encode())
         for f in dataclasses.fields(x):
             v = getattr(x, f.name)
             if f.metadata.get("omit_default") and v == f.default:
@@ -119,7 +120,7 @@ def _feed(h, x) -> None:  # one branch per kind of value
         _feed_unordered(h, x)
     elif isinstance(x, (tuple, list)):
         kind = type(x) if hasattr(x, "_fields") else tuple  # NamedTuples (HeadId) by name
-        _put(h, b"L", f"{kind.__module__}.{kind.__qualname__}|{len(x)}".encode())
+        _put(h, b"L", f"{stable_name(kind)}|{len(x)}".encode())
         for v in x:
             _feed(h, v)
     else:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from ..model import Adapter
+    from ..models.adapter import Adapter
 
 __all__ = ["position_bytes"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..model import Site
+from ..core.sites import Site
 
 __all__ = ["edit", "watch_row"]
 

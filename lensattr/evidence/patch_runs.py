@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import __version__
-from ..metrics import MetricError, as_metric, check_metric_output
-from ..model import Adapter, ModelError, Site
-from ..prompts import PromptSet
+from ..core.metric import MetricError, check_metric_output
+from ..core.metrics import as_metric
+from ..core.prompts import PromptSet
+from ..core.sites import Site
+from ..core.version import __version__
+from ..models.adapter import Adapter, ModelError
 from .bare import BareForward
 from .checkpoint import EvidenceStore
 from .interventions import digest

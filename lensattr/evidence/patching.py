@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..model import Adapter, ModelError, Site
-from ..prompts import PromptSet
+from ..core.prompts import PromptSet
+from ..core.sites import Site
+from ..models.adapter import Adapter, ModelError
 from .patch_chunks import open_store
 from .patch_runs import Cell, PatchRuns
 from .patching_result import ActivationPatching, PathPatching

@@ -11,8 +11,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..compare.ratio import fieller
-from ..compare.stats import signflip_p
+from ..stats.inference import signflip_p
+from ..stats.ratio import fieller
 
 __all__ = ["ActivationPatching", "PathPatching", "patch_statistics", "ROUNDING"]
 

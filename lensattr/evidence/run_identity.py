@@ -9,8 +9,9 @@ from enum import Enum
 
 from torch import Tensor
 
-from ..metrics import Metric
-from ..prompts import PromptSet
+from ..core.metric import Metric
+from ..core.names import stable_name
+from ..core.prompts import PromptSet
 from .interventions import digest
 
 __all__ = ["prompts_digest", "metric_identity"]
@@ -28,7 +29,7 @@ def metric_identity(metric: Metric) -> dict:
     """The metric's class, description and state; a wrapped callable by its code, constants
     and closure, so two different callables with one name do not share results."""
     return {
-        "class": f"{type(metric).__module__}.{type(metric).__qualname__}",
+        "class": stable_name(type(metric)),
         "describe": _plain(metric.describe()),
         "state": _plain(vars(metric)),
     }

@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from ..types import AblationMethod, HeadId
+from ..core.types import AblationMethod, HeadId
 from .interventions import Intervention, ablate, patch_weights, remove_direct, remove_sources
 
 __all__ = [

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..token_importance import SITE, site_meta
+from ..compare.token_importance import SITE, site_meta
 from .edits import evaluate
 from .setup import Setup, prepare
 

@@ -25,8 +25,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..compare.stats import ratio_of_means
-from ..model import Site
+from ..core.sites import Site
+from ..stats.inference import ratio_of_means
 from .edits import Unit, ablate_hooks, evaluate, units_from
 from .setup import Setup, TestTable, prepare, run_edits, unit_columns
 

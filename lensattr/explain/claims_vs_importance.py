@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..claims.norms import norm_attention
 from ..claims.rollout import attention_rollout, layer_matrices
-from ..compare.agreement import rank_agreement
+from ..stats.agreement import rank_agreement
 from .setup import Setup
 
 __all__ = ["CLAIMS", "layer_claims", "agreement_table"]

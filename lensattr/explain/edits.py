@@ -21,9 +21,11 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..metrics import Metric, MetricError, as_metric
-from ..model import Adapter, ModelError, Site, after
-from ..prompts import PromptSet
+from ..core.metric import Metric, MetricError
+from ..core.metrics import as_metric
+from ..core.prompts import PromptSet
+from ..core.sites import Site
+from ..models.adapter import Adapter, ModelError, after
 
 __all__ = ["Unit", "units_from", "allowed_sources", "edited_rows", "override_hooks",
            "ablate_hooks", "evaluate", "Evaluation", "CleanRun", "ROWS"]

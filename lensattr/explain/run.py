@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-import lensattr
-
+from ..core.version import __version__
 from .adversarial import adversarial_from
 from .attributions import METHODS, attributions_from, check_methods
 from .baselines import baselines_from
@@ -99,5 +98,5 @@ def explanation_tests(
         params["attributions"]["claims"] = list(c)
         params["attributions"]["claims_skipped"] = [x for x in claims if x not in c]
     meta = {**s.meta(), "method": "explanation_tests", "tests": list(tests), "seed": seed,
-            "seconds": seconds, "params": params, "lensattr_version": lensattr.__version__}
+            "seconds": seconds, "params": params, "lensattr_version": __version__}
     return ExplanationTests(tables, tensors, meta)

@@ -15,9 +15,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..audit_setup import resolve_task
-from ..model import Adapter, ModelError
-from ..prompts import PromptSet
+from ..auditing.plan import resolve_task
+from ..core.prompts import PromptSet
+from ..models.adapter import Adapter, ModelError
 from .edits import ROWS, CleanRun, Unit, allowed_sources, edited_rows, evaluate, override_hooks
 
 __all__ = ["Setup", "prepare", "TestTable", "check_eps", "run_edits"]

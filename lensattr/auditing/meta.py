@@ -1,0 +1,84 @@
+"""The audit's ``meta``: what ran, on what, under which definitions and versions."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.metrics import as_metric
+
+__all__ = ["audit_meta"]
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..core.version import __version__
+
+    out = {"lensattr": __version__, "torch": torch.__version__}
+    for dist in ("transformer-lens", "transformers"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def audit_meta(
+    adapter, prompts, metric, task_name, primary, methods, reference, th, seed, seconds
+):
+    return {
+        "model": adapter.name,
+        "model_config_hash": adapter.config_hash(),
+        "model_weights_hash": adapter.weights_hash(),
+        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "device": str(adapter.device),
+        "n_layers": adapter.n_layers,
+        "n_heads": adapter.n_heads,
+        "task": task_name,
+        "n_prompts": len(prompts),
+        "prompts_hash": prompts.hash(),
+        "metric": as_metric(metric).describe(),
+        "primary_ablation": primary.value,
+        "ablation_methods": [m.value for m in methods],
+        "mean_ablation": "mean of the head's hook_z over the prompt set at each position",
+        "resample_pairing": "each prompt with its own corrupted prompt (one draw)",
+        "effect_reference": reference,
+        "effect_definition": "e = mean(m_int - m0) / mean(m_ref - m0); 0 = no change, "
+        "1 = as far as the reference run",
+        "routing_definition": "rho = mean(m(keep only C) - m(ablated)) / mean(m0 - m(ablated)), "
+        "keep-only and ablation under the same baseline",
+        "edge_edit": "alpha[q, s] = 0 without renormalising (= subtracting alpha*v*W_O terms); "
+        "under mean/resample the removed terms are replaced by their mean/corrupted "
+        "counterparts",
+        "pattern_edit": "effect_pattern / pattern_read: only the attention weights alpha[q, s] "
+        "of the edge / of the whole read row replaced by the baseline's (corrupted prompt's, "
+        "or prompt-set mean), the run's values kept, no renormalising (pattern patching, "
+        "noising); not computed under the zero baseline, where it is the removal itself",
+        "claimed_set": "fewest non-sink sources covering >= 50% of the row's non-sink mass; "
+        "keep-only removes every other source, the sink's terms too (rho measures C alone); "
+        "the sink's share (sink_share = sink_effect / effect) and C's necessity (necessity = "
+        "knockout_claimed / effect) are ratios of means with their intervals",
+        "selected_intervals": "routing, sink_share and necessity intervals of relevant heads "
+        "at the false-coverage-rate level 1 - alpha * R / m (Benjamini-Yekutieli; R relevant "
+        "of m heads, interval_level); null heads' effect intervals at 1 - alpha * R0 / m for "
+        "R0 heads selected by the equivalence test",
+        "verdict_baseline": "every number behind a label uses one baseline; the label follows "
+        "the primary, the others are in labels_by_baseline / compensated_under",
+        "thresholds": th.to_dict(),
+        "seed": seed,
+        "confidence_intervals": "Fieller 95% (t, n - 1 df) for every ratio of means over "
+        "prompts; unbounded (+-inf) when the denominator is not significantly non-zero",
+        "null_test": "TOST |e| < delta (Fieller/t), Benjamini-Hochberg across heads",
+        "relevance_test": "exact sign-flip (n <= 16; Monte Carlo above), BH across heads",
+        "seconds": round(seconds, 3),
+        "versions": _versions(),
+        "tensor_axes": {
+            "clean_metric": "[batch]",
+            "corrupted_metric": "[batch]",
+            "pattern_example": "[layer, head_index, query_pos, key_pos] (prompt 0)",
+            "example_tokens": "[pos] (prompt 0)",
+            "pattern_mean": "[layer, head_index, query_pos, key_pos] mean over prompts",
+            "routing_per_prompt": "[layer, head_index, batch]",
+            "effect_<method>_per_prompt": "[layer, head_index, batch]",
+        },
+    }
