@@ -89,7 +89,7 @@ import torch
 from lensattr.compare.judge import Effects, judge
 from lensattr.compare.verdicts import Thresholds, relevance, routing_class
 from lensattr.core.types import AblationMethod, HeadId
-from lensattr.evidence.sweeps import label
+from lensattr.evidence.keys import Kind, key
 from lensattr.stats.inference import (
     EXACT_MAX_N,
     Estimate,
@@ -243,9 +243,9 @@ def pipeline_labels(x, e: list, q: torch.Tensor, q_null: torch.Tensor, kind: str
 def judge_labels(x, heads, shape) -> list[str]:
     values = {}
     for i, h in enumerate(heads):
-        for kind, key in ((B, "abl"), (f"keep-{B}", "keep"), (f"remove-{B}", "remove"),
-                          (f"sink-{B}", "sink")):
-            values[label(kind, h)] = x[key][i]
+        for kind, name in ((Kind.ABLATE, "abl"), (Kind.KEEP, "keep"), (Kind.REMOVE, "remove"),
+                           (Kind.SINK, "sink")):
+            values[key(kind, h, baseline=B)] = x[name][i]
     eff = Effects(values, x["m0"], x["den"])
     j = judge(eff, heads, [AblationMethod.RESAMPLE], torch.zeros(shape, dtype=torch.bool),
               False, TH, None)

@@ -9,10 +9,12 @@ The front door::
 """
 
 from . import tasks
+from .auditing.config import AuditConfig
 from .auditing.result import Audit, AuditLoadError
 from .auditing.run import audit
 from .compare.atp_agreement import AtPAgreement, atp_agreement
 from .compare.verdicts import Thresholds
+from .core.config import RunConfig
 from .core.metric import Metric
 from .core.metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric
 from .core.prompts import PromptSet
@@ -31,6 +33,8 @@ __all__ = [
     "audit",
     "Audit",
     "AuditLoadError",
+    "AuditConfig",
+    "RunConfig",
     "tasks",
     "load_model",
     "list_models",

@@ -111,7 +111,7 @@ def test_edge_edits_through_z_on_cuda(random_gpt2, random_prompts):
     ivs = sweep(random_prompts)
     model = tiny_gpt2("cuda")
     ref = Engine(model, random_prompts, LogitDiff(), progress=False).run(ivs)
-    model._lensattr_probes["pattern_editable"] = False  # this model's probe: no restore needed
+    lensattr.Adapter(model)._probes["pattern_editable"] = False  # this model's probe: no restore
     via_z = Engine(model, random_prompts, LogitDiff(), progress=False).run(ivs)
     torch.testing.assert_close(via_z.values, ref.values, atol=1e-4, rtol=0, equal_nan=True)
 

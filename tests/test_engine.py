@@ -219,7 +219,7 @@ def test_edge_edits_through_z_equal_pattern_edits(random_gpt2, random_prompts):
     ivs = [remove_sources(h, S, label=f"r{h}") for h in HEADS]
     ivs += [remove_sources(h, S, renormalise=True, label=f"n{h}") for h in HEADS]
     via_pattern = Engine(random_gpt2, random_prompts, LogitDiff(), progress=False).run(ivs)
-    probes = random_gpt2._lensattr_probes
+    probes = Adapter(random_gpt2)._probes
     probes["pattern_editable"] = False
     try:
         via_z = Engine(random_gpt2, random_prompts, LogitDiff(), progress=False).run(ivs)

@@ -259,7 +259,7 @@ def test_weights_hash_sees_in_place_edits_and_invalidates_probes(random_prompts)
     a = Adapter(model)
     h0 = a.weights_hash()
     assert a.pattern_editable
-    model._lensattr_probes["pattern_editable"] = False  # a probe result for these weights
+    Adapter(model)._probes["pattern_editable"] = False  # a probe result for these weights
     assert Adapter(model).pattern_editable is False
     w = model.blocks[0].attn.o.weight if hasattr(model.blocks[0].attn, "o") else None
     w = w if w is not None else next(model.parameters())

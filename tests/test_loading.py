@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import lensattr
 from lensattr.models.adapter import ModelError
 from lensattr.models.loading import is_hub_id
+from lensattr.models.state import loaded_name
 
 from .conftest import word_tokenizer
 
@@ -33,7 +34,7 @@ def hub_calls(monkeypatch):
                                   "gpt2", "openai-community/gpt2"])
 def test_hub_ids_reach_the_hub(hub_calls, name):
     bridge = lensattr.load_model(name)
-    assert hub_calls == [name] and bridge._lensattr_name == name
+    assert hub_calls == [name] and loaded_name(bridge) == name
 
 
 @pytest.mark.parametrize("name", ["./nope", "models/mine", "mine.gguf", "a/b/c", "~/nope-xyz",

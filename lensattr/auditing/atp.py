@@ -24,7 +24,7 @@ from ..core.metric import MetricError
 from ..core.prompts import PromptSet
 from ..core.types import AblationMethod, HeadId
 from ..evidence.attribution import atp
-from ..evidence.sweeps import label
+from ..evidence.keys import Kind, key
 from ..models.adapter import Adapter, ModelError
 from ..stats.agreement import kendall, spearman
 
@@ -73,7 +73,8 @@ def atp_columns(adapter: Adapter, prompts: PromptSet, metric, heads: list[HeadId
         exact = torch.full(r.heads.shape, math.nan)  # [batch, layer, head]
         approx = torch.full(r.heads.shape, math.nan)
         for h in heads:
-            exact[:, h.layer, h.head] = eff.values[label("resample", h)] - eff.m0
+            solo = eff.values[key(Kind.ABLATE, h, baseline="resample")]
+            exact[:, h.layer, h.head] = solo - eff.m0
             approx[:, h.layer, h.head] = r.heads[:, h.layer, h.head]
         agreement = atp_agreement(approx, exact, top=min(5, len(heads)))
         record["agreement_with_exact"] = agreement.summary()
@@ -110,7 +111,7 @@ def _edge_agreement(atp_edges: dict, heads, pattern_edges, floor: float) -> dict
                 a.append(abs(x))
                 e.append(abs(ex.value) if abs(ex.value) >= floor else 0.0)
     nonzero = sum(1 for x in e if x > 0)
-    out = {"n_edges": len(a), "n_nonzero_exact": nonzero, "spearman": math.nan,
+    out: dict[str, object] = {"n_edges": len(a), "n_nonzero_exact": nonzero, "spearman": math.nan,
            "kendall": math.nan, "recall_at_top": math.nan, "top": min(10, nonzero)}
     if nonzero == 0:
         out["why"] = ("no measured edge's exact pattern-patching effect differs from 0: the "
@@ -123,7 +124,7 @@ def _edge_agreement(atp_edges: dict, heads, pattern_edges, floor: float) -> dict
         ta, te = torch.tensor(a), torch.tensor(e)
         out["spearman"] = float(spearman(ta, te))
         out["kendall"] = float(kendall(ta, te)) if len(a) <= 2000 else math.nan
-    k = out["top"]
+    k = min(10, nonzero)
     strong = set(torch.tensor(e).argsort(descending=True)[:k].tolist())
     top_atp = set(torch.tensor(a).argsort(descending=True)[:k].tolist())
     out["recall_at_top"] = len(strong & top_atp) / k

@@ -94,7 +94,6 @@ class HeadResult:
 def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tensor | None = None
              ) -> dict:
     L, H = r.head.layer, r.head.head
-    v = r.verdict
     row = {
         "layer": L,
         "head": H,
@@ -109,22 +108,37 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tens
     row["top_mass"] = float(claims.top_mass[:, L, H].mean())
     row["sink_mass"] = float(claims.sink_mass_read[L, H])
     if norm is not None:  # norm-based attention (Kobayashi 2020) at the read rows
-        w = claims.read_rows.float()[:, :, None]
-        nr = norm[:, L, H]  # [b, q, k]; NaN rows: the head writes nothing there
-        defined = (torch.isfinite(nr).all(-1).float() * w[..., 0])  # [b, q]
-        at = (torch.nan_to_num(nr) * defined[..., None]).sum(1)  # [b, k]
-        got = defined.sum(1) > 0  # prompts where a read row has shares
-        at = at / defined.sum(1, keepdim=True).clamp(min=1)
-        if got.any():
-            top = at[got].max(-1)
-            row["norm_top_source"] = _mode_name(prompts.take(got.nonzero()[:, 0]), top.indices)
-            row["norm_top_mass"] = float(top.values.mean())
-            row["norm_sink_mass"] = float((at[got] * claims.sink[got].float()).sum(-1).mean())
-        else:
-            row["norm_top_source"] = "(writes nothing)"
-            row["norm_top_mass"] = row["norm_sink_mass"] = math.nan
+        row.update(_norm_cols(r, claims, prompts, norm))
     row["entropy"] = float(claims.entropy_read[L, H])
     row["diffuse"] = bool(claims.diffuse[L, H])
+    row.update(_evidence_cols(r))
+    row.update(_verdict_cols(r, prompts))
+    return row
+
+
+def _norm_cols(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tensor) -> dict:
+    L, H = r.head.layer, r.head.head
+    row: dict = {}
+    w = claims.read_rows.float()[:, :, None]
+    nr = norm[:, L, H]  # [b, q, k]; NaN rows: the head writes nothing there
+    defined = (torch.isfinite(nr).all(-1).float() * w[..., 0])  # [b, q]
+    at = (torch.nan_to_num(nr) * defined[..., None]).sum(1)  # [b, k]
+    got = defined.sum(1) > 0  # prompts where a read row has shares
+    at = at / defined.sum(1, keepdim=True).clamp(min=1)
+    if got.any():
+        top = at[got].max(-1)
+        row["norm_top_source"] = _mode_name(prompts.take(got.nonzero()[:, 0]), top.indices)
+        row["norm_top_mass"] = float(top.values.mean())
+        row["norm_sink_mass"] = float((at[got] * claims.sink[got].float()).sum(-1).mean())
+    else:
+        row["norm_top_source"] = "(writes nothing)"
+        row["norm_top_mass"] = row["norm_sink_mass"] = math.nan
+    return row
+
+
+def _evidence_cols(r: HeadResult) -> dict:
+    """Effects, knockouts, routing and compensation tests with their intervals."""
+    v, row = r.verdict, {}
     for m in ("zero", "mean", "resample"):
         row.update(_ci(f"ablation_{m}", r.effects.get(m, _NAN)))
     row.update(_ci("effect_read_rows", r.split["read"]))
@@ -157,6 +171,13 @@ def head_row(r: HeadResult, claims: Claims, prompts: PromptSet, norm: torch.Tens
     row.update(_ci("interaction", comp.interaction if comp.interaction is not None else _NAN))
     dmt = comp.direct_minus_total
     row.update(_ci("direct_minus_total", dmt if dmt is not None else _NAN))
+    return row  # fmt: skip
+
+
+def _verdict_cols(r: HeadResult, prompts: PromptSet) -> dict:
+    """Carriers, the label, its rule and sentence, and the labels under every baseline."""
+    v = r.verdict
+    row: dict[str, object] = {}
     row["carriers"] = r.carriers
     row["carriers_row"] = (position_name(prompts, r.locus.row) if r.locus is not None
                            else ("read rows" if r.carriers else ""))

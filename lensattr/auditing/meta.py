@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
+from ..claims.head_types import SINK_ROLES
 from ..core.metrics import as_metric
+from ..stats.agreement import EFFECT_NOISE
 
-__all__ = ["audit_meta"]
+__all__ = ["audit_meta", "run_meta"]
 
 
 def _versions() -> dict:
@@ -82,3 +86,38 @@ def audit_meta(
             "effect_<method>_per_prompt": "[layer, head_index, batch]",
         },
     }
+
+
+def run_meta(plan, g, cc, atp_meta: dict, floor: float, seconds: float) -> dict:
+    """The whole ``meta`` of an audit: :func:`audit_meta` and what the run found and used
+    (``plan``: the AuditPlan, ``g``: the Gathered evidence, ``cc``: the claim columns)."""
+    adapter, prompts, engine = plan.adapter, plan.prompts, g.engine
+    meta = audit_meta(adapter, prompts, plan.metric, plan.task_name, plan.primary,
+                      plan.methods, g.reference, plan.thresholds, plan.seed, seconds)
+    meta["prompts_hash"] = plan.given_hash
+    meta["sink_roles"] = [r for r in SINK_ROLES if r in prompts.roles]
+    meta["heads_audited"] = [list(h) for h in plan.heads]
+    meta["agreement"] = json.loads(cc.agreement.to_json(orient="records"))
+    meta.update(cc.meta)
+    meta["min_prompts_for_a_verdict"] = plan.min_prompts
+    meta["effect_noise_floor"] = floor
+    meta["effect_noise_floor_definition"] = (
+        f"{EFFECT_NOISE} x (max |m0| + 1) / |mean(m_ref - m0)|: normalised effects below it are "
+        "float32 rounding (two exact engines differ by up to that much) and rank as 0 in the "
+        "agreement statistics (agree_*, Audit.agreement, meta['atp'])")
+    meta["weight_processing"] = adapter.weight_processing()
+    meta["screening"] = g.screening.record
+    meta["atp"] = atp_meta
+    meta["engine"] = {
+        "path": "hook-free" if engine.fast else "bridge",
+        "why_not_hook_free": engine.fast_reason,
+        "rows": dict(engine.n_rows),
+        "forward_work": round(engine.work, 2),
+        "forward_work_unit": "one clean forward pass of one prompt (layers x positions run "
+        "by the edits: from the first edited layer and query position on)",
+        "threads": torch.get_num_threads(),
+    }
+    tok = getattr(adapter.model, "tokenizer", None)
+    if tok is not None:  # the example prompt as text, for the report
+        meta["example_text_tokens"] = [tok.decode([i]) for i in prompts.tokens[0].tolist()]
+    return meta

@@ -1,20 +1,31 @@
-"""Resolving the audit's inputs: the task and its prompts, the heads, the baselines, the
-positions the metric reads and the sink roles. Pure set-up; nothing here runs interventions."""
+"""Stage 1 of the audit, the plan: the task and its prompts, the heads, the baselines, the claim
+sources and whether the prompts can support a verdict (:class:`AuditPlan`). Pure set-up;
+nothing here runs interventions."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from dataclasses import dataclass
 
 import torch
 
 from .. import tasks as _tasks
 from ..claims.head_types import SINK_ROLES
+from ..claims.sources import resolve_claims
+from ..compare.judge import min_prompts
+from ..compare.verdicts import Thresholds
+from ..core.config import RunConfig
+from ..core.metric import Metric
 from ..core.metrics import as_metric
 from ..core.prompts import PromptSet
 from ..core.types import AblationMethod
 from ..models.adapter import Adapter
+from .config import AuditConfig
 
 __all__ = [
+    "AuditPlan",
+    "make_plan",
     "resolve_task",
     "resolve_heads",
     "baselines",
@@ -98,3 +109,49 @@ def patterns_from_cache(adapter: Adapter, cache, prompts: PromptSet) -> list[tor
             f"cache: patterns of shape {tuple(pats[0].shape)}, expected {want} for these prompts"
         )
     return pats
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """What the audit will measure: the resolved inputs every later stage reads."""
+
+    adapter: Adapter
+    prompts: PromptSet  # with the BOS role recognised
+    metric: Metric
+    task_name: str
+    given_hash: str  # hash of the user's prompts, before the BOS role was added
+    heads: list
+    claim_sources: tuple[str, ...]
+    methods: list[AblationMethod]
+    primary: AblationMethod
+    thresholds: Thresholds
+    min_prompts: int  # prompts needed for any verdict across these heads
+    too_few: str | None  # why no verdict is possible, if none is
+    seed: int
+    max_edge_sources: int
+    screen: str
+    run: RunConfig
+
+
+def make_plan(model, task, metric, cfg: AuditConfig) -> AuditPlan:
+    """Resolve the inputs; warns (once) when the prompts are too few for any verdict."""
+    th = cfg.thresholds
+    adapter = model if isinstance(model, Adapter) else Adapter(model)
+    prompts, metric, task_name = resolve_task(task, metric, cfg.n_prompts, cfg.seed,
+                                              adapter.model)
+    given_hash = prompts.hash()  # the user's prompts, before a BOS role is recognised
+    prompts = with_bos_role(prompts, adapter)
+    n = len(prompts)
+    heads = resolve_heads(adapter, cfg.heads)
+    chosen = resolve_claims(cfg.claims, adapter.n_layers)
+    methods, primary = baselines(prompts, cfg.ablation)
+    need = min_prompts(len(heads), th.alpha)
+    too_few = None
+    if n < need:
+        too_few = (f"Too few prompts: with {n} prompt(s) no sign-flip test can reach q < "
+                   f"{th.alpha} after correction across {len(heads)} head(s); at least {need} "
+                   "prompts are needed for any verdict.")
+        warnings.warn(too_few + " Every head will be 'undetermined'.", stacklevel=3)
+    return AuditPlan(adapter, prompts, metric, task_name, given_hash, heads, chosen, methods,
+                     primary, th, need, too_few, cfg.seed, cfg.max_edge_sources, cfg.screen,
+                     cfg.run)

@@ -11,7 +11,6 @@ as complete. :meth:`Audit.load` checks everything ``audit.json`` records and rai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -23,6 +22,11 @@ import pandas as pd
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..compare.records import Verdict
+from ..core.types import HeadId
+from .files import AuditLoadError, check_files, fingerprint
+from .records import RECORDS, find_verdict, read_records, records_doc
+
 __all__ = ["Audit", "AuditLoadError"]
 
 FORMAT = "lensattr-audit/3"  # /3 adds tokens.csv; /2 folders load with an empty tokens table
@@ -30,10 +34,6 @@ _DATA_FILES = ("heads.csv", "edges.csv", "tokens.csv", "tensors.safetensors")
 _MARKER = "audit.json"
 # columns holding an integer or nothing (pandas nullable Int64), never '' or 1.000
 INT_OR_MISSING = ("partner_layer", "partner_head")
-
-
-class AuditLoadError(ValueError):
-    """A saved audit that cannot be loaded as it was saved; the message names the file."""
 
 
 @dataclass
@@ -57,6 +57,9 @@ class Audit:
     tensors: dict[str, Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     tokens: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # per head: baseline -> Verdict record (the tables are views of these)
+    records: dict[HeadId, dict[str, Verdict]] = field(default_factory=dict, repr=False,
+                                                      compare=False)
 
     def __post_init__(self):
         self.heads = _int_or_missing(self.heads, "heads")
@@ -90,7 +93,7 @@ class Audit:
                 tmp = d / (name + tag)
                 temps.append(tmp)
                 write(tmp)
-                files[name] = _fingerprint(tmp)
+                files[name] = fingerprint(tmp)
             doc = {
                 "format": FORMAT,
                 "meta": self.meta,
@@ -100,15 +103,23 @@ class Audit:
                             for k, v in tensors.items()},
                 "files": files,
             }
+            if self.records:  # tied to this heads.csv by its checksum; not in audit.json
+                rec = d / (RECORDS + tag)
+                temps.append(rec)
+                rec.write_text(records_doc(self.records, files["heads.csv"]["sha256"]))
             marker = d / (_MARKER + tag)
             temps.append(marker)
             marker.write_text(json.dumps(doc, indent=2, default=str))
-            _fingerprint(marker)  # flushed to disk before it can mark anything complete
+            fingerprint(marker)  # flushed to disk before it can mark anything complete
             # the old marker goes first and the new one comes last: no moment shows a
             # complete marker beside another save's data files
             (d / _MARKER).unlink(missing_ok=True)
             for name in writers:
                 os.replace(d / (name + tag), d / name)
+            if self.records:
+                os.replace(d / (RECORDS + tag), d / RECORDS)
+            else:
+                (d / RECORDS).unlink(missing_ok=True)
             os.replace(marker, d / _MARKER)
         finally:
             for t in temps:
@@ -150,8 +161,16 @@ class Audit:
                                      "not written by Audit.save")
             tokens = _read_table(d / "tokens.csv", doc, "tokens")
         tensors = _read_tensors(d / "tensors.safetensors", doc)
-        _check_files(d, doc)
-        return cls(heads=heads, edges=edges, tensors=tensors, meta=doc["meta"], tokens=tokens)
+        check_files(d, doc)
+        sha = ((doc.get("files") or {}).get("heads.csv") or {}).get("sha256")
+        return cls(heads=heads, edges=edges, tensors=tensors, meta=doc["meta"], tokens=tokens,
+                   records=read_records(d, sha))
+
+    def verdict(self, head, baseline: str | None = None) -> Verdict:
+        """The :class:`~lensattr.compare.records.Verdict` record of ``head`` (``(layer,
+        head)``) under ``baseline`` (default the primary): label, rule, the numbers it fired
+        on, per-prompt ``holds``, ``sentence``."""
+        return find_verdict(self.records, head, baseline or self.meta.get("primary_ablation"))
 
     @property
     def agreement(self) -> pd.DataFrame:
@@ -278,13 +297,6 @@ def _int_or_missing(df: pd.DataFrame, table: str) -> pd.DataFrame:
     return df
 
 
-def _fingerprint(path: Path) -> dict:
-    """Size and sha256 of a file, after flushing it to disk."""
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-    return _checksum(path)
-
-
 def _read_table(path: Path, doc: dict, table: str) -> pd.DataFrame:
     if not path.exists():
         raise AuditLoadError(f"{path}: missing; audit.json records a {table} table")
@@ -326,6 +338,7 @@ def _as_dtype(col: pd.Series, t: str) -> pd.Series:
         if (v.notna() & (v != v.round())).any():
             raise ValueError("holds a non-integer value")
         return v.astype("Int64")
+    kind: str
     try:
         kind = np.dtype(t).kind
     except TypeError:  # a pandas extension dtype
@@ -363,22 +376,3 @@ def _read_tensors(path: Path, doc: dict) -> dict[str, Tensor]:
             raise AuditLoadError(f"{path}: tensor {name!r} has dtype {_dtype_name(t)}, but "
                                  f"audit.json records {rec['dtype']}")
     return tensors
-
-
-def _check_files(d: Path, doc: dict) -> None:
-    for name, rec in (doc.get("files") or {}).items():
-        now = _checksum(d / name)
-        if now != rec:
-            raise AuditLoadError(
-                f"{d / name}: its contents differ from what audit.json records ({now['bytes']} "
-                f"bytes, sha256 {now['sha256'][:12]}..., saved {rec.get('bytes')} bytes, "
-                f"{str(rec.get('sha256'))[:12]}...): the file was changed or damaged after saving"
-            )
-
-
-def _checksum(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}

@@ -125,7 +125,7 @@ def attention_flow(
         full = None if causal else _graph(ig, m, n)
         for qi in np.nonzero(want[bi, pos].numpy())[0]:
             size = qi + 1 if causal else n
-            g = _graph(ig, m, size) if causal else full
+            g = _graph(ig, m, size) if full is None else full  # full is None iff causal
             sink = L * size + qi
             for si in range(size):
                 out[bi, pos[qi], pos[si]] = g.maxflow_value(si, sink, capacity="capacity")

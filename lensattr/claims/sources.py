@@ -132,7 +132,7 @@ def head_claim_columns(
     eff = torch.stack([e.per_prompt.abs() for e in edges], 1).double()  # [b, j]
     ok_src = torch.stack([s >= 0 for s in sources], 1)  # [b, j]
     eff = floor_effects(torch.where(ok_src, eff, math.nan).nanmean(0), floor)  # [j]
-    row = {}
+    row: dict[str, float | str] = {}
     for src, x in claim_tensors.items():
         a = at_rows(_per_head(x, head.layer, head.head), claims.read_rows)  # [b, k]
         c = torch.stack([torch.where(s >= 0, a[b_idx, s.clamp(min=0)], math.nan)

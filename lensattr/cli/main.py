@@ -218,7 +218,7 @@ def _resume_hint(args) -> str:
     from .patch import CHECKPOINT
 
     name = {"audit": "evidence.ckpt.safetensors", "patch": CHECKPOINT}.get(
-        getattr(args, "command", None))
+        getattr(args, "command", ""))
     if name is None:
         return "nothing was written"
     ckpt = Path(args.out) / name

@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports the library lazily, when a command runs
+    from ..evidence.patching_result import ActivationPatching, PathPatching
 
 __all__ = ["add_patch_parser", "CHECKPOINT"]
 
@@ -125,6 +129,7 @@ def run_patch(args) -> int:
     ckpt = out / CHECKPOINT
     kw = dict(direction=args.direction, progress=not args.quiet, seed=args.seed,
               checkpoint=ckpt, memory_budget=args.memory_budget)
+    result: ActivationPatching | PathPatching
     try:
         if sender is None:
             result = activation_patching(a, prompts, task.metric(), site=site, by=by, **kw)

@@ -1,7 +1,7 @@
 """From per-prompt metric values to verdicts: effects, routing, compensation and carriers.
 
-Everything is computed per baseline from the evidence of that baseline only
-(``<kind>-<baseline>:<head>`` labels, see :mod:`lensattr.evidence.sweeps`), and the verdict
+Everything is computed per baseline from the evidence of that baseline only (keyed by
+:class:`~lensattr.evidence.keys.EvidenceKey`, see :mod:`lensattr.evidence.sweeps`), and the verdict
 rules of :mod:`lensattr.compare.verdicts` are applied under each. The orchestration
 (:func:`lensattr.audit`) only runs the interventions and hands the values over.
 """
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..core.types import AblationMethod, HeadId
-from ..evidence.sweeps import label
+from ..evidence.keys import EvidenceKey, Kind, key
 from ..stats.inference import Estimate, bh_qvalues, min_prompts, ratio_of_means, signflip_p
 from ..stats.ratio import ratio_p, tost_p
 from ..stats.selection import fcr_level
@@ -27,27 +27,48 @@ __all__ = ["Effects", "judge", "Judgement", "carriers", "min_prompts"]  # min_pr
 
 class Effects:
     """Normalised effects e = mean(m_int - m0) / mean(m_ref - m0) with Fieller 95% intervals,
-    cached by label."""
+    by evidence key (:class:`~lensattr.evidence.keys.EvidenceKey`), cached.
 
-    def __init__(self, values: dict[str, Tensor], m0: Tensor, den: Tensor, seed: int = 0):
+    ``eff(k)`` needs evidence ``k`` to have run (a ``KeyError`` naming it otherwise);
+    ``eff.get(k)`` gives a NaN estimate for evidence that was not planned (a screened-out
+    head). Both refuse anything but a key, so a mistyped name is an error, not a NaN column."""
+
+    def __init__(self, values: dict[EvidenceKey, Tensor], m0: Tensor, den: Tensor,
+                 seed: int = 0):
         self.values, self.m0, self.den = values, m0, den
-        self.seed, self._cache = seed, {}
+        self.seed = seed
+        self._cache: dict[EvidenceKey, Estimate] = {}
 
-    def __contains__(self, lbl: str) -> bool:
-        return lbl in self.values
+    def __contains__(self, k: EvidenceKey) -> bool:
+        return _checked(k) in self.values
 
-    def __call__(self, lbl: str) -> Estimate:
-        if lbl not in self._cache:
-            self._cache[lbl] = self.ratio(self.values[lbl] - self.m0, lbl)
-        return self._cache[lbl]
+    def __call__(self, k: EvidenceKey) -> Estimate:
+        if _checked(k) not in self._cache:
+            if k not in self.values:
+                raise KeyError(f"evidence {k} was not measured")
+            self._cache[k] = self.ratio(self.values[k] - self.m0, k)
+        return self._cache[k]
 
-    def get(self, lbl: str) -> Estimate:
-        return self(lbl) if lbl in self.values else Estimate.nan(len(self.m0))
+    def get(self, k: EvidenceKey) -> Estimate:
+        return self(k) if _checked(k) in self.values else Estimate.nan(len(self.m0))
 
-    def ratio(self, num: Tensor, lbl: str, den: Tensor | None = None,
+    def ratio(self, num: Tensor, k: EvidenceKey, den: Tensor | None = None,
               level: float = 0.95) -> Estimate:
         d = self.den if den is None else den
-        return ratio_of_means(num, d, label=lbl, level=level)
+        return _one(ratio_of_means(num, d, label=str(k), level=level))
+
+
+def _one(e) -> Estimate:
+    """The Estimate of a [batch] ratio (ratio_of_means gives a list for [cells, batch])."""
+    assert isinstance(e, Estimate)
+    return e
+
+
+def _checked(k) -> EvidenceKey:
+    if not isinstance(k, EvidenceKey):
+        raise TypeError(f"evidence key: expected an EvidenceKey (lensattr.evidence.keys.key), "
+                        f"got {type(k).__name__} {k!r}")
+    return k
 
 
 @dataclass
@@ -85,8 +106,9 @@ def _baseline_evidence(eff, heads, m, striking, direct, th, too_few):
     the expected share of selected heads whose interval misses, not false labels per label
     (``experiments/fcr_simulation.py``)."""
     b, v, m0 = m.value, eff.values, eff.m0
-    e = [eff(label(b, h)) for h in heads]
-    num = torch.stack([v[label(b, h)] - m0 for h in heads])  # [head, batch]
+    solo = [key(Kind.ABLATE, h, baseline=b) for h in heads]
+    e = [eff(k) for k in solo]
+    num = torch.stack([v[k] - m0 for k in solo])  # [head, batch]
     p = signflip_p(num, seed=eff.seed)
     q = bh_qvalues(p)
     q_null = bh_qvalues(tost_p(num, eff.den.expand_as(num), th.delta).float())
@@ -97,12 +119,12 @@ def _baseline_evidence(eff, heads, m, striking, direct, th, too_few):
     sel = [i for i in range(n_heads) if float(q[i]) < th.alpha]
     lv_e = fcr_level(th.alpha, len(sel), tested)
     for i in sel:
-        e[i] = eff.ratio(num[i], label(b, heads[i]), level=lv_e)
+        e[i] = eff.ratio(num[i], solo[i], level=lv_e)
     rel = [relevance(e[i], float(q[i]), float(q_null[i]), th) for i in range(n_heads)]
     lv = fcr_level(th.alpha, sum(x == "relevant" for x in rel), tested)
     sel_null = [i for i in range(n_heads) if float(q_null[i]) < th.alpha]
     lv_null = fcr_level(th.alpha, len(sel_null), tested)
-    e_null = {i: eff.ratio(num[i], label(b, heads[i]), level=lv_null) for i in sel_null}
+    e_null = {i: eff.ratio(num[i], solo[i], level=lv_null) for i in sel_null}
     shares = [_shares(eff, h, b, e_h, th, lv if rel[i] == "relevant" else 0.95)
               for i, (h, e_h) in enumerate(zip(heads, e, strict=True))]
     comps = _compensations(eff, heads, b, e, direct, th)
@@ -126,15 +148,15 @@ def _shares(eff: Effects, h: HeadId, b: str, e_h: Estimate, th: Thresholds, leve
     n = len(eff.m0)
     if not (e_h.lo > th.delta or e_h.hi < -th.delta):
         return Estimate.nan(n), None, None
-    abl = eff.values[label(b, h)]
+    abl = eff.values[key(Kind.ABLATE, h, baseline=b)]
     v, m0 = eff.values, eff.m0
-    keep, sink, rm = (label(f"{k}-{b}", h) for k in ("keep", "sink", "remove"))
-    rho = (eff.ratio(v[keep] - abl, label("rho-" + b, h), den=m0 - abl, level=level)
+    keep, sink, rm = (key(k, h, baseline=b) for k in (Kind.KEEP, Kind.SINK, Kind.REMOVE))
+    rho = (eff.ratio(v[keep] - abl, key(Kind.RHO, h, baseline=b), den=m0 - abl, level=level)
            if keep in v else Estimate.nan(n))
-    share = (eff.ratio(v[sink] - m0, label("sinkshare-" + b, h), den=abl - m0, level=level)
-             if sink in v else None)
-    nec = (eff.ratio(v[rm] - m0, label("necessity-" + b, h), den=abl - m0, level=level)
-           if rm in v else None)
+    share = (eff.ratio(v[sink] - m0, key(Kind.SINK_SHARE, h, baseline=b), den=abl - m0,
+                       level=level) if sink in v else None)
+    nec = (eff.ratio(v[rm] - m0, key(Kind.NECESSITY, h, baseline=b), den=abl - m0,
+                     level=level) if rm in v else None)
     return rho, share, nec
 
 
@@ -147,10 +169,13 @@ def _compensations(eff, heads, b, e, direct, th) -> list[Compensation]:
     tests = []  # (head index, partner, joint, interaction num, sign)
     for i, h in enumerate(heads):
         for c in heads:
-            lbl = label("joint-" + b, *sorted((h, c)))
-            if c == h or lbl not in v:
+            if c == h:
                 continue
-            inter = v[lbl] - v[label(b, h)] - v[label(b, c)] + m0
+            lbl = key(Kind.JOINT, *sorted((h, c)), baseline=b)
+            if lbl not in v:
+                continue
+            inter = v[lbl] - v[key(Kind.ABLATE, h, baseline=b)] - v[key(Kind.ABLATE, c,
+                                                                       baseline=b)] + m0
             tests.append((i, c, eff(lbl), inter, 1.0 if eff(lbl).value >= 0 else -1.0))
     q_int = torch.empty(0)
     if tests:
@@ -159,19 +184,20 @@ def _compensations(eff, heads, b, e, direct, th) -> list[Compensation]:
         q_int = bh_qvalues(p)
     tested: list[dict] = [{} for _ in heads]
     for k, (i, c, joint, inter, _) in enumerate(tests):
-        lbl = label("inter-" + b, heads[i], c)
-        tested[i][c] = (joint, eff.ratio(inter, lbl), float(q_int[k]))
+        tested[i][c] = (joint, eff.ratio(inter, key(Kind.INTERACTION, heads[i], c, baseline=b)),
+                        float(q_int[k]))
     dmt: list[Estimate | None] = [None] * len(heads)
     q_dmt = torch.full((len(heads),), math.nan)
-    if direct and all(label(f"direct-{b}", h) in v for h in heads):
-        nums = []
+    if direct and all(key(Kind.DIRECT, h, baseline=b) in v for h in heads):
+        dnums: list[Tensor] = []
         for i, h in enumerate(heads):
-            d = eff(label(f"direct-{b}", h))
+            kd = key(Kind.DIRECT, h, baseline=b)
+            d = eff(kd)
             s = -1.0 if d.value < 0 else 1.0
-            x = s * (v[label(f"direct-{b}", h)] - v[label(b, h)])
-            dmt[i] = eff.ratio(x, label("dmt-" + b, h))
-            nums.append(x)
-        x = torch.stack(nums)
+            x = s * (v[kd] - v[key(Kind.ABLATE, h, baseline=b)])
+            dmt[i] = eff.ratio(x, key(Kind.DIRECT_SHARE, h, baseline=b))
+            dnums.append(x)
+        x = torch.stack(dnums)
         q_dmt = bh_qvalues(ratio_p(x, den.expand_as(x), th.tau, alternative="greater").float())
     return [
         compensation(h, tested[i], dmt[i], float(q_dmt[i]), th) for i, h in enumerate(heads)
@@ -193,7 +219,7 @@ def carriers(
     for n, e in zip(names, edge_est, strict=True):
         if not math.isfinite(e.value) or e.value / e_h.value < 0.5:
             continue
-        share = ratio_of_means(e.per_prompt, e_h.per_prompt, level=1 - th.alpha / k)
+        share = _one(ratio_of_means(e.per_prompt, e_h.per_prompt, level=1 - th.alpha / k))
         if math.isfinite(share.lo) and share.lo > 0.5:
             out.append(n)
     return ",".join(out)

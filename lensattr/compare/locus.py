@@ -18,7 +18,8 @@ from ..claims import Claims
 from ..core.prompts import PromptSet
 from ..core.types import AblationMethod, HeadId
 from ..evidence.interventions import ablate
-from ..evidence.sweeps import edge_sweep, label
+from ..evidence.keys import Kind, key
+from ..evidence.sweeps import edge_sweep
 from ..stats.inference import Estimate
 from .judge import Effects
 from .verdicts import Thresholds
@@ -66,22 +67,22 @@ def locus_edges(
     run, eff: Effects, heads: list[HeadId], method: AblationMethod, claims: Claims,
     prompts: PromptSet, max_sources: int,
 ) -> dict[HeadId, LocusEdges]:
-    """``run(interventions) -> {label: values}`` runs and records the interventions."""
+    """``run(interventions) -> {key: values}`` runs and records the interventions."""
     if not heads or not prompts.aligned:
         return {}
     n, p = prompts.tokens.shape
-    b = method.value
     rows = [q for q in range(p) if not bool(claims.read_rows[0, q])]
     plan = []
     for h in heads:
         for q in rows:
             mask = torch.zeros(n, p, dtype=torch.bool)
             mask[:, q] = True
-            plan.append(ablate(h, method=method, rows=mask, label=label(f"row{q}-{b}", h)))
+            plan.append(ablate(h, method=method, rows=mask,
+                               label=key(Kind.ROW, h, baseline=method, row=q)))
     eff.values.update(run(plan))
     out, plan, chosen = {}, [], {}
     for h in heads:
-        effects = {q: eff(label(f"row{q}-{b}", h)) for q in rows}
+        effects = {q: eff(key(Kind.ROW, h, baseline=method, row=q)) for q in rows}
         q = max(effects, key=lambda k: abs(effects[k].value) if math.isfinite(effects[k].value)
                 else -1.0)
         keys = [int(k) for k in claims.allowed[0, q].nonzero()[:, 0]]
@@ -91,10 +92,11 @@ def locus_edges(
         at = torch.zeros(n, p, dtype=torch.bool)
         at[:, q] = True
         srcs = [torch.full((n,), k) for k in keys]
-        plan += edge_sweep([h], at, srcs, p, method, kind="locus-edge")
+        plan += edge_sweep([h], at, srcs, p, method, kind=Kind.LOCUS_EDGE)
         chosen[h] = (q, effects[q], keys)
     eff.values.update(run(plan))
     for h, (q, e_q, keys) in chosen.items():
-        edges = [eff(label(f"locus-edge-{b}", h, extra=f"@{j}")) for j in range(len(keys))]
+        edges = [eff(key(Kind.LOCUS_EDGE, h, baseline=method, source=j))
+                 for j in range(len(keys))]
         out[h] = LocusEdges(h, q, e_q, keys, edges)
     return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.types import AblationMethod, HeadId
-from ..evidence.sweeps import label
+from ..evidence.keys import Kind, key
 from .judge import Effects
 from .verdicts import Thresholds
 
@@ -46,7 +46,7 @@ def screen_heads(heads: list[HeadId], eff: Effects, methods: list[AblationMethod
         if screen == "none":
             located[m.value] = list(heads)
             continue
-        located[m.value] = [h for h in heads if _clears(eff(label(m.value, h)), th)]
+        located[m.value] = [h for h in heads if _clears(eff(key(Kind.ABLATE, h, baseline=m)), th)]
     record = {
         "screen": screen,
         "not_located": {b: [list(h) for h in heads if h not in hs]

@@ -125,7 +125,8 @@ def occlusion(model, prompts: PromptSet, metric, replace: str = "zero", batch_si
         if prompts.corrupted is None:
             raise ValueError('replace: "corrupted" needs prompts with corrupted versions')
         cm = prompts.corrupted_attention_mask
-        if (cm is None) != (mask is None) or (cm is not None and not torch.equal(cm, mask)):
+        if (cm is None) != (mask is None) or (cm is not None and mask is not None
+                                               and not torch.equal(cm, mask)):
             raise ValueError('replace: "corrupted" needs corrupted prompts with the same padding')
         _, st = adapter.run_with_cache(prompts.corrupted, cm, sites=(SITE,))
         emb = st[(SITE, None)]  # [batch, pos, d_model]

@@ -48,13 +48,14 @@ Labels, in precedence order:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
 
 from ..core.types import HeadId
 from ..stats.inference import Estimate
+from .records import Compensation, HeadEvidence, Thresholds, Verdict
 
 __all__ = [
     "Thresholds",
@@ -101,89 +102,6 @@ def interpretive_change(labels) -> bool:
     return len({LABEL_CLASS.get(x) for x in labels} - {None}) > 1
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    delta: float = 0.03  # equivalence margin for "no effect"
-    tau: float = 0.10  # "large" effect
-    alpha: float = 0.05  # BH level
-    faithful_lo: float = 0.7
-    faithful_hi: float = 1.3
-    misleading_hi: float = 0.3
-    striking: float = 0.5
-    necessary: float = 0.5  # faithful: removing C takes away more than this share (CI)
-    sink_carried: float = 0.5  # through_sink: the sink's terms carry more than this share (CI)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Compensation:
-    """Evidence that a head is compensated, under one baseline.
-
-    partner: the candidate with the largest significant interaction (None when none tested).
-    joint: e(h, partner); interaction: e(h, partner) - e(h) - e(partner), per-prompt values on
-    the common denominator; q_interaction: BH q of the one-sided test that the interaction lies
-    beyond delta in the joint effect's direction. direct_minus_total: s * (e_direct - e_total),
-    s = sign of the direct effect; q_dmt: BH q of the one-sided test that it exceeds tau.
-    """
-
-    partner: HeadId | None = None
-    joint: Estimate | None = None
-    interaction: Estimate | None = None
-    q_interaction: float = math.nan
-    direct_minus_total: Estimate | None = None
-    q_dmt: float = math.nan
-
-
-@dataclass(frozen=True)
-class HeadEvidence:
-    """The numbers behind one head's verdict, all under one baseline."""
-
-    head: HeadId
-    baseline: str
-    effect: Estimate
-    q: float  # BH q of the sign-flip test that e != 0
-    q_null: float  # BH q of the equivalence test |e| < delta (NaN: not computed)
-    routing: Estimate
-    striking: bool
-    compensation: Compensation = field(default_factory=Compensation)
-    too_few: str | None = None  # why the prompts cannot support a verdict, if they cannot
-    sink: Estimate | None = None  # share of the effect carried by the sink's terms
-    necessity: Estimate | None = None  # share of the effect removed by removing C
-    level: float = 0.95  # confidence level of routing, sink and necessity intervals (FCR)
-    effect_null: Estimate | None = None  # e at the null selection's FCR level (None: e's own)
-    effect_level: float = 0.95  # confidence level of ``effect``'s interval (FCR if selected)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A label with the rule that fired, the numbers it fired on and a reason in words.
-
-    ``holds``: per prompt, does the fired rule hold on that prompt's own values (1/0; NaN where
-    undefined). ``share`` is its mean over the prompts where it is defined.
-    """
-
-    label: str
-    rule: str
-    relevance: str
-    routing_class: str
-    baseline: str
-    reason: str
-    numbers: dict
-    holds: Tensor
-    partner: HeadId | None = None
-
-    @property
-    def share(self) -> float:
-        ok = torch.isfinite(self.holds)
-        return float(self.holds[ok].mean()) if ok.any() else math.nan
-
-    @property
-    def compensated(self) -> bool:
-        return self.label == "compensated"
-
-
 def relevance(e: Estimate, q: float, q_null: float, th: Thresholds,
               e_null: Estimate | None = None) -> str:
     """``e_null``: e's interval at the null selection's FCR level (default e's own)."""
@@ -199,8 +117,14 @@ def relevance(e: Estimate, q: float, q_null: float, th: Thresholds,
     return "unclear"
 
 
-def _finite(e: Estimate | None) -> bool:
+def _finite(e: Estimate | None) -> TypeGuard[Estimate]:
     return e is not None and all(math.isfinite(x) for x in (e.value, e.lo, e.hi))
+
+
+def _known(e: Estimate | None) -> Estimate:
+    """An estimate the rule that fired has already shown to be there."""
+    assert e is not None
+    return e
 
 
 def routing_class(rho: Estimate, th: Thresholds, sink: Estimate | None = None,
@@ -214,9 +138,10 @@ def routing_class(rho: Estimate, th: Thresholds, sink: Estimate | None = None,
     if th.faithful_lo <= rho.lo and rho.hi <= th.faithful_hi:
         if not _finite(necessity):
             return "unclear"
-        if necessity.lo > th.necessary:
+        nec = _known(necessity)
+        if nec.lo > th.necessary:
             return "through_claim"
-        return "redundant" if necessity.hi < th.necessary else "unclear"
+        return "redundant" if nec.hi < th.necessary else "unclear"
     if rho.hi < th.misleading_hi:
         return "elsewhere"
     edges = (th.misleading_hi, th.faithful_lo, th.faithful_hi)
@@ -271,7 +196,8 @@ def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
     if ev.too_few is not None:
         return out("undetermined", "too_few_prompts", ev.too_few, nan)
     if _small(e, th) and _partner_fires(c, th):
-        j, i, p = c.joint, c.interaction, c.partner
+        j, i, p = _known(c.joint), _known(c.interaction), c.partner
+        assert p is not None
         s = 1.0 if j.value >= 0 else -1.0
         holds = (x.abs() < th.tau) & (s * j.per_prompt >= th.tau) & (s * i.per_prompt > th.delta)
         why = (f"Alone, {b}-ablating the head moves the metric by only {ce}, but ablating "
@@ -281,7 +207,7 @@ def decide(ev: HeadEvidence, th: Thresholds) -> Verdict:
         return out("compensated", "compensated_by_partner", why, holds.float(), HeadId(*p),
                    joint=j.value, interaction=i.value, q_interaction=c.q_interaction)
     if _small(e, th) and _dmt_fires(c, th):
-        d = c.direct_minus_total
+        d = _known(c.direct_minus_total)
         why = (f"The head's direct effect on the readout exceeds its total effect by {_ci(d)} "
                f"(q = {c.q_dmt:.3g}) under {b} ablation: downstream components compensate "
                "for its removal.")  # fmt: skip
@@ -337,7 +263,7 @@ def _routed(ev: HeadEvidence, th: Thresholds, out, nan: Tensor) -> Verdict:
     sink_txt = "" if not _finite(ev.sink) else (
         f"; the sink's terms carry {_ci(ev.sink, lv)} of it")
     if rout == "through_sink":
-        sg = ev.sink
+        sg = _known(ev.sink)
         why = (f"{head}, and removing only the terms of the sink (BOS) it attends moves the "
                f"metric by {_ci(sg, lv)} of that effect{fcr}: the effect travels through "
                f"its attention to the sink, not through its claimed sources (keeping only them "
@@ -345,7 +271,7 @@ def _routed(ev: HeadEvidence, th: Thresholds, out, nan: Tensor) -> Verdict:
         return out("through_sink", "through_sink", why,
                    _defined(big & (sg.per_prompt > th.sink_carried), x, sg.per_prompt))
     if rout == "through_claim":
-        nu = ev.necessity
+        nu = _known(ev.necessity)
         why = (f"{head}; keeping only its claimed sources (sink removed too) keeps "
                f"{_ci(rho, lv)} of that effect and removing them takes away "
                f"{_ci(nu, lv)}{fcr}: its attention map's claim carries the effect{sink_txt}.")
@@ -353,7 +279,7 @@ def _routed(ev: HeadEvidence, th: Thresholds, out, nan: Tensor) -> Verdict:
                  & (nu.per_prompt > th.necessary))
         return out("faithful", "faithful", why, _defined(holds, x, r + nu.per_prompt))
     if rout == "redundant":
-        nu = ev.necessity
+        nu = _known(ev.necessity)
         why = (f"{head}; keeping only its claimed sources keeps {_ci(rho, lv)} of it, but "
                f"removing them takes away only {_ci(nu, lv)}{fcr}: the claim suffices but "
                "is not necessary (other sources back it up), so the map neither is nor is "
@@ -374,8 +300,8 @@ def _routed(ev: HeadEvidence, th: Thresholds, out, nan: Tensor) -> Verdict:
         why = (f"{head}, but its routing ratio could not be measured (the keep-only edit "
                "or its reference is undefined on these prompts).")
         return out("undetermined", "routing_undefined", why, nan)
-    nu = ev.necessity
-    nec = "" if not _finite(nu) else f", necessity {_ci(nu, lv)}"
+    measured = ev.necessity
+    nec = f", necessity {_ci(measured, lv)}" if _finite(measured) else ""
     why = (f"{head}, but an interval straddles a band edge (routing {_ci(rho, lv)}{nec}"
            f"{sink_txt}; bands {th.misleading_hi}, {th.faithful_lo}-{th.faithful_hi}, "
            f"necessity and sink share {th.necessary}){fcr}: more prompts would decide whether "

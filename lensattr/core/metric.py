@@ -31,7 +31,7 @@ import operator
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from jaxtyping import Bool, Int
@@ -241,7 +241,7 @@ class FnMetric(Metric):
                                   f"{self.position_role!r}, but the prompts have roles "
                                   f"{sorted(prompts.roles)}")
             return prompts.roles[self.position_role]
-        pos = self.positions
+        pos = cast(Tensor, self.positions)  # _parse_position: set whenever the role is None
         if pos.numel() == 1:
             pos = pos.expand(n).clone()
         if pos.shape[0] != n:
@@ -331,7 +331,7 @@ class FnMetric(Metric):
             "name": self.name,
             "class": type(self).__name__,
             "position": (self.position_role if self.position_role is not None
-                         else self.positions.tolist()),
+                         else cast(Tensor, self.positions).tolist()),
             "fn": f"{getattr(fn, '__module__', '') or ''}."
                   f"{getattr(fn, '__qualname__', type(fn).__name__)}",
             "fn_args": "logits, prompts" if self.takes_prompts else "logits",

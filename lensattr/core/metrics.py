@@ -98,11 +98,12 @@ class LogitsMetric(Metric):
     position_role = None
     takes_prompts = True  # set on the instance only when False: older run keys stay valid
 
-    def __init__(self, fn: Callable[[Tensor, PromptSet], Tensor], name: str | None = None):
+    def __init__(self, fn: Callable[..., Tensor], name: str | None = None):  # fn(l, p) or fn(l)
         if not callable(fn):
             raise MetricError(f"metric: expected a Metric or a callable, got {type(fn).__name__}")
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "callable")
+        fn_name: str = getattr(fn, "__name__", "callable")
+        self.name = name or fn_name
         if not fn_takes_prompts(fn, f"metric {self.name!r}"):
             self.takes_prompts = False
 

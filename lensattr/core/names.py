@@ -21,6 +21,14 @@ _MOVED = {
     "lensattr.stats.selection": "lensattr.compare.selection",
     "lensattr.stats.agreement": "lensattr.compare.agreement",
     "lensattr.models.adapter": "lensattr.model",
+    "lensattr.models.errors": "lensattr.model",
+    "lensattr.models.weights": "lensattr.model",
+    "lensattr.models.readout": "lensattr.model",
+    "lensattr.models.identity": "lensattr.model",
+    "lensattr.models.hooks": "lensattr.model",
+    "lensattr.evidence.engine_result": "lensattr.evidence.engine",
+    "lensattr.evidence.chunk_plan": "lensattr.evidence.engine",
+    "lensattr.evidence.chunk_forward": "lensattr.evidence.engine",
     "lensattr.models.loading": "lensattr.loading",
     "lensattr.tasks.bundled": "lensattr.tasks",
     "lensattr.tasks.text": "lensattr.tasks_text",
@@ -29,6 +37,7 @@ _MOVED = {
     "lensattr.compare.token_importance": "lensattr.token_importance",
     "lensattr.compare.screening": "lensattr.screening",
     "lensattr.compare.locus": "lensattr.locus",
+    "lensattr.compare.records": "lensattr.compare.verdicts",
 }
 _MOVED_CLASSES = {("lensattr.core.metric", "FnMetric"): "lensattr.metric_fn"}
 

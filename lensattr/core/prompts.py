@@ -5,15 +5,26 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 __all__ = ["PromptSet", "PromptError", "VocabFingerprint", "vocab_fingerprint"]
+
+# What PromptSet's constructor accepts; __post_init__ turns each into the tensor it stores.
+_TokenIds: TypeAlias = "Tensor | Sequence[Sequence[int]] | Sequence[int]"  # [batch, pos] | [pos]
+_Positions: TypeAlias = "Tensor | int | Sequence[int]"  # [batch] ids/positions, or one for all
+
+
+class _HasVocab(Protocol):
+    """A tokenizer as far as :func:`vocab_fingerprint` reads it."""
+
+    def get_vocab(self) -> dict[str, int]: ...
 
 
 class PromptError(ValueError):
@@ -127,6 +138,22 @@ class PromptSet:
     extra: dict[str, Tensor] = field(default_factory=dict)
     corrupted_attention_mask: Int[Tensor, "batch pos"] | None = None
     vocab: VocabFingerprint | None = None
+
+    if TYPE_CHECKING:  # the generated __init__, with the inputs __post_init__ converts
+        def __init__(
+            self,
+            tokens: _TokenIds,
+            attention_mask: _TokenIds | None = None,
+            corrupted: _TokenIds | None = None,
+            answers: _Positions | None = None,
+            wrong: _Positions | None = None,
+            roles: Mapping[str, _Positions] = ...,
+            text: Sequence[str] | None = None,
+            name: str = "prompts",
+            extra: Mapping[str, Tensor] = ...,
+            corrupted_attention_mask: _TokenIds | None = None,
+            vocab: VocabFingerprint | _HasVocab | None = None,
+        ) -> None: ...
 
     def __post_init__(self):
         set_ = object.__setattr__

@@ -12,11 +12,10 @@ one backward per batch of prompts:
 * ``mode="tl"``: denoising, TransformerLens's ``attribution_patch`` convention; its
   head-output node scores are :meth:`AtPResult.tl_node_scores` (equal to TL's to 1e-5).
 
-Scored activations: every head's output ``z`` (per position and summed over positions), every
-query ``q``, key and value ``k``/``v`` (per key/value head under GQA) at every position, and
-every attention-pattern entry ``pattern[layer, head, q, s]`` at the metric's read rows (the
-"edges"). Per-prompt values are kept (prompts are independent rows of one batch, so the
-gradient of the summed metric gives each prompt's own gradient).
+Scored: every head's output ``z`` (per position, and summed), every query ``q``, key and value
+``k``/``v`` (per key/value head under GQA) at every position, and every pattern entry
+``pattern[layer, head, q, s]`` at the read rows (the "edges"); per prompt (prompts are
+independent rows, so the gradient of the summed metric gives each prompt's own).
 
 AtP* (Kramár et al. 2024), as implemented here:
 
@@ -51,17 +50,21 @@ are NaN where pattern edits do not reach the output) and refuses ``graddrop``/``
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..core.config import RunConfig, run_options
 from ..core.metric import Metric, MetricError, check_metric_output
 from ..core.metrics import as_metric
 from ..core.prompts import PromptSet
 from ..core.sites import Site
-from ..models.adapter import Adapter, ModelError
+from ..core.version import __version__
+from ..models.adapter import Adapter, Hooks, ModelError
 from .attribution_result import AtPResult
 from .grad_forward import GradForward, LayerActs
+from .metric_rows import check_finite_metric
 
 __all__ = ["atp", "MODES"]
 
@@ -78,13 +81,17 @@ def atp(
     qk_fix: bool = True,
     graddrop: bool = False,
     ig_steps: int = 1,
-    batch_size: int = 32,
-    fast: bool = True,
+    batch_size: int | None = None,
+    fast: bool | None = None,
+    run: RunConfig | None = None,
 ) -> AtPResult:
     """Attribution-patching scores of every head, head position, q/k/v and read-row attention
     edge (see the module docstring for the definitions). ``prompts`` must have corrupted
     prompts; ``metric`` must be differentiable in the logits it reads. ``batch_size``: prompts
-    per forward/backward. ``fast=False`` forces the bridge path."""
+    per forward/backward (default 32). ``fast=False`` forces the bridge path. ``run``: a
+    RunConfig for both (a keyword wins)."""
+    batch_size, fast = run_options(run, dict(batch_size=batch_size, fast=fast),
+                                   dict(batch_size=32, fast=True)).values()
     t0 = time.perf_counter()
     a = model if isinstance(model, Adapter) else Adapter(model)
     metric = as_metric(metric)
@@ -103,8 +110,8 @@ def atp(
         args = (a, p, metric, readout.take(idx), read_rows[idx], mode)
         parts.append(_bare_chunk(gf, *args, qk_fix, graddrop, ig_steps) if gf is not None
                      else _bridge_chunk(*args))
-    out = {k: (torch.cat([d[k] for d in parts]) if parts[0][k] is not None else None)
-           for k in parts[0]}
+    out: dict[str, Any] = {k: (torch.cat([d[k] for d in parts]) if parts[0][k] is not None
+                               else None) for k in parts[0]}  # AtPResult's fields
     gd_mean = None
     if graddrop:
         per = out.pop("graddrop_l")  # [batch, l, layer, head] signed AtP_l
@@ -130,7 +137,7 @@ def atp(
         "metric": metric.describe(),
         "batch_size": batch_size,
         "seconds": round(time.perf_counter() - t0, 3),
-        "lensattr_version": _version(),
+        "lensattr_version": __version__,
     }
     return AtPResult(**out, graddrop_of_mean=gd_mean, meta=meta)
 
@@ -166,10 +173,10 @@ def _grad_forward(a: Adapter, prompts: PromptSet, readout):
     if key in store:
         return store[key]
     # the first prompt and, under padding, the most padded one (its own mask)
-    idx = [0]
+    first = [0]
     if prompts.attention_mask is not None:
-        idx.append(int(prompts.attention_mask.sum(1).argmin()))
-    idx = torch.tensor(sorted(set(idx)))
+        first.append(int(prompts.attention_mask.sum(1).argmin()))
+    idx = torch.tensor(sorted(set(first)))
     mask = None if prompts.attention_mask is None else prompts.attention_mask[idx]
     reason = None
     for native in (True, False):  # HF's fused norms if they reproduce the bridge, else its own
@@ -191,8 +198,7 @@ def _grad_forward(a: Adapter, prompts: PromptSet, readout):
 def _metric(metric: Metric, values: Tensor, prompts: PromptSet, clean: Tensor) -> Tensor:
     out = check_metric_output(metric.compute(values, prompts, clean), values.shape[0],
                               metric.name)
-    if not torch.isfinite(out.detach()).all():
-        raise MetricError(f"metric {metric.name!r}: returned NaN or inf")
+    check_finite_metric(out.detach(), metric.name)
     return out
 
 
@@ -243,7 +249,7 @@ def _bare_chunk(gf: GradForward, a, p, metric, readout, read_rows, mode, qk_fix,
         return m.detach(), acts, g, vals.detach()
 
     sites = ("q", "k", "v", "pattern", "z")
-    grads = None
+    grads: list[Tensor] = []  # set at step 0 (ig_steps >= 1)
     for i in range(ig_steps):
         resid0 = None if i == 0 else base.resid0 + (i / ig_steps) * (other.resid0 - base.resid0)
         with torch.enable_grad():
@@ -258,8 +264,8 @@ def _bare_chunk(gf: GradForward, a, p, metric, readout, read_rows, mode, qk_fix,
     clean_vals = b_vals if mode == "noising" else o_vals
     m_other = _metric(metric, o_vals, other_p, clean_vals).detach()
     L, ns = a.n_layers, len(sites)
-    g_acts = [LayerActs(*grads[ns * la: ns * la + ns]) for la in range(L)]
-    g0_acts = [LayerActs(*g0[ns * la: ns * la + ns]) for la in range(L)]
+    g_acts = [_layer_acts(grads[ns * la: ns * la + ns]) for la in range(L)]
+    g0_acts = [_layer_acts(g0[ns * la: ns * la + ns]) for la in range(L)]
     p0 = 0 if prefix is None else prefix.p0
     out = _scores(b_acts, o_acts, g_acts, read_rows, p0)
     out["q_star"] = out["k_star"] = None
@@ -341,6 +347,12 @@ def _qk_star(b: LayerActs, o: LayerActs, g: LayerActs, allowed: Tensor, scale: f
     return q_star.float(), k_star.transpose(1, 2).float()
 
 
+def _layer_acts(ts: list[Tensor]) -> LayerActs:
+    """One layer's five tensors in the order of ``sites`` (q, k, v, pattern, z)."""
+    q, k, v, pattern, z = ts
+    return LayerActs(q, k, v, pattern, z)
+
+
 # ---- the bridge path -------------------------------------------------------------------------
 def _bridge_chunk(a: Adapter, p, metric, readout, read_rows, mode) -> dict:
     base_p, other_p = _views(p, mode)
@@ -357,8 +369,8 @@ def _bridge_chunk(a: Adapter, p, metric, readout, read_rows, mode) -> dict:
             return x + d
         return f
 
-    hooks = {(s, la): tap((s, la)) for la in range(a.n_layers)
-             for s in ((Site.Z, Site.PATTERN) if editable else (Site.Z,))}
+    hooks: Hooks = {(s, la): tap((s, la)) for la in range(a.n_layers)
+                    for s in ((Site.Z, Site.PATTERN) if editable else (Site.Z,))}
     vals = a.read_grad(base_p.tokens, base_p.attention_mask, readout, hooks)
     cv = vals.detach() if mode == "noising" else o_vals
     m = _metric(metric, vals, base_p, cv)
@@ -368,25 +380,20 @@ def _bridge_chunk(a: Adapter, p, metric, readout, read_rows, mode) -> dict:
     g = dict(zip(keys, grads, strict=True))
     _zero_gradient(metric, grads)
     m_other = _metric(metric, o_vals, other_p, vals.detach() if mode == "noising" else o_vals)
-    by_pos, edges = [], []
+    pos_terms: list[Tensor] = []
+    edge_terms: list[Tensor] = []
     for la in range(a.n_layers):
         key = (Site.Z, la)
         gz = g[key] if g[key] is not None else torch.zeros_like(taps[key][0])
-        by_pos.append(((store[key] - taps[key][0]) * gz).sum(-1))  # [batch, pos, head]
+        pos_terms.append(((store[key] - taps[key][0]) * gz).sum(-1))  # [batch, pos, head]
         key = (Site.PATTERN, la)
         if editable and g.get(key) is not None:
-            edges.append((store[key] - taps[key][0]) * g[key])
+            edge_terms.append((store[key] - taps[key][0]) * g[key])
         else:
-            edges.append(torch.full_like(store[key], torch.nan))
-    by_pos = torch.stack(by_pos, 1).float().cpu()
-    edges = torch.stack(edges, 1).float().cpu()
+            edge_terms.append(torch.full_like(store[key], torch.nan))
+    by_pos = torch.stack(pos_terms, 1).float().cpu()
+    edges = torch.stack(edge_terms, 1).float().cpu()
     edges = torch.where(read_rows[:, None, None, :, None], edges, torch.nan)
     return {"heads": by_pos.sum(2), "heads_by_pos": by_pos, "edges": edges, "q": None,
             "k": None, "v": None, "q_star": None, "k_star": None, "graddrop_l": None,
             "base": m.detach().float().cpu(), "other": m_other.detach().float().cpu()}
-
-
-def _version() -> str:
-    from ..core.version import __version__
-
-    return __version__

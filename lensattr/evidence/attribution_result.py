@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import pandas as pd
 import torch
@@ -71,7 +72,7 @@ class AtPResult:
         ``graddrop``, the paper's definition on the prompt means (``graddrop_of_mean``)."""
         if kind == "graddrop":
             self._get("graddrop")
-            return self.graddrop_of_mean
+            return cast(Tensor, self.graddrop_of_mean)  # atp() computes it with graddrop
         return self._get(kind).mean(0)
 
     def _get(self, kind: str) -> Tensor:

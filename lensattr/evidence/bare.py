@@ -24,25 +24,15 @@ import torch
 from torch import Tensor
 
 from ..core.sites import Site
+from ..models import blocks
 from ..models.adapter import Adapter, ModelError
+from ..models.blocks import apply_rotary
 
-__all__ = ["BareForward", "BARE_SITES", "apply_rotary"]
+__all__ = ["BareForward", "BARE_SITES", "apply_rotary"]  # apply_rotary: from models.blocks
 
 # hook sites the bare forward runs (every other site sends an intervention to the bridge)
 BARE_SITES = {Site.PATTERN, Site.Z, Site.Q, Site.K, Site.V, Site.RESID_FINAL,
               Site.LN_FINAL_SCALE}
-_TOL = 1e-4
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """HF's rotate-half rotary embedding on the first ``cos.shape[-1]`` dims of each head
-    (partial rotary, as GPT-NeoX): x [batch, pos, head, d_head], cos/sin [batch, pos, rot]."""
-    rd = cos.shape[-1]
-    xr, xp = x[..., :rd], x[..., rd:]
-    half = rd // 2
-    rot = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
-    out = xr * cos[:, :, None] + rot * sin[:, :, None]
-    return torch.cat((out, xp), dim=-1) if xp.shape[-1] else out
 
 
 class BareForward:
@@ -63,7 +53,7 @@ class BareForward:
         self.layers = [a.bare_layer(layer) for layer in range(a.n_layers)]
         self.rotary = self.layers[0].rotary
         store: dict = {}
-        sites = (Site.RESID_PRE, Site.K, Site.V, Site.RESID_FINAL)
+        sites: tuple[Site, ...] = (Site.RESID_PRE, Site.K, Site.V, Site.RESID_FINAL)
         sites += (Site.COS, Site.SIN) if self.rotary else ()
         try:
             a.read(tokens, attention_mask, readout, a.capture_hooks(sites, store))
@@ -72,7 +62,8 @@ class BareForward:
         n, p = tokens.shape
         self.resid = [store[(Site.RESID_PRE, layer)] for layer in range(a.n_layers)]
         self.resid_final = store[(Site.RESID_FINAL, None)]
-        self.cos = self.sin = None
+        self.cos: Tensor | None = None
+        self.sin: Tensor | None = None
         if self.rotary:
             if (Site.COS, 0) not in store:
                 raise ModelError("bare forward: rotary model without hook_cos")
@@ -85,14 +76,15 @@ class BareForward:
         keys = (torch.ones(n, p, dtype=torch.bool, device=dev) if attention_mask is None
                 else attention_mask.to(dev).bool())
         self.key_ok = keys  # [batch, key_pos]
-        self.kv_map = torch.tensor([a.kv_head(h) for h in range(a.n_heads)], device=dev)
-        self.ok, self.reason = False, "not checked"
+        self.kv_map = blocks.kv_map(a, dev)
+        self.ok = False
+        self.reason: str | None = "not checked"
         self.n_pos = p
         self.read_last = readout.positions is not None and bool(
             (readout.positions == p - 1).all())
 
     def _rot(self, x, cos, sin):
-        return apply_rotary(x, cos.to(x.dtype), sin.to(x.dtype)) if self.rotary else x
+        return blocks.rotate(x, cos, sin) if self.rotary else x
 
     # ---- the forward -------------------------------------------------------------------
     def run(self, idx: Tensor, first_layer: int, first_pos: int, hooks: dict,
@@ -158,60 +150,52 @@ class BareForward:
         ones serve as keys and values only); with ``read`` [rows] only each row's read
         position comes out ([rows, 1, d_model]), keys and values still from every position."""
         w = self.layers[layer]
-        q0 = p0 if q0 is None else q0
-        h = w.ln1(x)
-        attn = self._attention(layer, w, h, idx, p0, hooks, q0, read)
-        if read is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), read][:, None]
-        else:
-            x = x[:, q0 - p0:]
-        if w.parallel:
-            return x + attn + w.mlp(w.ln2(x))
-        x = x + attn
-        return x + w.mlp(w.ln2(x))
+        q = p0 if q0 is None else q0
+
+        def keep(t: Tensor) -> Tensor:
+            if read is not None:
+                return t[torch.arange(t.shape[0], device=t.device), read][:, None]
+            return t[:, q - p0:]
+
+        return blocks.block(w, x, lambda h: self._attention(layer, w, h, idx, p0, hooks, q, read),
+                            keep)
 
     def _attention(self, layer, w, h, idx, p0, hooks, q0, read=None) -> Tensor:
         """Attention output of query positions ``q0..`` (or each row's ``read`` position):
         [rows, q, d_model]; keys and values of positions ``p0..`` from ``h``, earlier ones
         from the cache."""
-        W_QKV, b_QKV, W_O = w.W_QKV, w.b_QKV, w.W_O_flat
-        r, nq, _ = h.shape
-        H, kvh, dh = self.a.n_heads, self.a.n_kv_heads, self.a.d_head
-        # [rows, q, (head + 2 kv_head) * d_head]; addmm, as HF's projections compute it
-        qkv = torch.addmm(b_QKV, h.reshape(r * nq, -1), W_QKV).view(r, nq, -1)
-        q, k, v = qkv.split((H * dh, kvh * dh, kvh * dh), dim=-1)
-        q, k, v = q.view(r, nq, H, dh), k.view(r, nq, kvh, dh), v.view(r, nq, kvh, dh)
+        r = h.shape[0]
+        H = self.a.n_heads
+        q, k, v = blocks.project_qkv(w, h, H, self.a.n_kv_heads, self.a.d_head)
         if (Site.Q, layer) in hooks or (Site.K, layer) in hooks or (Site.V, layer) in hooks:
             q, k, v = self._edit_qkv(layer, hooks, p0, q, k, v)  # before rotary, as hook_q/k
         if read is None and q0 > p0:  # queries from q0 only
             q = q[:, q0 - p0:]
-            nq = q.shape[1]
         qs = p0 if read is not None else q0
         if self.rotary:
+            assert self.cos is not None and self.sin is not None
             q = self._rot(q, self.cos[idx, qs:], self.sin[idx, qs:])
             k = self._rot(k, self.cos[idx, p0:], self.sin[idx, p0:])
         if p0 > 0:  # positions before p0 are unchanged: their cached keys and values
             k = torch.cat((self.k[layer][idx, :p0], k), dim=1)  # [rows, key, kv_head, d_head]
             v = torch.cat((self.v[layer][idx, :p0], v), dim=1)
-        if kvh != H:
-            k, v = k[:, :, self.kv_map], v[:, :, self.kv_map]  # per query head
+        k, v = blocks.per_query_head(k, v, self.kv_map, H)  # [rows, key, head, d_head]
         nk = k.shape[1]
         if read is not None:  # only the read row's query: [rows, 1, head, d_head]
-            q, nq = q[torch.arange(r, device=q.device), read][:, None], 1
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [rows, head, ., d]
-        scores = (q @ k.transpose(-1, -2)) * w.scale  # [rows, head, q, key]
-        allowed = (self._allowed(idx, q0, nq) if read is None
-                   else self._allowed_at(idx, p0 + read, nk))
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            q = q[torch.arange(r, device=q.device), read][:, None]
+            qpos = (p0 + read)[:, None]  # [rows, 1]
+        else:
+            qpos = torch.arange(q0, q0 + q.shape[1], device=idx.device)
+        ok = blocks.allowed(self.key_ok[idx, :nk], qpos)[:, None]  # [rows, 1, q, key]
+        pattern = blocks.attention_pattern(q, k, w.scale, ok)  # [rows, head, q, key]
         f = hooks.get((Site.PATTERN, layer))
         if f is not None:
             pattern = f(pattern, q0)
-        z = (pattern @ v).transpose(1, 2)  # [rows, q, head, d_head]
+        z = blocks.mix(pattern, v)  # [rows, q, head, d_head]
         f = hooks.get((Site.Z, layer))
         if f is not None:
             z = f(z, q0)
-        return torch.addmm(w.b_O, z.reshape(r * nq, H * dh), W_O).view(r, nq, -1)
+        return blocks.project_out(w, z)
 
     @staticmethod
     def _edit_qkv(layer, hooks, p0, q, k, v):
@@ -222,37 +206,20 @@ class BareForward:
             out.append(t if f is None else f(t, p0))
         return out
 
-    def _allowed_at(self, idx: Tensor, qpos: Tensor, nk: int) -> Tensor:
-        """[rows, 1, 1, key]: may each row's one query (at ``qpos`` [rows]) attend to key j."""
-        causal = torch.arange(nk, device=idx.device)[None] <= qpos[:, None]  # [rows, key]
-        return (causal & self.key_ok[idx, :nk])[:, None, None, :]
-
-    def _allowed(self, idx: Tensor, p0: int, nq: int) -> Tensor:
-        """[rows, 1, q, key] may query p0 + i attend to key j (causal mask and padding)."""
-        nk = p0 + nq
-        qpos = torch.arange(p0, nk, device=idx.device)
-        causal = torch.arange(nk, device=idx.device)[None] <= qpos[:, None]  # [q, key]
-        return causal[None, None] & self.key_ok[idx, :nk][:, None, None, :]
-
-
     # ---- the check against the bridge ---------------------------------------------------
     def check(self, clean_values: Tensor, first_pos: int) -> bool:
         """Does the bare forward reproduce the bridge's clean readout, from layer 0 over all
         positions and from layer 0 over positions ``first_pos..``? Sets ``ok``/``reason``."""
         idx = torch.arange(self.resid[0].shape[0])
-        try:
-            for p0 in sorted({0, first_pos}):
-                got = self.run(idx, 0, p0, {}, self.readout).float().cpu()
-                want = clean_values.float().cpu()
-                if got.shape != want.shape or not torch.allclose(got, want, atol=_TOL,
-                                                                  rtol=_TOL):
-                    diff = (got - want).abs().max().item() if got.shape == want.shape else None
-                    self.ok, self.reason = False, (
-                        f"the hook-free forward from position {p0} differs from the bridge's "
-                        f"clean readout (max |diff| {diff}); using the bridge path")
-                    return False
-        except Exception as e:  # an architecture the bare blocks do not cover
-            self.ok, self.reason = False, f"hook-free forward failed ({type(e).__name__}: {e})"
-            return False
-        self.ok, self.reason = True, None
-        return True
+
+        def case(p0: int):
+            return lambda: (self.run(idx, 0, p0, {}, self.readout).float().cpu(),
+                            clean_values.float().cpu())
+
+        self.reason = blocks.check_forward(
+            ((p0, case(p0)) for p0 in sorted({0, first_pos})),
+            lambda p0, diff: (f"the hook-free forward from position {p0} differs from the "
+                              f"bridge's clean readout (max |diff| {diff}); using the bridge "
+                              "path"))
+        self.ok = self.reason is None
+        return self.ok

@@ -63,7 +63,7 @@ class EvidenceStore:
         self.runs: dict[str, dict] = {}  # run key -> its parts, for every run in the file
         self.reason: str | None = None  # why a checkpoint on disk gave no hits, if it did not
         if self.path is not None and self.path.exists():
-            self._load()
+            self._load(self.path)
 
     # ---- entries -----------------------------------------------------------------------
     def get(self, key: str, with_delta: bool) -> tuple[Tensor, Tensor | None] | None:
@@ -96,14 +96,15 @@ class EvidenceStore:
         tmp.replace(self.path)
         self.runs = runs
 
-    def _load(self) -> None:
+    def _load(self, path: Path) -> None:
+        """Read the file at ``path`` (this store's ``path``)."""
         try:
-            with safe_open(str(self.path), "pt") as f:
+            with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
                 entries = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # any unreadable file is set aside, never lost
-            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
-            self.path.replace(aside)
+            aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+            path.replace(aside)
             self.reason = f"unreadable ({type(err).__name__}: {err}); moved to {aside}"
             warnings.warn(f"checkpoint {self.path}: {self.reason}; starting afresh",
                           stacklevel=4)

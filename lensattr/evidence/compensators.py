@@ -74,7 +74,7 @@ class Compensators:
         rows = []
         d = self.delta
         for i, c in enumerate(self.components):
-            ablated = c.kind == "head" and HeadId(c.layer, c.head) == self.head
+            ablated = c.kind == "head" and (c.layer, c.head) == self.head
             rows.append(self._row(c.kind, c.name, c.layer, c.head, d[:, i],
                                   "ablated" if ablated else "candidate",
                                   self.clean[:, i], self.ablated[:, i]))

@@ -25,6 +25,7 @@ silently wrong decomposition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import pandas as pd
 import torch
@@ -126,7 +127,7 @@ def linear_weights(metric: Metric, prompts: PromptSet, readout: Readout) -> Tens
             "logit columns at one position (e.g. LogitDiff); this one reads "
             f"{readout.kind!r}"
         )
-    n, k = readout.columns.shape
+    n, k = cast(Tensor, readout.columns).shape  # a "columns" readout names its columns
     zero = torch.zeros(n, k)
     base = metric.compute(zero, prompts, None).float()
     w = torch.stack([metric.compute(zero + torch.eye(k)[j], prompts, None).float() - base
@@ -146,8 +147,10 @@ def readout_direction(adapter: Adapter, scale: Tensor, readout: Readout, weights
     norm = adapter.final_norm()
     W_U, b_U = adapter.unembed()  # [d_model, d_vocab], [d_vocab]
     dev = W_U.device
-    cols, w = readout.columns.to(dev), weights.to(dev, W_U.dtype)  # [batch, k]
-    pos = readout.positions.to(dev)
+    # a "columns" readout (the one linear_weights admits): its columns and positions are set
+    cols = cast(Tensor, readout.columns).to(dev)
+    w = weights.to(dev, W_U.dtype)  # [batch, k]
+    pos = cast(Tensor, readout.positions).to(dev)
     u = torch.einsum("dbk,bk->bd", W_U[:, cols], w)  # [batch, d_model]
     g = u * norm.weight  # [batch, d_model]
     if norm.kind == "layernorm":  # (c - mean c) . g == c . (g - mean g)

@@ -15,23 +15,27 @@ Devices: reference activations, masks and accumulators live on the model's devic
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..core.metric import Metric, MetricError, check_metric_output
+# MetricError, check_metric_output, BARE_SITES, METHOD_CODE, HookBuilders, pattern_hook: still
+# importable from here, as before the chunk planning and forward moved out (issue 18)
+from ..core.config import RunConfig, run_options
+from ..core.metric import Metric, MetricError, check_metric_output  # noqa: F401
 from ..core.metrics import as_metric
 from ..core.prompts import PromptSet
 from ..core.sites import Site
 from ..core.types import AblationMethod
 from ..models.adapter import Adapter, ModelError
-from .bare import BARE_SITES, BareForward
+from .bare import BARE_SITES, BareForward  # noqa: F401
 from .checkpoint import EvidenceStore
-from .hooks import METHOD_CODE, HookBuilders, pattern_hook
+from .chunk_forward import ChunkForward
+from .engine_result import EngineResult
+from .hooks import METHOD_CODE, HookBuilders, pattern_hook  # noqa: F401
 from .interventions import Intervention, digest
 from .memory import position_bytes
 from .run_identity import metric_identity, prompts_digest
@@ -46,30 +50,7 @@ ENGINE_SEMANTICS = 2  # 2: zero baseline keeps b_V (value bias)
 _CPU = torch.device("cpu")
 
 
-@dataclass
-class EngineResult:
-    """Per-prompt metric values of each intervention.
-
-    values: ``[intervention, batch]`` metric on each prompt (NaN where an intervention was not
-        computable, e.g. renormalised knockout with no mass left).
-    head_delta: ``[intervention, batch, layer, head_index]`` norm of the change of every head's
-        output (z @ W_O) at the metric's read position, or None when not tracked.
-    digests: each intervention's :meth:`~.Intervention.digest` (what keyed its result).
-    n_reused: how many results came from the cache or checkpoint instead of a forward pass.
-    All tensors are on the CPU.
-    """
-
-    labels: list[str]
-    values: Float[Tensor, "intervention batch"]
-    head_delta: Float[Tensor, "intervention batch layer head_index"] | None = None
-    digests: list[str] = field(default_factory=list)
-    n_reused: int = 0
-
-    def __getitem__(self, label: str) -> Tensor:
-        return self.values[self.labels.index(label)]
-
-
-class Engine(HookBuilders):
+class Engine(ChunkForward):
     """Clean and corrupted reference runs plus batched interventions for one prompt set.
 
     ``checkpoint``: a safetensors file; results are saved there after every chunk and reused
@@ -83,12 +64,20 @@ class Engine(HookBuilders):
         prompts: PromptSet,
         metric,
         *,
-        batch_size: int = 64,
-        progress: bool = True,
+        batch_size: int | None = None,
+        progress: bool | None = None,
         checkpoint: str | Path | None = None,
-        fast: bool = True,
+        fast: bool | None = None,
         memory_budget: int | None = None,
+        run: RunConfig | None = None,
     ):
+        # run options: a keyword wins, then ``run`` (a RunConfig), then 64 / True / True
+        o = run_options(run, dict(batch_size=batch_size, progress=progress,
+                                  checkpoint=checkpoint, fast=fast, memory_budget=memory_budget),
+                        dict(batch_size=64, progress=True, checkpoint=None, fast=True,
+                             memory_budget=None))
+        batch_size, progress, checkpoint = o["batch_size"], o["progress"], o["checkpoint"]
+        fast, memory_budget = o["fast"], o["memory_budget"]
         self.adapter = model if isinstance(model, Adapter) else Adapter(model)
         self.prompts = prompts
         self.metric: Metric = as_metric(metric)
@@ -102,7 +91,7 @@ class Engine(HookBuilders):
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         self.memory_budget = None if memory_budget is None else int(memory_budget)
         self.progress = progress
-        self.bar = None  # an outside progress bar (e.g. the audit's) that run() advances
+        self.bar: Any = None  # an outside progress bar (e.g. the audit's) that run() advances
         a, n = self.adapter, len(prompts)
         self.device = a.device
         self.weights_hash = a.weights_hash()  # bit for bit, computed afresh
@@ -205,34 +194,6 @@ class Engine(HookBuilders):
         v = self.prompts.valid.to(z.device, z.dtype)[:, :, None, None]  # [batch, pos, 1, 1]
         return (z * v).sum(0) / v.sum(0).clamp(min=1)
 
-    def _read_pos(self, readout) -> Tensor:
-        if readout.positions is not None:
-            return readout.positions
-        return self.prompts.roles["END"]
-
-    def _metric(self, values, prompts: PromptSet, clean, invalid: Tensor | None = None
-                ) -> Tensor:
-        """The metric per row (on the CPU), after checking the readout; rows marked ``invalid``
-        (edits that could not be made) are NaN and exempt from the checks. The metric computes
-        on the readout's device."""
-        n = values.shape[0]
-        invalid = (torch.zeros(n, dtype=torch.bool, device=values.device) if invalid is None
-                   else invalid.to(values.device))
-        values = values.float()
-        if (~torch.isfinite(values.reshape(n, -1)).all(1) & ~invalid).any():
-            raise MetricError(
-                "model output: NaN or inf in the logits read by the metric; check the model's "
-                "weights, inputs and interventions"
-            )
-        values[invalid] = 0.0
-        out = check_metric_output(self.metric.compute(values, prompts, clean), n,
-                                  self.metric.name).detach().cpu().clone()
-        invalid = invalid.cpu()
-        if not torch.isfinite(out[~invalid]).all():
-            raise MetricError(f"metric {self.metric.name!r}: returned NaN or inf")
-        out[invalid] = float("nan")
-        return out
-
     # ---- interventions -----------------------------------------------------------------
     def validate(self, iv: Intervention) -> None:
         n, p = len(self.prompts), self.prompts.n_pos
@@ -305,7 +266,7 @@ class Engine(HookBuilders):
                 todo.setdefault(key, k)
         order = sorted(todo.values(), key=lambda k: self._reach(interventions[k]))
         own = self.bar is None
-        bar = self.bar if not own else tqdm(
+        bar = self.bar if self.bar is not None else tqdm(
             total=len(order), desc=desc, disable=not self.progress or not order, leave=False
         )
         if not own:
@@ -313,7 +274,7 @@ class Engine(HookBuilders):
         for ks in self._chunks(interventions, order):
             v, d = self._run_chunk([interventions[k] for k in ks], track_heads)
             for j, k in enumerate(ks):
-                self._store.put(keys[k], v[j], d[j] if track_heads else None)
+                self._store.put(keys[k], v[j], d[j] if track_heads and d is not None else None)
             self._store.save()
             bar.update(len(ks))
         if own:
@@ -321,11 +282,11 @@ class Engine(HookBuilders):
         values = torch.full((len(interventions), n), float("nan"), device=_CPU)
         delta = (torch.zeros(len(interventions), n, a.n_layers, a.n_heads, device=_CPU)
                  if track_heads else None)
-        for k, key in enumerate(keys):
-            v, d = self._store.get(key, track_heads)
+        for k, key in enumerate(keys):  # every key is in the store by now
+            v, d = cast(tuple[Tensor, Tensor | None], self._store.get(key, track_heads))
             values[k] = v
-            if track_heads:
-                delta[k] = d
+            if delta is not None:  # tracking heads: the store gave the deltas too
+                delta[k] = cast(Tensor, d)
         reused = sum(1 for k, key in enumerate(keys) if todo.get(key) != k)
         return EngineResult(labels, values, delta, keys, reused)
 
@@ -336,133 +297,3 @@ class Engine(HookBuilders):
                 f"model: its weights changed after this Engine was built (weights hash "
                 f"{self.weights_hash} -> {now}); its reference runs are stale, build a new Engine"
             )
-
-    def _chunks(self, ivs: list[Intervention], order: list[int]) -> list[list[int]]:
-        """Interventions to run together, within ``memory_budget``. On the bridge:
-        ``batch_size`` rows per chunk. On the hook-free forward: interventions of one reach
-        (first layer, first position) together, as many as ``batch_size`` full-length rows'
-        worth of positions (an edit of the read row alone costs one position per row)."""
-        n, p = len(self.prompts), self.prompts.n_pos
-        if self._bare is None:
-            per = max(1, min(self.batch_size, self._budget_positions() // p) // n)
-            return [order[i : i + per] for i in range(0, len(order), per)]
-        out: list[list[int]] = []
-        last = None
-        for k in order:
-            reach = self._reach(ivs[k])
-            q = p - min(reach[1], p - 1)  # positions each row runs
-            per = max(1, min(self.batch_size * p, self._budget_positions()) // (q * n))
-            if reach != last or len(out[-1]) >= per:
-                out.append([])
-            out[-1].append(k)
-            last = reach
-        return out
-
-    def _budget_positions(self) -> int:
-        """How many (row, position) pairs of the hook-free forward fit ``memory_budget``."""
-        if self.memory_budget is None:
-            return 1 << 62
-        return self.memory_budget // self._bytes_per_position
-
-    def _reach(self, iv: Intervention) -> tuple[int, int]:
-        """(first layer, first query position) that ``iv`` edits: nothing before either can
-        change in a causal model. Direct paths edit only the final residual; the read
-        positions are always included."""
-        a, first = self.adapter, int(self._read_pos(self.readout).min())
-        layer = min(iv.layers(), default=a.n_layers)
-        for ab in iv.ablations:
-            if ab.rows is None:
-                return layer, 0
-            hit = ab.rows.any(0).nonzero()
-            first = min(first, int(hit[0]) if len(hit) else first)
-        for e in iv.edges:
-            hit = e.remove.any(0).any(-1).nonzero()  # query positions with a removed edge
-            first = min(first, int(hit[0]) if len(hit) else first)
-        return layer, first
-
-    def _run_chunk(self, ivs: list[Intervention], track: bool):
-        """One forward pass for ``ivs``: on the hook-free forward from the first edited layer
-        and position where it can run (see :mod:`.bare`), else on the bridge. Masks and codes
-        are assembled on the CPU (many small writes) and moved to the model's device once per
-        layer; results return on the CPU."""
-        a, n, dev = self.adapter, len(self.prompts), self.device
-        idx = torch.arange(n, device=_CPU).repeat(len(ivs))  # row r -> prompt r % n
-        R = idx.shape[0]
-        hooks, invalid = {}, torch.zeros(R, dtype=torch.bool, device=dev)
-        p = self.prompts.n_pos
-        for layer in sorted(set().union(*(iv.layers() for iv in ivs))):
-            codes = torch.zeros(R, p, a.n_heads, dtype=torch.long, device=_CPU)  # [rows, pos, head]
-            remove = base = wonly = None
-            renorm = torch.zeros(R, a.n_heads, dtype=torch.bool, device=_CPU)
-            for k, iv in enumerate(ivs):
-                rows = slice(k * n, (k + 1) * n)
-                for ab in iv.ablations:
-                    if ab.head.layer == layer:
-                        at = (torch.ones(n, p, dtype=torch.bool, device=_CPU) if ab.rows is None
-                              else ab.rows.cpu())
-                        c = codes[rows, :, ab.head.head]
-                        c[at] = METHOD_CODE[ab.method]
-                for e in iv.edges:
-                    if e.head.layer == layer:
-                        if remove is None:
-                            remove = torch.zeros(R, a.n_heads, p, p, dtype=torch.bool,
-                                                 device=_CPU)
-                            base = torch.zeros(R, a.n_heads, dtype=torch.long, device=_CPU)
-                            wonly = torch.zeros(R, a.n_heads, dtype=torch.bool, device=_CPU)
-                        remove[rows, e.head.head] |= e.remove.cpu()
-                        wonly[rows, e.head.head] |= e.weights_only
-                        renorm[rows, e.head.head] |= e.renormalise
-                        if e.baseline != AblationMethod.ZERO:
-                            if (base[rows, e.head.head] > 0).any():
-                                raise ValueError(
-                                    f"interventions: {iv.label!r} edits head {e.head} twice "
-                                    "with a replacement baseline; merge the masks into one edit"
-                                )
-                            base[rows, e.head.head] = METHOD_CODE[e.baseline]
-            if wonly is not None and bool((wonly & renorm).any()):
-                raise ValueError(
-                    f"interventions: an intervention of layer {layer} both renormalises a "
-                    "head's rows and replaces its weights (weights_only); use separate "
-                    "interventions")
-            codes, renorm = codes.to(dev), renorm.to(dev)
-            edge_z = None
-            if remove is not None:
-                remove, base, wonly = remove.to(dev), base.to(dev), wonly.to(dev)
-                weights = self._weight_terms(layer, remove, base, wonly, idx)
-                biased = bool(self._value_bias(layer).any())  # b_V kept out of edits
-                counted = remove & ~wonly[:, :, None, None] & ~renorm[:, :, None, None]
-                stash = {} if biased and self._editable else None
-                if self._editable:
-                    hooks[(Site.PATTERN, layer)] = pattern_hook(remove, renorm, invalid, weights,
-                                                                stash, counted)
-                else:  # attention delegated to HF: edit the head outputs instead (exact)
-                    edge_z = self._edge_z_hook(layer, remove, renorm, invalid, idx, weights)
-                if (base > 0).any():
-                    edge_z = self._edge_baseline_hook(layer, remove & ~wonly[:, :, None, None],
-                                                      base, idx, edge_z)
-                if biased:
-                    edge_z = self._bias_hook(layer, counted, base, idx, stash, edge_z)
-            if (codes > 0).any() or edge_z is not None:
-                hooks[(Site.Z, layer)] = self._z_hook(layer, codes, idx, edge_z)
-        if any(iv.direct for iv in ivs):
-            self._direct_hooks(ivs, idx, hooks)
-        if track:
-            deltas = torch.zeros(R, a.n_layers, a.n_heads, device=dev)
-            pos = self._read_pos(self.readout)[idx]
-            for layer in range(a.n_layers):
-                inner = hooks.get((Site.Z, layer))
-                hooks[(Site.Z, layer)] = self._track_hook(layer, inner, idx, pos, deltas)
-        prompts = self.prompts.take(idx)
-        if self._bare is not None and {k[0] for k in hooks} <= BARE_SITES:
-            reach = [self._reach(iv) for iv in ivs]
-            layer, first = min(r[0] for r in reach), min(r[1] for r in reach)
-            vals = self._bare.run(idx, layer, first, hooks, self.readout.take(idx))
-            self.n_rows["bare"] += R
-            self.work += R * self._bare.work(layer, first)
-        else:
-            vals = a.read(prompts.tokens, prompts.attention_mask, self.readout.take(idx), hooks)
-            self.n_rows["bridge"] += R
-            self.work += R
-        out = self._metric(vals, prompts, self.clean_values[idx], invalid)
-        d = deltas.reshape(len(ivs), n, a.n_layers, a.n_heads).cpu() if track else None
-        return out.reshape(len(ivs), n), d

@@ -34,12 +34,10 @@ from torch import Tensor
 
 from ..core.metric import Readout
 from ..core.sites import Site
-from ..models.adapter import Adapter, ModelError
-from .bare import apply_rotary
+from ..models import blocks
+from ..models.adapter import Adapter, BareLayer, ModelError
 
 __all__ = ["GradForward", "LayerActs", "Embedded", "Prefix"]
-
-_TOL = 1e-4
 
 
 @dataclass
@@ -63,7 +61,8 @@ class LayerActs:
         return [self.q, self.k, self.v, self.pattern, self.z]
 
     def detached(self) -> LayerActs:
-        return LayerActs(*(t.detach() for t in self.tensors()), p0=self.p0, k_pre=self.k_pre)
+        q, k, v, pattern, z = (t.detach() for t in self.tensors())
+        return LayerActs(q, k, v, pattern, z, p0=self.p0, k_pre=self.k_pre)
 
     def k_all(self) -> Tensor:
         """Keys of every position [batch, pos, kv_head, d_head], prefix included."""
@@ -121,18 +120,18 @@ class GradForward:
         self.layers = [a.bare_layer(layer) for layer in range(a.n_layers)]
         self.native_norms = False  # True when some norm is HF's fused one
         if native_norms:  # HF's fused LayerNorm where the block has one (not TL's arithmetic)
-            blocks = a.model.blocks
-            native = [w._replace(ln1=_native(blocks[i].ln1), ln2=_native(blocks[i].ln2))
+            hf_blocks = a.model.blocks
+            native = [w._replace(ln1=_native(hf_blocks[i].ln1), ln2=_native(hf_blocks[i].ln2))
                       for i, w in enumerate(self.layers)]
             self.native_norms = any(n.ln1 is not w.ln1 or n.ln2 is not w.ln2
                                     for n, w in zip(native, self.layers, strict=True))
             self.layers = native
         self.rotary = self.layers[0].rotary
-        self.kv_map = torch.tensor([a.kv_head(h) for h in range(a.n_heads)], device=a.device)
+        self.kv_map = blocks.kv_map(a)
 
     def embed(self, tokens: Tensor, attention_mask: Tensor | None) -> Embedded:
         """Block 0's input from the bridge (embedding, positions), stopping inside layer 0."""
-        a, store = self.a, {}
+        a, store = self.a, dict[tuple[Site, int | None], Tensor]()
         sites = (Site.RESID_PRE,) + ((Site.COS, Site.SIN) if self.rotary else ())
         hooks = a.capture_hooks(sites, store)
         # stop once block 0's input (and, rotary, its cos/sin: inside the attention) is seen
@@ -161,9 +160,10 @@ class GradForward:
         def half(t, s):
             return None if t is None else t[s]
 
-        return tuple(Embedded(*(half(t, s) for t in (both.resid0, both.cos, both.sin,
-                                                     both.key_ok)))
-                     for s in (slice(0, n), slice(n, 2 * n)))
+        lo, hi = (Embedded(half(both.resid0, s), half(both.cos, s), half(both.sin, s),
+                           half(both.key_ok, s))
+                  for s in (slice(0, n), slice(n, 2 * n)))
+        return lo, hi
 
     def run(self, emb: Embedded, readout, resid0: Tensor | None = None,
             drop_layer: int | None = None, prefix: Prefix | None = None
@@ -176,26 +176,20 @@ class GradForward:
             emb = emb.window(p0)
             resid0 = None if resid0 is None else resid0[:, p0:]
         x = emb.resid0 if resid0 is None else resid0
-        acts = []
+        acts: list[LayerActs] = []
         rows = torch.arange(x.shape[0], device=x.device)
         read = readout.positions.to(x.device) - p0  # [batch] the one row each prompt reads
         if bool((read < 0).any()):
             raise ValueError(f"prefix: ends at {p0}, after a read position")
         last = len(self.layers) - 1
         for layer, w in enumerate(self.layers):
-            h = w.ln1(x)
             kv = None if prefix is None else (prefix.k[layer], prefix.v[layer])
             # the last block: only the read rows reach the readout: [batch, 1, d_model]
             only = read if layer == last else None
-            attn, la = self._attention(layer, w, h, emb, kv, only)
-            acts.append(la)
+            out = blocks.block(w, x, self._attend(w, emb, kv, only, acts),
+                               None if only is None else (lambda t: t[rows, read][:, None]))
             if only is not None:
                 x = x[rows, read][:, None]
-            if w.parallel:
-                out = x + attn + w.mlp(w.ln2(x))
-            else:
-                mid = x + attn
-                out = mid + w.mlp(w.ln2(mid))
             if layer == drop_layer:  # same value; the gradient skips this block's contribution
                 out = out.detach() + (x - x.detach())
             x = out
@@ -211,6 +205,7 @@ class GradForward:
         same &= (first.key_ok == second.key_ok).all(0)
         for a, b in ((first.cos, second.cos), (first.sin, second.sin)):
             if a is not None:
+                assert b is not None  # both runs rotary
                 same &= (a == b).all(-1).all(0)
         p0 = int(same.long().cumprod(0).sum())
         return min(p0, int(read.min()))
@@ -226,50 +221,50 @@ class GradForward:
             x = head.resid0
             last = len(self.layers) - 1
             for layer, w in enumerate(self.layers):
-                h = w.ln1(x)
                 if layer == last:  # only its keys and values are needed
-                    _, k, v = self._qkv(w, h, head)
+                    _, k, v = self._qkv(w, w.ln1(x), head)
                     ks.append(k)
                     vs.append(v)
                     break
-                attn, la = self._attention(layer, w, h, head, None, None)
-                ks.append(la.k)
-                vs.append(la.v)
-                if w.parallel:
-                    x = x + attn + w.mlp(w.ln2(x))
-                else:
-                    mid = x + attn
-                    x = mid + w.mlp(w.ln2(mid))
+                acts: list[LayerActs] = []
+                x = blocks.block(w, x, self._attend(w, head, None, None, acts))
+                ks.append(acts[0].k)
+                vs.append(acts[0].v)
         return Prefix(p0, ks, vs)
 
-    def _qkv(self, w, h, emb: Embedded) -> tuple[Tensor, Tensor, Tensor]:
-        r, n, _ = h.shape
-        H, kvh, dh = self.a.n_heads, self.a.n_kv_heads, self.a.d_head
-        qkv = torch.addmm(w.b_QKV, h.reshape(r * n, -1), w.W_QKV).view(r, n, -1)
-        q, k, v = qkv.split((H * dh, kvh * dh, kvh * dh), dim=-1)
-        q, k, v = q.view(r, n, H, dh), k.view(r, n, kvh, dh), v.view(r, n, kvh, dh)
+    def _qkv(self, w: BareLayer, h: Tensor, emb: Embedded) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = blocks.project_qkv(w, h, self.a.n_heads, self.a.n_kv_heads, self.a.d_head)
         if self.rotary:
-            q = apply_rotary(q, emb.cos.to(q.dtype), emb.sin.to(q.dtype))
-            k = apply_rotary(k, emb.cos.to(k.dtype), emb.sin.to(k.dtype))
+            assert emb.cos is not None and emb.sin is not None
+            q = blocks.rotate(q, emb.cos, emb.sin)
+            k = blocks.rotate(k, emb.cos, emb.sin)
         return q, k, v
 
-    def _attention(self, layer, w, h, emb: Embedded, kv_pre: tuple[Tensor, Tensor] | None,
+    def _attend(self, w: BareLayer, emb: Embedded, kv_pre: tuple[Tensor, Tensor] | None,
+                only: Tensor | None, acts: list[LayerActs]):
+        """The attention of one block (``h -> output``, see :meth:`_attention`) that appends
+        the layer's activations to ``acts``."""
+        def attend(h: Tensor) -> Tensor:
+            out, la = self._attention(w, h, emb, kv_pre, only)
+            acts.append(la)
+            return out
+        return attend
+
+    def _attention(self, w: BareLayer, h: Tensor, emb: Embedded,
+                   kv_pre: tuple[Tensor, Tensor] | None,
                    only: Tensor | None) -> tuple[Tensor, LayerActs]:
         """The attention block's output and activations of query rows ``emb.q0``.. ;
         ``kv_pre``: the cached keys and values of the positions before; ``only`` [rows]: the
         output at that one row of each prompt ([rows, 1, d_model]), the activations at all."""
-        r, n, _ = h.shape
-        H, kvh, dh = self.a.n_heads, self.a.n_kv_heads, self.a.d_head
+        r = h.shape[0]
         q, k, v = self._qkv(w, h, emb)
         ka, va = (k, v) if kv_pre is None else (torch.cat((kv_pre[0], k), 1),
                                                 torch.cat((kv_pre[1], v), 1))
-        kq, vq = (ka[:, :, self.kv_map], va[:, :, self.kv_map]) if kvh != H else (ka, va)
-        scores = (q.transpose(1, 2) @ kq.permute(0, 2, 3, 1)) * w.scale  # [rows, head, q, key]
-        scores = scores.masked_fill(~self.allowed(emb)[:, None], torch.finfo(scores.dtype).min)
-        pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        z = (pattern @ vq.transpose(1, 2)).transpose(1, 2)  # [rows, pos, head, d_head]
+        kq, vq = blocks.per_query_head(ka, va, self.kv_map, self.a.n_heads)
+        pattern = blocks.attention_pattern(q, kq, w.scale, self.allowed(emb)[:, None])
+        z = blocks.mix(pattern, vq)  # [rows, pos, head, d_head]
         zo = z if only is None else z[torch.arange(r, device=z.device), only][:, None]
-        out = torch.addmm(w.b_O, zo.reshape(-1, H * dh), w.W_O_flat).view(r, zo.shape[1], -1)
+        out = blocks.project_out(w, zo)
         k_pre = None if kv_pre is None else kv_pre[0]
         return out, LayerActs(q, k, v, pattern, z, p0=emb.q0, k_pre=k_pre)
 
@@ -278,20 +273,17 @@ class GradForward:
         """[rows, query_pos, key_pos]: may query i attend to key j (causal and padding), for
         the query rows ``emb.q0``.. and every key."""
         p = emb.key_ok.shape[1]
-        causal = torch.ones(p, p, dtype=torch.bool, device=emb.key_ok.device).tril()
-        return causal[None, emb.q0:] & emb.key_ok[:, None, :]
+        return blocks.allowed(emb.key_ok, torch.arange(emb.q0, p, device=emb.key_ok.device))
 
     def check(self, tokens: Tensor, attention_mask: Tensor | None, readout) -> str | None:
         """None when this forward reproduces the bridge's readout of ``tokens`` (≤1e-4),
         else the reason it cannot be used."""
-        try:
+        def compute() -> tuple[Tensor, Tensor]:
             with torch.no_grad():
                 want = self.a.read(tokens, attention_mask, readout).float()
                 got, _ = self.run(self.embed(tokens, attention_mask), readout)
-        except Exception as e:  # an architecture the bare blocks do not cover
-            return f"hook-free forward failed ({type(e).__name__}: {e})"
-        got = got.float()
-        if got.shape != want.shape or not torch.allclose(got, want, atol=_TOL, rtol=_TOL):
-            diff = (got - want).abs().max().item() if got.shape == want.shape else None
-            return f"hook-free forward differs from the bridge (max |diff| {diff})"
-        return None
+            return got, want
+
+        return blocks.check_forward(
+            [(None, compute)],
+            lambda _, diff: f"hook-free forward differs from the bridge (max |diff| {diff})")

@@ -7,11 +7,18 @@ tensors (clean and corrupted z, values and patterns, means, the final norm's sca
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import Tensor
 
 from ..core.sites import Site
 from ..core.types import AblationMethod
+from ..models.blocks import kv_map
+
+if TYPE_CHECKING:
+    from ..core.prompts import PromptSet
+    from ..models.adapter import Adapter
 
 __all__ = ["HookBuilders", "METHOD_CODE", "pattern_hook"]
 
@@ -20,6 +27,24 @@ _CPU = torch.device("cpu")
 
 
 class HookBuilders:
+    # the engine's reference state these builders read (set by Engine.__init__); z, v, means
+    # and the final norm's scale per layer on the model's device, patterns on the CPU
+    adapter: Adapter
+    prompts: PromptSet
+    device: torch.device
+    W_O: list[Tensor]  # [head, d_head, d_model]
+    z: list[Tensor]  # [batch, pos, head, d_head]
+    z_mean: list[Tensor]  # [pos, head, d_head]
+    v: list[Tensor]  # [batch, pos, kv_head, d_head]
+    patterns: list[Tensor]  # [batch, head, q, k]
+    z_corr: list[Tensor] | None  # the corrupted run's (None without corrupted prompts)
+    v_corr: list[Tensor] | None
+    patterns_corr: list[Tensor] | None
+    final_scale: Tensor | None  # [batch, pos, 1] (None: the final norm exposes no scale)
+    out_clean: list[Tensor]  # [batch, head, d_model] at the read position, on the CPU
+    _edge_mean: dict[int, Tensor]
+    _bias_v: dict[int, Tensor]
+
     def _direct_hooks(self, ivs, idx, hooks) -> None:
         n, a, dev = len(self.prompts), self.adapter, self.device
         R = idx.shape[0]
@@ -34,12 +59,12 @@ class HookBuilders:
                     z = z - self._value_bias(h.layer)[h.head].to(z.dtype)
                 elif iv.direct_baseline == AblationMethod.MEAN:
                     z = z - self.z_mean[h.layer][None, :, h.head]
-                elif iv.direct_baseline == AblationMethod.RESAMPLE:
-                    z = z - self.z_corr[h.layer][:, :, h.head]
+                elif iv.direct_baseline == AblationMethod.RESAMPLE:  # validate(): z_corr set
+                    z = z - cast(list[Tensor], self.z_corr)[h.layer][:, :, h.head]
                 sub[rows] += z @ self.W_O[h.layer][h.head]  # [batch, pos, d_model]
             frozen[rows] = bool(iv.direct)
         frozen = frozen.to(dev)
-        scale = self.final_scale[idx]
+        scale = cast(Tensor, self.final_scale)[idx]  # validate() refuses direct paths without
 
         def resid(x, p0=0):
             return x - sub[:, p0:].to(x.device, x.dtype)
@@ -78,8 +103,7 @@ class HookBuilders:
         :meth:`validate` refuses edits upstream of an edge edit on such models."""
         v = self.v[layer][idx]  # [rows, k, kv_head, d_head]
         pat = self.patterns[layer][idx].to(v.device)  # [rows, head, q, k]
-        kv = torch.tensor([self.adapter.kv_head(h) for h in range(self.adapter.n_heads)],
-                          device=v.device)
+        kv = kv_map(self.adapter, v.device)
         v = v[:, :, kv]  # [rows, k, head, d_head], each query head's own values
         cut = pat * remove.to(pat.dtype)  # removed weights
         if weights is not None:  # weights-only entries: alpha -> the replacement weight
@@ -102,8 +126,7 @@ class HookBuilders:
         prompt's alpha_c[q, s] * v_c[s] (resample) or the prompt-set mean of alpha[q, s] * v[s]
         (mean). Together with the removal this replaces the removed sources' terms."""
         dev = self.v[layer].device
-        kv = torch.tensor([self.adapter.kv_head(h) for h in range(self.adapter.n_heads)],
-                          device=dev)
+        kv = kv_map(self.adapter, dev)
         added = 0.0
         res = remove & (base == METHOD_CODE[AblationMethod.RESAMPLE])[:, :, None, None]
         if res.any():
@@ -182,7 +205,8 @@ class HookBuilders:
         mean = self.z_mean[layer]
         bias = self._value_bias(layer)  # zero ablation keeps b_V (see _value_bias)
         resample = self.z_corr is not None and bool((codes == 3).any())
-        corr = self.z_corr[layer][idx] if resample else None  # [rows, pos, head, d_head]
+        # [rows, pos, head, d_head]
+        corr = self.z_corr[layer][idx] if self.z_corr is not None and resample else None
 
         def hook(z, p0=0):  # z: [rows, pos, head, d_head] of positions p0 onwards
             if edge_z is not None:

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..core.names import stable_name
 from ..core.types import AblationMethod, HeadId
+from .keys import EvidenceKey
 
 __all__ = [
     "HeadAblation",
@@ -209,6 +210,8 @@ class Intervention:
     edges: tuple[EdgeEdit, ...] = field(default=(), metadata=_UNORDERED)
     direct: tuple[HeadId, ...] = field(default=(), metadata=_UNORDERED)
     direct_baseline: AblationMethod = AblationMethod.ZERO
+    # the typed name the sweeps give it (lensattr.evidence.keys); display only, like the label
+    key: EvidenceKey | None = field(default=None, metadata=_DISPLAY_ONLY)
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -238,13 +241,14 @@ def ablate(
     *heads,
     method: AblationMethod | str = AblationMethod.ZERO,
     rows: Tensor | None = None,
-    label: str | None = None,
+    label: str | EvidenceKey | None = None,
 ) -> Intervention:
     """Ablate ``heads`` by ``method`` at every position, or at the positions ``rows``
     ([batch, pos] bool) selects."""
     abl = tuple(HeadAblation(HeadId(*h), AblationMethod(method), rows) for h in heads)
-    name = label or f"ablate[{AblationMethod(method).value}]:" + ",".join(str(a.head) for a in abl)
-    return Intervention(name, ablations=abl)
+    name = f"ablate[{AblationMethod(method).value}]:" + ",".join(str(a.head) for a in abl)
+    name, key = _named(label, name)
+    return Intervention(name, ablations=abl, key=key)
 
 
 def remove_sources(
@@ -253,14 +257,15 @@ def remove_sources(
     *,
     renormalise: bool = False,
     baseline: AblationMethod | str = AblationMethod.ZERO,
-    label: str | None = None,
+    label: str | EvidenceKey | None = None,
 ) -> Intervention:
     """Set ``alpha[q, s] = 0`` where ``remove`` is True ([batch, query_pos, key_pos]); under a
     non-zero ``baseline`` the removed terms are replaced by their baseline counterparts."""
     head = HeadId(*head)
     tag = "renorm" if renormalise else "remove"
     edit = EdgeEdit(head, remove, renormalise, AblationMethod(baseline))
-    return Intervention(label or f"{tag}:{head}", edges=(edit,))
+    name, key = _named(label, f"{tag}:{head}")
+    return Intervention(name, edges=(edit,), key=key)
 
 
 def patch_weights(
@@ -268,7 +273,7 @@ def patch_weights(
     entries: Tensor,
     *,
     baseline: AblationMethod | str = AblationMethod.RESAMPLE,
-    label: str | None = None,
+    label: str | EvidenceKey | None = None,
 ) -> Intervention:
     """Replace the attention weights ``alpha[q, s]`` of ``head`` where ``entries`` is True
     ([batch, query_pos, key_pos]) by the baseline's (``resample``: the corrupted prompt's
@@ -276,17 +281,19 @@ def patch_weights(
     weights as they are (no renormalising): pattern patching of those entries."""
     head = HeadId(*head)
     edit = EdgeEdit(head, entries, baseline=AblationMethod(baseline), weights_only=True)
-    return Intervention(label or f"weights:{head}", edges=(edit,))
+    name, key = _named(label, f"weights:{head}")
+    return Intervention(name, edges=(edit,), key=key)
 
 
 def remove_direct(
-    *heads, baseline: AblationMethod | str = AblationMethod.ZERO, label: str | None = None
+    *heads, baseline: AblationMethod | str = AblationMethod.ZERO,
+    label: str | EvidenceKey | None = None,
 ) -> Intervention:
     """Replace the heads' direct contribution to the readout by ``baseline`` (zero: remove it),
     with the final norm's scale frozen at its clean value."""
     hs = tuple(HeadId(*h) for h in heads)
-    name = label or "direct:" + ",".join(map(str, hs))
-    return Intervention(name, direct=hs, direct_baseline=AblationMethod(baseline))
+    name, key = _named(label, "direct:" + ",".join(map(str, hs)))
+    return Intervention(name, direct=hs, direct_baseline=AblationMethod(baseline), key=key)
 
 
 def keep_only(
@@ -295,7 +302,7 @@ def keep_only(
     rows: Tensor | None = None,
     *,
     baseline: AblationMethod | str = AblationMethod.ZERO,
-    label: str | None = None,
+    label: str | EvidenceKey | None = None,
 ) -> Intervention:
     """Remove every source outside ``keep`` ([batch, query_pos, key_pos]) on the query rows
     selected by ``rows`` ([batch, query_pos]; default all rows)."""
@@ -304,4 +311,12 @@ def keep_only(
     if rows is not None:
         remove = remove & rows[:, :, None]
     edit = EdgeEdit(head, remove, baseline=AblationMethod(baseline))
-    return Intervention(label or f"keep:{head}", edges=(edit,))
+    name, key = _named(label, f"keep:{head}")
+    return Intervention(name, edges=(edit,), key=key)
+
+
+def _named(label: str | EvidenceKey | None, default: str) -> tuple[str, EvidenceKey | None]:
+    """(display label, key): a key names the intervention by its ``str``."""
+    if isinstance(label, EvidenceKey):
+        return str(label), label
+    return label or default, None

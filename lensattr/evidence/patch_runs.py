@@ -21,6 +21,7 @@ and cells already saved for the same run are read back instead of run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -30,10 +31,12 @@ from ..core.metrics import as_metric
 from ..core.prompts import PromptSet
 from ..core.sites import Site
 from ..core.version import __version__
+from ..models import blocks
 from ..models.adapter import Adapter, ModelError
 from .bare import BareForward
 from .checkpoint import EvidenceStore
 from .interventions import digest
+from .metric_rows import check_finite_metric
 from .patch_chunks import check_budget, plan_chunks
 from .patch_edits import edit, watch_row
 from .run_identity import metric_identity, prompts_digest
@@ -94,7 +97,8 @@ class PatchRuns:
         self.clean_raw = self.source_raw if direction == "denoising" else self.base_raw
         self.base = self._metric(self.base_raw, self.base_view, self.clean_raw)
         self.source = self._metric(self.source_raw, self.base_view, self.clean_raw)
-        self.bare, self.path_reason = (None, "fast=False")
+        self.bare: BareForward | None = None
+        self.path_reason: str | None = "fast=False"
         if fast:
             self.bare, self.path_reason = self._make_bare()
         self.n_forwards = 0
@@ -104,7 +108,7 @@ class PatchRuns:
     # ---- reference runs ----------------------------------------------------------------
     def _capture(self, view: PromptSet):
         """The readout and the activations at ``_SITES`` of one run (one forward)."""
-        a, store = self.adapter, {}
+        a, store = self.adapter, dict[tuple[Site, int | None], Tensor]()
         raw = a.read(view.tokens, view.attention_mask, self.readout,
                      a.capture_hooks(_SITES, store))
         return raw, store
@@ -142,8 +146,7 @@ class PatchRuns:
                               "model's weights, inputs and patches")
         out = check_metric_output(self.metric.compute(raw.float(), view, clean.float()),
                                   raw.shape[0], self.metric.name).detach().cpu()
-        if not torch.isfinite(out).all():
-            raise MetricError(f"metric {self.metric.name!r}: returned NaN or inf")
+        check_finite_metric(out, self.metric.name)
         return out
 
     def meta(self, method: str, **params) -> dict:
@@ -235,8 +238,8 @@ class PatchRuns:
                 out = self.base[idx].clone()
                 self.n_skipped += int((~keep).sum())
                 if keep.any():
-                    k = keep.cpu()
-                    out[k] = self._run_rows(c0, cells, idx[k], mask[keep], src[keep], n)[0]
+                    kept = keep.cpu()
+                    out[kept] = self._run_rows(c0, cells, idx[kept], mask[keep], src[keep], n)[0]
                 return out.reshape(len(cells), n), None
         return self._run_rows(c0, cells, idx, mask, src, n)
 
@@ -262,7 +265,7 @@ class PatchRuns:
         watch = None
         if any(c.watch is not None for c in cells):
             heads = torch.tensor([c.watch if c.watch is not None else 0 for c in cells])
-            read = self.readout.positions[idx].to(dev)
+            read = cast(Tensor, self.readout.positions)[idx].to(dev)
             watch = torch.full((R, self.prompts.n_pos), float("nan"), device=dev)
             inner = hooks.get((Site.PATTERN, c0.layer))
             heads = heads.repeat_interleave(n).to(dev)  # [rows]
@@ -278,7 +281,7 @@ class PatchRuns:
             raw = self.bare.run(idx, layer, first, hooks, readout, last_read_only=True)
         else:
             view = self.base_view.take(idx)
-            bridge = {k: (lambda x, _f=f: _f(x, 0)) for k, f in hooks.items()}
+            bridge: dict = {k: (lambda x, _f=f: _f(x, 0)) for k, f in hooks.items()}
             raw = a.read(view.tokens, view.attention_mask, readout, bridge)
         self.n_forwards += 1
         out = self._metric(raw, self.base_view.take(idx), self.clean_raw[idx])
@@ -291,11 +294,12 @@ class PatchRuns:
         patched positions, where the change (src - base) @ W_O is added after attention and the
         MLP recomputed on it (only those positions change in this layer)."""
         bare, dev = self.bare, src.device
+        assert bare is not None  # only on the hook-free path
         w = bare.layers[layer]
         m = mask[:, p0:]  # [rows, q, head]
         base_z = self.base_acts[(Site.Z, layer)].to(dev)[idx.to(dev), p0:]
         dz = torch.where(m[..., None], src[:, p0:] - base_z, 0.0)  # [rows, q, head, d_head]
-        D = torch.einsum("rqhe,hed->rqd", dz, self.adapter.W_O(layer).to(dz.dtype))
+        D = blocks.head_out(dz, self.adapter.W_O(layer))  # [rows, q, d_model]
         out = bare.resid[layer + 1] if layer + 1 < self.adapter.n_layers else bare.resid_final
         x = out[idx.to(dev), p0:].clone()  # [rows, q, d_model]
         sel = m.any(-1)  # [rows, q]: positions where some head is patched
@@ -305,5 +309,5 @@ class PatchRuns:
             x[sel] = x[sel] + D[sel]
             return x
         mid = self.base_acts[(Site.RESID_MID, layer)].to(dev)[idx.to(dev), p0:][sel] + D[sel]
-        x[sel] = mid + w.mlp(w.ln2(mid[None]))[0]  # [k, d_model]
+        x[sel] = blocks.add_mlp(w, mid[None])[0]  # [k, d_model]
         return x

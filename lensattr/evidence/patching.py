@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.config import RunConfig, run_options
 from ..core.prompts import PromptSet
 from ..core.sites import Site
-from ..models.adapter import Adapter, ModelError
+from ..models.adapter import Adapter, Hooks, ModelError
 from .patch_chunks import open_store
 from .patch_runs import Cell, PatchRuns
 from .patching_result import ActivationPatching, PathPatching
@@ -53,12 +56,13 @@ def activation_patching(
     site: str = "z",
     by: str = "all",
     direction: str = "denoising",
-    fast: bool = True,
-    batch_size: int = 256,
-    progress: bool = False,
+    fast: bool | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
     seed: int = 0,
     checkpoint: str | Path | None = None,
     memory_budget: int | None = None,
+    run: RunConfig | None = None,
 ) -> ActivationPatching:
     """Patch each head's activation at ``site`` from the source run into the base run.
 
@@ -84,6 +88,9 @@ def activation_patching(
     Returns an :class:`ActivationPatching` (``values[*cells, batch]``, effects, ``to_frame``,
     ``to_transformer_lens``).
     """
+    fast, batch_size, progress, checkpoint, memory_budget = _opts(
+        run, fast=fast, batch_size=batch_size, progress=progress, checkpoint=checkpoint,
+        memory_budget=memory_budget)
     if site not in PATCH_SITES:
         raise ValueError(f"site: expected one of {sorted(PATCH_SITES)}, got {site!r}")
     if by not in PATCH_BY:
@@ -107,7 +114,7 @@ def activation_patching(
     cells = []
     for ix in itertools.product(*(range(k) for k in shape)):
         d = dict(zip(axes, ix, strict=True))
-        cells.append(Cell(s, d["layer"], d.get("head", d.get("head_index")),
+        cells.append(Cell(s, d["layer"], d["head"] if "head" in d else d["head_index"],
                           dest=d.get("pos", d.get("dest_pos")), src=d.get("src_pos")))
     with tqdm(total=len(cells), desc=f"patching {site}", disable=not progress,
               leave=False) as bar:
@@ -130,10 +137,10 @@ def _site_editable(a: Adapter, site: Site) -> bool:
     values must change hook_z; some encoders fire hooks after the fact.)"""
     if site in (Site.Z, Site.PATTERN):
         return True
-    seen = {}
+    seen: dict[str, Tensor] = {}
     tokens = torch.zeros(1, 3, dtype=torch.long, device=a.device)
     tokens[0, 1:] = 1
-    hooks = {(site, 0): lambda x: x * 0 + 3.0, (Site.Z, 0): lambda z: seen.update(z=z)}
+    hooks: Hooks = {(site, 0): lambda x: x * 0 + 3.0, (Site.Z, 0): lambda z: seen.update(z=z)}
     a.forward(tokens, hooks=hooks)
     edited = seen["z"]
     a.forward(tokens, hooks={(Site.Z, 0): lambda z: seen.update(z=z)})
@@ -151,12 +158,13 @@ def path_patching(
     *,
     receivers: tuple[str, ...] = ("q", "k", "v", "logits"),
     direction: str = "denoising",
-    fast: bool = True,
-    batch_size: int = 256,
-    progress: bool = False,
+    fast: bool | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
     seed: int = 0,
     checkpoint: str | Path | None = None,
     memory_budget: int | None = None,
+    run: RunConfig | None = None,
 ) -> PathPatching:
     """Path patching from ``sender`` (a :class:`~lensattr.types.HeadId`): its output's change
     (source run minus base run, ``z @ W_O`` at every position) is added to one receiver's input
@@ -172,6 +180,9 @@ def path_patching(
     :func:`activation_patching` (the checkpoint's run key includes the sender; the watched
     attention rows are saved with the values).
     """
+    fast, batch_size, progress, checkpoint, memory_budget = _opts(
+        run, fast=fast, batch_size=batch_size, progress=progress, checkpoint=checkpoint,
+        memory_budget=memory_budget)
     a = model if isinstance(model, Adapter) else Adapter(model)
     sender = a.check_head(sender, "sender")
     if isinstance(receivers, str):
@@ -213,17 +224,25 @@ def path_patching(
         if "logits" in receivers:
             sources[(Site.RESID_FINAL, L)] = delta
             logits = runs.run([Cell(Site.RESID_FINAL, L, 0)], sources, bar, store)[0][0]
-    if cells:
-        pos = runs.readout.positions
-        for k, (c, layer, h) in enumerate(where):
-            base_row = runs.base_acts[(Site.PATTERN, layer)][torch.arange(n), cells[k].watch,
-                                                              pos.to(_dev(runs, layer))]
-            values[c, layer, h] = vals[k]
-            change[c, layer, h] = rows[k] - base_row.float().cpu()
+    if vals is not None:  # every receiver cell watches a head: its rows came back
+        _fill_receivers(runs, n, cells, where, vals, cast(Tensor, rows), values, change)
     meta = runs.meta("path_patching", sender=tuple(sender), receivers=tuple(receivers),
                      seed=seed, **_run_meta(runs, checkpoint))
     return PathPatching(tuple(sender), comps, values, logits, change, runs.base, runs.source,
                         meta)
+
+
+def _fill_receivers(runs: PatchRuns, n: int, cells: list[Cell], where: list[tuple[int, int, int]],
+                    vals: Tensor, rows: Tensor, values: Tensor, change: Tensor) -> None:
+    """Each receiver cell's metric values into ``values`` [component, layer, head, batch], and
+    the change of its watched attention row at the read position (patched minus base) into
+    ``change`` [component, layer, head, batch, key_pos]."""
+    pos = cast(Tensor, runs.readout.positions)  # path patching's metric reads one position
+    for k, (c, layer, h) in enumerate(where):
+        base_row = runs.base_acts[(Site.PATTERN, layer)][torch.arange(n), cells[k].watch,
+                                                          pos.to(_dev(runs, layer))]
+        values[c, layer, h] = vals[k]
+        change[c, layer, h] = rows[k] - base_row.float().cpu()
 
 
 def _dev(runs: PatchRuns, layer: int):
@@ -250,3 +269,12 @@ def _patched_input(a: Adapter, runs: PatchRuns, layer: int, site: Site, delta):
                 f"(max |diff| {(got - want).abs().max().item():.2e}); path patching needs it")
         return project(resid + delta.to(resid.dtype))
 
+
+# fast, batch_size, progress, checkpoint, memory_budget of both patchings
+_DEFAULTS = dict(fast=True, batch_size=256, progress=False, checkpoint=None, memory_budget=None)
+
+
+def _opts(run: RunConfig | None, **given) -> tuple:
+    """A keyword given wins, then ``run`` (a RunConfig), then the defaults above."""
+    o = run_options(run, given, _DEFAULTS)
+    return o["fast"], o["batch_size"], o["progress"], o["checkpoint"], o["memory_budget"]

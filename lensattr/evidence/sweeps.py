@@ -3,8 +3,9 @@ direct paths, single edges (removed, or their weights patched), read-row pattern
 joint ablations. Every edit takes the baseline its removed terms are replaced by, so all the
 numbers behind one verdict share one baseline.
 
-Labels are display names for tables (``kind:layer.head``); the engine keys its results by what
-each intervention does, not by its label.
+Each intervention is named by its :class:`~lensattr.evidence.keys.EvidenceKey` (kind, head,
+baseline, source), the key the judgement looks its values up by; ``str(key)`` is the display
+label (``kind:layer.head``). The engine keys its results by what each intervention does.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from torch import Tensor
 
 from ..core.types import AblationMethod, HeadId
 from .interventions import Intervention, ablate, patch_weights, remove_direct, remove_sources
+from .keys import Kind, key
 
 __all__ = [
-    "label",
     "ablation_sweep",
     "row_split_sweep",
     "claim_sweep",
@@ -31,12 +32,8 @@ __all__ = [
 Z = AblationMethod.ZERO
 
 
-def label(kind: str, *heads: HeadId, extra: str = "") -> str:
-    return f"{kind}:" + "+".join(f"{h.layer}.{h.head}" for h in heads) + extra
-
-
 def ablation_sweep(heads: list[HeadId], method: AblationMethod) -> list[Intervention]:
-    return [ablate(h, method=method, label=label(method.value, h)) for h in heads]
+    return [ablate(h, method=method, label=key(Kind.ABLATE, h, baseline=method)) for h in heads]
 
 
 def row_split_sweep(
@@ -46,10 +43,10 @@ def row_split_sweep(
     two effects say where the head's effect lives."""
     out = []
     for h in heads:
-        out.append(ablate(h, method=method, rows=read_rows, label=label(f"read-{method.value}", h)))
-        out.append(
-            ablate(h, method=method, rows=~read_rows, label=label(f"other-{method.value}", h))
-        )
+        out.append(ablate(h, method=method, rows=read_rows,
+                          label=key(Kind.READ, h, baseline=method)))
+        out.append(ablate(h, method=method, rows=~read_rows,
+                          label=key(Kind.OTHER, h, baseline=method)))
     return out
 
 
@@ -69,19 +66,20 @@ def claim_sweep(
     what is left there (the secondary, renormalised knockout of the claim the tables show).
     Removed terms are replaced by ``baseline``'s counterparts. ``sink`` is kept in the
     signature for callers; the sink's own share is measured by :func:`sink_sweep`."""
-    b = baseline.value
     del sink
     out = []
     for h in heads:
         c = claimed[:, h.layer, h.head] & allowed  # [batch, q, k]
         rows = c.any(-1, keepdim=True)  # the rows the claim is about
         keep = allowed & ~c & rows
-        out.append(remove_sources(h, keep, baseline=baseline, label=label(f"keep-{b}", h)))
+        out.append(remove_sources(h, keep, baseline=baseline,
+                                  label=key(Kind.KEEP, h, baseline=baseline)))
         if remove:
-            out.append(remove_sources(h, c, baseline=baseline, label=label(f"remove-{b}", h)))
+            out.append(remove_sources(h, c, baseline=baseline,
+                                      label=key(Kind.REMOVE, h, baseline=baseline)))
         if baseline == Z:
             at = c if read_rows is None else c & read_rows[:, :, None]
-            out.append(remove_sources(h, at, renormalise=True, label=label("renorm", h)))
+            out.append(remove_sources(h, at, renormalise=True, label=key(Kind.RENORM, h)))
     return out
 
 
@@ -93,14 +91,14 @@ def sink_sweep(
 ) -> list[Intervention]:
     """Per head: remove the sink's terms at every row (replaced by the baseline's)."""
     s = allowed & sink[:, None, :]
-    b = baseline.value
-    return [remove_sources(h, s, baseline=baseline, label=label(f"sink-{b}", h)) for h in heads]
+    return [remove_sources(h, s, baseline=baseline, label=key(Kind.SINK, h, baseline=baseline))
+            for h in heads]
 
 
 def direct_sweep(heads: list[HeadId], baseline: AblationMethod) -> list[Intervention]:
     """Per head: replace its direct path to the readout by the baseline's output."""
-    b = baseline.value
-    return [remove_direct(h, baseline=baseline, label=label(f"direct-{b}", h)) for h in heads]
+    return [remove_direct(h, baseline=baseline, label=key(Kind.DIRECT, h, baseline=baseline))
+            for h in heads]
 
 
 def edge_sweep(
@@ -109,14 +107,14 @@ def edge_sweep(
     sources: list[Tensor],
     n_pos: int,
     baseline: AblationMethod = Z,
-    kind: str = "edge",
+    kind: Kind = Kind.EDGE,
     weights_only: bool = False,
 ) -> list[Intervention]:
     """Per head and examined source: remove the edges (read rows -> source), replaced by the
     baseline's terms; with ``weights_only``, replace only their attention weights by the
     baseline's (pattern patching of those entries, the run's values kept). ``sources``: one
     [batch] tensor of source positions per examined source (-1 = absent in that prompt).
-    Labels: ``<kind>-<baseline>:<head>@<source index>``."""
+    Keys: ``(kind, head, baseline, source index)``; kind EDGE, PATTERN or LOCUS_EDGE."""
     n = read_rows.shape[0]
     rows = torch.arange(n)
     out = []
@@ -126,7 +124,7 @@ def edge_sweep(
         mask[rows[ok], :, src[ok]] = True
         mask &= read_rows[:, :, None]
         for h in heads:
-            name = label(f"{kind}-{baseline.value}", h, extra=f"@{j}")
+            name = key(kind, h, baseline=baseline, source=j)
             out.append(patch_weights(h, mask, baseline=baseline, label=name) if weights_only
                        else remove_sources(h, mask, baseline=baseline, label=name))
     return out
@@ -140,14 +138,14 @@ def pattern_sweep(
 ) -> list[Intervention]:
     """Per head: replace its whole attention row at the read rows by the baseline's (weights
     only, the run's values kept): how much of the head's effect there comes from *where* it
-    looks. Labels: ``pattern-read-<baseline>:<head>``."""
+    looks. Key kind: PATTERN_READ."""
     at = allowed & read_rows[:, :, None]
-    b = baseline.value
-    return [patch_weights(h, at, baseline=baseline, label=label(f"pattern-read-{b}", h))
-            for h in heads]
+    return [patch_weights(h, at, baseline=baseline,
+                          label=key(Kind.PATTERN_READ, h, baseline=baseline)) for h in heads]
 
 
 def joint_sweep(pairs: list[tuple[HeadId, HeadId]], method: AblationMethod) -> list[Intervention]:
     return [
-        ablate(a, b, method=method, label=label("joint-" + method.value, a, b)) for a, b in pairs
+        ablate(a, b, method=method, label=key(Kind.JOINT, a, b, baseline=method))
+        for a, b in pairs
     ]

@@ -50,7 +50,8 @@ def jsd(p: Float[Tensor, "... key_pos"], q: Float[Tensor, "... key_pos"]) -> Flo
 
 
 def _search(s: Setup, unit: Unit, steps: int, lr: float, penalty: float, margin: float,
-            init_scale: float, g: torch.Generator, start: float):
+            init_scale: float, g: torch.Generator, start: float
+            ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalised gradient ascent on each prompt's delta with a per-prompt step size: a step
     that breaks the bound is halved back towards the last feasible point and the step size
     halved; a feasible one is kept and the step size grows by 1.2."""
@@ -118,9 +119,9 @@ def adversarial_from(s: Setup, units: list[Unit], steps: int = 100, lr: float = 
     for name, v in (("steps", steps), ("restarts", restarts)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
-    for name, v in (("lr", lr), ("penalty", penalty), ("init_scale", init_scale)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+    for name, x in (("lr", lr), ("penalty", penalty), ("init_scale", init_scale)):
+        if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
+            raise ValueError(f"{name}: expected a finite number > 0, got {x!r}")
     if not 0 < margin <= 1:
         raise ValueError(f"margin: expected a fraction of eps in (0, 1], got {margin!r}")
     bad = [u.label for u in units if u.kind != "head"]
@@ -130,13 +131,11 @@ def adversarial_from(s: Setup, units: list[Unit], steps: int = 100, lr: float = 
     t0 = time.perf_counter()
     frames, summary, tensors = [], [], {}
     for unit in units:
-        best, div, nfeas = None, None, 0
-        for i in range(restarts):  # start i from (1 - w) * own + w * uniform, w = i / (R - 1)
+        # start i from (1 - w) * own + w * uniform, w = i / (R - 1)
+        best, div, nfeas = _search(s, unit, steps, lr, penalty, margin, init_scale, g, 0.0)
+        for i in range(1, restarts):
             found = _search(s, unit, steps, lr, penalty, margin, init_scale, g,
                             i / max(restarts - 1, 1))
-            if best is None:
-                best, div, nfeas = found
-                continue
             take = found[1] > div
             best = torch.where(take[:, None, None], found[0], best)
             div, nfeas = torch.where(take, found[1], div), nfeas + found[2]

@@ -19,6 +19,7 @@ attention would do as well; 1: as bad as removing the unit. NaN where the unit's
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import pandas as pd
 import torch
@@ -26,7 +27,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..core.sites import Site
-from ..stats.inference import ratio_of_means
+from ..stats.inference import Estimate, ratio_of_means
 from .edits import Unit, ablate_hooks, evaluate, units_from
 from .setup import Setup, TestTable, prepare, run_edits, unit_columns
 
@@ -91,7 +92,7 @@ def baselines_from(s: Setup, units: list[Unit], frozen: str = "auto") -> TestTab
         row = {**unit_columns(unit), "d_uniform": float(runs.delta[0].mean()),
                "d_frozen": float(d_fro.nanmean()), "d_ablated": float(d_abl.mean())}
         for name, d in (("learned_share", runs.delta[0]), ("frozen_share", d_fro)):
-            est = ratio_of_means(d.double(), d_abl.double(), min_den=s.eps)
+            est = cast(Estimate, ratio_of_means(d.double(), d_abl.double(), min_den=s.eps))  # 1-d
             row.update({name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi})
         summary.append(row)
     meta = {**s.meta(), "test": "baselines", "frozen_source": source,

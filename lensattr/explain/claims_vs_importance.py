@@ -17,6 +17,8 @@ a causal model tokens after the last read row) are left out.
 
 from __future__ import annotations
 
+from typing import cast
+
 import pandas as pd
 import torch
 from jaxtyping import Float
@@ -60,14 +62,14 @@ def layer_claims(s: Setup, claims=CLAIMS) -> dict[str, Tensor]:
     if "rollout" in claims or "flow" in claims:
         mixed = layer_matrices(a, p.tokens, p.attention_mask)
     if "rollout" in claims:
-        out["rollout"] = _at_rows(attention_rollout(mixed).joint, rows, seen)
+        out["rollout"] = _at_rows(attention_rollout(cast(Tensor, mixed)).joint, rows, seen)
     if "flow" in claims:
         try:
             from ..claims.flow import attention_flow
 
             per = []
             for li in range(a.n_layers):
-                f = attention_flow(mixed[:, :li + 1], p.attention_mask, a.is_causal,
+                f = attention_flow(cast(Tensor, mixed)[:, :li + 1], p.attention_mask, a.is_causal,
                                    queries=rows).values.nan_to_num(0.0)
                 per.append(f)
             out["flow"] = _at_rows(torch.stack(per, 1), rows, seen)

@@ -194,6 +194,7 @@ def evaluate(adapter: Adapter, prompts: PromptSet, metric: Metric, hooks: dict |
         elif readout.kind == "logits":
             values = logits[rows, pos]
         else:
+            assert readout.columns is not None  # a "columns" readout names them
             values = logits[rows, pos].gather(1, readout.columns.to(logits.device))
         m = metric.compute(values, prompts, values.detach() if is_clean else clean_values)
         probs = logits[rows, pos].float().softmax(-1) if adapter.logits_meaningful else None

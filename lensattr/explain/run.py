@@ -71,32 +71,49 @@ def explanation_tests(
         else []
     adv = units_from(s.adapter, heads if adversarial_heads is None else adversarial_heads, None) \
         if "adversarial" in tests else []
-    tables, tensors, seconds, params = {}, {}, {}, {}
+    tables: dict = {}
+    tensors: dict = {}
+    seconds: dict = {}
+    params: dict = {}
+    out = (tables, tensors, seconds, params)
     for name in ("permuted", "baselines", "adversarial"):
-        if name not in tests:
-            continue
-        t0 = time.perf_counter()
-        if name == "permuted":
-            t = permuted_from(s, units, n_permutations, seed)
-        elif name == "baselines":
-            t = baselines_from(s, units, frozen)
-        else:
-            t = adversarial_from(s, adv, steps=steps, restarts=restarts, seed=seed)
-        seconds[name] = time.perf_counter() - t0
-        tables[name], tables[f"{name}_summary"] = t.frame, t.summary
-        tensors.update(t.tensors)
-        params[name] = {k: v for k, v in t.meta.items() if k not in s.meta()}
+        if name in tests:
+            _edit_test(name, s, units, adv, out, n_permutations=n_permutations, frozen=frozen,
+                       steps=steps, restarts=restarts, seed=seed)
     if "attributions" in tests:
-        t0 = time.perf_counter()
-        att = attributions_from(s, methods, n_steps, n_samples, min(batch_size, 16), seed)
-        c = layer_claims(s, claims)
-        tables["attributions"] = att.to_frame()
-        tables["agreement"] = agreement_table(c, att.scores, n_boot, seed)
-        tensors.update({f"scores.{k}": v for k, v in att.scores.items()})
-        seconds["attributions"] = time.perf_counter() - t0
-        params["attributions"] = {k: v for k, v in att.meta.items() if k not in s.meta()}
-        params["attributions"]["claims"] = list(c)
-        params["attributions"]["claims_skipped"] = [x for x in claims if x not in c]
+        _attribution_test(s, out, methods, claims, n_steps, n_samples, n_boot, batch_size, seed)
     meta = {**s.meta(), "method": "explanation_tests", "tests": list(tests), "seed": seed,
             "seconds": seconds, "params": params, "lensattr_version": __version__}
     return ExplanationTests(tables, tensors, meta)
+
+
+def _edit_test(name, s, units, adv, out, *, n_permutations, frozen, steps, restarts, seed):
+    """One of the attention-editing tests; its tables, tensors, time and parameters into
+    ``out`` = (tables, tensors, seconds, params)."""
+    tables, tensors, seconds, params = out
+    t0 = time.perf_counter()
+    if name == "permuted":
+        t = permuted_from(s, units, n_permutations, seed)
+    elif name == "baselines":
+        t = baselines_from(s, units, frozen)
+    else:
+        t = adversarial_from(s, adv, steps=steps, restarts=restarts, seed=seed)
+    seconds[name] = time.perf_counter() - t0
+    tables[name], tables[f"{name}_summary"] = t.frame, t.summary
+    tensors.update(t.tensors)
+    params[name] = {k: v for k, v in t.meta.items() if k not in s.meta()}
+
+
+def _attribution_test(s, out, methods, claims, n_steps, n_samples, n_boot, batch_size, seed):
+    """Token attributions (captum) against the attention claims per layer, into ``out``."""
+    tables, tensors, seconds, params = out
+    t0 = time.perf_counter()
+    att = attributions_from(s, methods, n_steps, n_samples, min(batch_size, 16), seed)
+    c = layer_claims(s, claims)
+    tables["attributions"] = att.to_frame()
+    tables["agreement"] = agreement_table(c, att.scores, n_boot, seed)
+    tensors.update({f"scores.{k}": v for k, v in att.scores.items()})
+    seconds["attributions"] = time.perf_counter() - t0
+    params["attributions"] = {k: v for k, v in att.meta.items() if k not in s.meta()}
+    params["attributions"]["claims"] = list(c)
+    params["attributions"]["claims_skipped"] = [x for x in claims if x not in c]

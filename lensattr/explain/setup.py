@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import pandas as pd
 import torch
@@ -16,6 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..auditing.plan import resolve_task
+from ..core.metric import Metric
 from ..core.prompts import PromptSet
 from ..models.adapter import Adapter, ModelError
 from .edits import ROWS, CleanRun, Unit, allowed_sources, edited_rows, evaluate, override_hooks
@@ -39,7 +41,7 @@ def check_eps(eps) -> float:
 class Setup:
     adapter: Adapter
     prompts: PromptSet
-    metric: object
+    metric: Metric
     task_name: str
     clean: CleanRun
     allowed: Tensor  # [batch, query_pos, key_pos] bool
@@ -104,7 +106,8 @@ def run_edits(s: Setup, unit: Unit, new: Float[Tensor, "draw batch unit_head que
                       clean_values=s.clean.values[sel.to(s.clean.values.device)])
         delta[lo:lo + len(sel)] = ev.metric.cpu() - s.clean.metric[sel]
         if ev.probs is not None:
-            p0 = s.clean.probs[sel.to(s.clean.probs.device)]
+            clean_probs = cast(Tensor, s.clean.probs)  # None only where ev.probs is too
+            p0 = clean_probs[sel.to(clean_probs.device)]
             tvd[lo:lo + len(sel)] = 0.5 * (ev.probs - p0).abs().sum(-1).cpu()
     return Runs(delta.reshape(d, b), tvd.reshape(d, b))
 

@@ -1,6 +1,7 @@
 """Loading models: the registry of bundled models, local folders, and hub names.
 
-Every path ends in a ``TransformerBridge``; nothing here knows hook names (see ``model.py``).
+Every path ends in a ``TransformerBridge``; nothing here knows hook names (see ``adapter.py``).
+The name a model was loaded under is remembered beside it (:mod:`.state`), not on it.
 """
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .adapter import ModelError
+from .errors import ModelError
 from .registry import ModelInfo, register_model, registered
+from .state import remember
 
 __all__ = ["load_model", "boot_bridge", "register_model", "list_models", "ModelInfo", "is_hub_id"]
 
@@ -38,7 +40,7 @@ def boot_bridge(hf_model, tokenizer, name: str, device: str | None = None):
     bridge = TransformerBridge.boot_transformers(
         boot_name, hf_model=hf_model, tokenizer=tokenizer, device=device or "cpu"
     )
-    bridge._lensattr_name = name
+    remember(bridge, name=name)  # beside the bridge, not on it (see .state)
     return bridge
 
 
@@ -84,7 +86,7 @@ def load_model(
         info = registered()[name_or_path]
         hf_model, tok = info.builder()
         bridge = boot_bridge(hf_model, tok, name_or_path, device=device)
-        bridge._lensattr_logits_meaningful = info.logits_meaningful
+        remember(bridge, logits_meaningful=info.logits_meaningful)
         return bridge
     path = Path(name_or_path).expanduser()
     gguf = _gguf_file(path)
@@ -92,7 +94,8 @@ def load_model(
         _no_tokenizer(tokenizer, f"GGUF file {str(gguf)!r} (its own tokenizer is loaded)")
         from .gguf import load_gguf
 
-        return boot_bridge(*load_gguf(gguf), gguf.stem, device=device)
+        hf_model, tok = load_gguf(gguf)
+        return boot_bridge(hf_model, tok, gguf.stem, device=device)
     if path.exists():
         _no_tokenizer(tokenizer, f"folder {name_or_path!r} (its own tokenizer is loaded)")
         return _load_folder(path, device)
@@ -140,11 +143,14 @@ def _load_in_memory(hf_model, tokenizer, name: str | None, device):
     if hasattr(hf_model, "cfg") and hasattr(hf_model, "run_with_hooks"):  # already a bridge
         _no_tokenizer(tokenizer, f"a {kind} (it has its own)")
         return hf_model
+    pretrained: tuple[type, ...]
     try:
         from transformers import PreTrainedModel
+
+        pretrained = (PreTrainedModel,)
     except ImportError:  # pragma: no cover - transformers is a dependency
-        PreTrainedModel = ()  # noqa: N806
-    if not isinstance(hf_model, PreTrainedModel):
+        pretrained = ()
+    if not isinstance(hf_model, pretrained):
         raise ModelError(
             "name_or_path: expected a model name, a folder, a hub id, or an in-memory Hugging "
             f"Face model (transformers.PreTrainedModel) with tokenizer=..., got {kind}"
@@ -216,5 +222,5 @@ def _load_hub(name: str, device, boot_kwargs):
             f"name_or_path: could not load {name!r}: not a bundled model ({known}), not a local "
             f"folder, and loading it from the hub failed ({type(err).__name__}: {err})"
         ) from err
-    bridge._lensattr_name = name
+    remember(bridge, name=name)
     return bridge

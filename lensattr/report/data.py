@@ -96,7 +96,7 @@ def table_spec(df: pd.DataFrame, first: Sequence[str], effect: str | None = None
     columns = (["L·H"] if has_id else []) + [names[i] for i in order]
     rows = []
     for _, row in df.iterrows():
-        r = [head_id(row["layer"], row["head"])] if has_id else []
+        r: list[object] = [head_id(row["layer"], row["head"])] if has_id else []
         r += [cell(row, shown[i]) for i in order]
         rows.append(r)
     return {"columns": columns, "rows": rows}

@@ -5,8 +5,9 @@ pyplot (no global state, no display needed); :func:`plot_audit` backs ``Audit.pl
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -211,7 +212,7 @@ def _tokens(audit, data=None, tensor=None, prompt=0, title=None):
     return token_map(data, audit.meta.get("example_text_tokens") or [], prompt, title)
 
 
-KINDS = {
+KINDS: dict[str, Callable[..., Any]] = {  # kind -> fn(audit, **kwargs) -> matplotlib Figure
     "grid": lambda a: verdict_grid(a.heads, a.meta),
     "scatter": _scatter,
     "heatmap": _heatmap_kind,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,8 @@ def _meta_table(meta: Mapping) -> str:
 def _pattern_data(name: str, tokens: Sequence[str], patterns: Mapping, keys: list) -> tuple:
     tokens = [str(t) for t in tokens]
     n = len(tokens)
-    mats, causal = [], True
+    mats: list[list[list[int]] | None] = []  # per head: permille [query_pos][key_pos]
+    causal = True
     for layer, head in keys:
         p = patterns.get((layer, head))
         if p is None:
@@ -79,7 +81,9 @@ def page_data(heads: pd.DataFrame, edges: pd.DataFrame | None, meta: Mapping,
         vs.append(v)
         pats.append(mats)
     top = top_heads(heads, meta, n=1)
-    default = keys.index(tuple(int(x) for x in top[0][0][1:].split("H"))) if top else 0
+    # top[0][0] is a head id "L{layer}H{head}"
+    default = (keys.index(cast("tuple[int, int]", tuple(int(x) for x in top[0][0][1:].split("H"))))
+               if top else 0)
     edge_spec = None
     if edges is not None and len(edges):
         ed = edges

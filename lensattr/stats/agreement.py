@@ -100,11 +100,11 @@ def _group(c: Tensor, e: Tensor, how: str, idx: Tensor, level: float) -> dict:
                 for f in (spearman, kendall)]
         n_items = int(keep.sum())
     else:
-        per = []
+        rows = []
         for ci_, ei_ in zip(c, e, strict=True):
             ok = ~(torch.isnan(ci_) | torch.isnan(ei_))
-            per.append(torch.stack([spearman(ci_[ok], ei_[ok]), kendall(ci_[ok], ei_[ok])]))
-        per = torch.stack(per)  # [batch, 2]
+            rows.append(torch.stack([spearman(ci_[ok], ei_[ok]), kendall(ci_[ok], ei_[ok])]))
+        per = torch.stack(rows)  # [batch, 2]
         point = tuple(per.nanmean(0))
         boot = [per[idx, j].nanmean(1) for j in range(2)]
         n_items = int((~(torch.isnan(c) | torch.isnan(e))).sum(1).float().mean())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -39,7 +40,7 @@ def t_cdf(t: Tensor, df: Tensor | int) -> Tensor:
     """
     t = torch.as_tensor(t, dtype=torch.float64)
     df = torch.as_tensor(df, dtype=torch.float64, device=t.device)
-    t, df = torch.broadcast_tensors(t, df)
+    t, df = cast("tuple[Tensor, Tensor]", torch.broadcast_tensors(t, df))  # torch types it Any
     bad = ~(df >= 1) | torch.isnan(t)
     nu = torch.where(bad, torch.ones_like(df), df)
     tt = torch.where(bad, torch.zeros_like(t), t)

@@ -31,6 +31,7 @@ per label).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -101,11 +102,13 @@ def fcr_estimates(
     m = nums.shape[0] if n_tested is None else n_tested
     level = fcr_level(alpha, int(sel.sum()), m)
     nums, dens = torch.broadcast_tensors(nums.double(), den.double())
-    marginal = ratio_of_means(nums, dens, level=1.0 - alpha, min_den=min_den)
+    # nums is [cells, batch]: ratio_of_means gives one Estimate per cell
+    marginal = cast(list[Estimate], ratio_of_means(nums, dens, level=1.0 - alpha, min_den=min_den))
     if not sel.any() or math.isclose(level, 1.0 - alpha):
         return marginal
     idx = sel.nonzero().flatten()
-    adjusted = ratio_of_means(nums[idx], dens[idx], level=level, min_den=min_den)
+    adjusted = cast(list[Estimate], ratio_of_means(nums[idx], dens[idx], level=level,
+                                                   min_den=min_den))
     for i, est in zip(idx.tolist(), adjusted, strict=True):
         marginal[i] = est
     return marginal

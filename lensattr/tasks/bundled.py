@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..core.metric import Metric
 from ..core.metrics import AnswerLogProb, HiddenCosineToClean, LogitDiff, PairCosine
@@ -74,12 +75,13 @@ def list_tasks() -> list[Task]:
     return list(_TASKS.values())
 
 
-def _bridge_and_name(model) -> tuple[object, str]:
+def _bridge_and_name(model) -> tuple[Any, str]:  # (the model out of any Adapter, its name)
     from ..models.adapter import Adapter
+    from ..models.state import loaded_name
 
     if isinstance(model, Adapter):
         return model.model, model.name
-    return model, str(getattr(model, "_lensattr_name", None) or type(model).__name__)
+    return model, str(loaded_name(model) or type(model).__name__)
 
 
 def _own_tokenizer(model_name: str):

@@ -133,7 +133,9 @@ def ioi_prompts(tokenizer, n: int, seed: int = 0, orders: tuple[str, ...] = ("AB
     def pick(pool: list[str]) -> str:
         return pool[int(torch.randint(len(pool), (1,), generator=g))]
 
-    clean, corrupted, ans, wrong, io_pos, s1_pos, text = [], [], [], [], [], [], []
+    clean: list[list[int]] = []
+    corrupted: list[list[int]] = []
+    ans, wrong, io_pos, s1_pos, text = [], [], [], [], []
     for i in range(n):
         template = IOI_TEMPLATES[int(torch.randint(len(IOI_TEMPLATES), (1,), generator=g))]
         io, s, c1, c2, c3 = (NAMES[j] for j in torch.randperm(len(NAMES), generator=g)[:5])
@@ -151,7 +153,8 @@ def ioi_prompts(tokenizer, n: int, seed: int = 0, orders: tuple[str, ...] = ("AB
         wrong.append(names[s])
         io_pos.append(a_pos if abba else b_pos)
         s1_pos.append(b_pos if abba else a_pos)
-    roles = {"BOS": 0, "IO": io_pos, "S1": s1_pos, "S2": s_pos, "END": length - 1}
+    roles: dict[str, int | list[int]] = {"BOS": 0, "IO": io_pos, "S1": s1_pos, "S2": s_pos,
+                                         "END": length - 1}
     return PromptSet(tokens=clean, corrupted=corrupted, answers=ans, wrong=wrong, roles=roles,
                      text=tuple(text), name="ioi")
 
@@ -216,7 +219,9 @@ def capital_prompts(tokenizer, n: int, seed: int = 0) -> PromptSet:
     g = torch.Generator().manual_seed(seed)
     m = len(CAPITALS)
     order = torch.randperm(m, generator=g).tolist()
-    clean, corrupted, ans, wrong, text = [], [], [], [], []
+    clean: list[list[int]] = []
+    corrupted: list[list[int]] = []
+    ans, wrong, text = [], [], []
     for i in range(n):
         c = order[i % m]
         d = (c + 1 + int(torch.randint(m - 1, (1,), generator=g))) % m  # any other country

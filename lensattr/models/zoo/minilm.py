@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 from jaxtyping import Float, Int
@@ -133,13 +134,14 @@ def verify_weights(bridge) -> dict[str, float]:
 
 def _at(text: str, word: str) -> int:
     """Character offset of the first whole-word ``word`` in ``text``."""
-    return re.search(rf"\b{re.escape(word)}\b", text).start()
+    found = cast("re.Match[str]", re.search(rf"\b{re.escape(word)}\b", text))  # the data has it
+    return found.start()
 
 
 def _rows(tok, items, n: int, seed: int, role: str) -> tuple[list, dict]:
     """Items (text, other, role word, swapped word, new word) whose clean and corrupted texts
     have equal token counts; ``n`` of them drawn with ``seed``, tokenised and right-padded."""
-    rows = []
+    rows: list[tuple[str, str, str, list[int], list[int], int]] = []
     for text, other, word, old, new in items:
         bad = text[: _at(text, old)] + new + text[_at(text, old) + len(old):]
         ids, bad_ids = tok(text)["input_ids"], tok(bad)["input_ids"]
@@ -152,8 +154,8 @@ def _rows(tok, items, n: int, seed: int, role: str) -> tuple[list, dict]:
     rows = [rows[i] for i in order.tolist()]
     lengths = torch.tensor([len(r[3]) for r in rows])
     width, pad = int(lengths.max()), tok.pad_token_id
-    tokens, corrupted = (torch.tensor([r[k] + [pad] * (width - len(r[k])) for r in rows])
-                         for k in (3, 4))  # [n, pos] each
+    tokens, corrupted = (torch.tensor([ids + [pad] * (width - len(ids)) for ids in col])
+                         for col in ([r[3] for r in rows], [r[4] for r in rows]))  # [n, pos] each
     roles = {"CLS": 0 * lengths, "SEP": lengths - 1, role: torch.tensor([r[5] for r in rows])}
     mask = (torch.arange(width)[None] < lengths[:, None]).long()  # [n, pos]
     return rows, {"tokens": tokens, "corrupted": corrupted, "attention_mask": mask, "roles": roles,

@@ -40,9 +40,11 @@ then undoes the scale, and LN(x) ~= x on every dimension a head reads.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from ..registry import ModelInfo, register_model
 from .planted_layout import (
@@ -261,7 +263,7 @@ def _const_backup_qk() -> tuple[torch.Tensor, torch.Tensor]:
     return wq, wk
 
 
-def _heads() -> list[list[tuple[torch.Tensor, ...]]]:
+def _heads() -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Per layer, per head: (W_Q, W_K, W_V, W_O)."""
     layer0 = [
         (*_position_qk(lambda i: _score_row(_faithful(i))), *_name_ov(A_F / 0.7)),  # faithful
@@ -326,7 +328,7 @@ def build_planted() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
         wpe[:, 0], wpe[:, 1] = BIG, -BIG
         tr.wpe.weight.copy_(_balance(wpe))
         for layer, heads in enumerate(_heads()):
-            block = tr.h[layer]
+            block = cast(GPT2Block, tr.h[layer])  # ModuleList items are typed Module
             # Attention: c_attn is Conv1D [d_model, 3 * d_model] = [Q heads | K heads | V heads].
             for h, (wq, wk, wv, wo) in enumerate(heads):
                 for part, w in enumerate((wq, wk, wv)):
