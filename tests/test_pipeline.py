@@ -210,3 +210,51 @@ def test_run_config_is_shared_by_engine_patching_and_atp(model):
     assert lensattr.atp(model, p, metric).meta["batch_size"] == 32
     with pytest.raises(TypeError, match="run: expected a lensattr.RunConfig"):
         lensattr.atp(model, p, metric, run={"batch_size": 4})
+
+
+def test_mode_name_breaks_ties_the_same_way_in_every_process():
+    """Tied most-common sources (half the prompts each) are named by the first in prompt
+    order, whatever PYTHONHASHSEED is: the SmolLM2 IOI audit's top_source columns differed
+    between two runs of the same code before."""
+    import subprocess
+    import sys
+
+    code = ("import torch, lensattr\n"
+            "from lensattr.auditing.columns import _mode_name\n"
+            "p = lensattr.PromptSet(tokens=torch.zeros(4, 6, dtype=torch.long), "
+            "roles={'IO': torch.tensor([1, 1, 1, 1]), 'S1': torch.tensor([2, 2, 2, 2])})\n"
+            "print(_mode_name(p, torch.tensor([2, 1, 2, 1])), "
+            "_mode_name(p, torch.tensor([3, 4, 4, 3])))\n")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={"PYTHONHASHSEED": str(seed), "PATH": ""}, check=True
+                           ).stdout.strip() for seed in range(8)}
+    assert outs == {"S1 pos3"}
+
+
+def test_grad_forward_check_is_shared_by_adapters_of_one_model(monkeypatch):
+    """The hook-free AtP forward is checked once per model and weights: a second Adapter (each
+    lensattr.atp(bridge, ...) call makes one) rebuilds it without re-running the check, and
+    gets the same scores."""
+    from lensattr.evidence import grad_forward
+
+    model = lensattr.load_model("planted")
+    task = lensattr.tasks.get("planted-copy")
+    p, metric = task.prompts(6, model=model), task.metric()
+    calls = []
+    check = grad_forward.GradForward.check
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return check(self, *a, **k)
+
+    monkeypatch.setattr(grad_forward.GradForward, "check", counted)
+    first = lensattr.atp(model, p, metric)
+    n = len(calls)
+    assert n >= 1 and first.meta["path"] == "hook-free"
+    again = lensattr.atp(model, p, metric)
+    assert len(calls) == n and again.meta["path"] == "hook-free"
+    assert torch.equal(first.heads, again.heads)
+    with torch.no_grad():  # other weights: checked again
+        next(model.parameters()).mul_(1.001)
+    lensattr.atp(model, p, metric)
+    assert len(calls) > n

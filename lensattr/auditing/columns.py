@@ -25,12 +25,14 @@ def position_name(prompts: PromptSet, pos: int) -> str:
 
 
 def _mode_name(prompts: PromptSet, positions: torch.Tensor) -> str:
-    """The most common source, named by role where the prompts agree on one."""
+    """The most common source, named by role where the prompts agree on one; a tie goes to
+    the name that comes first in prompt order (deterministic: not by set order, which
+    Python's string hashing changes from one process to the next)."""
     names = []
     for i, p in enumerate(positions.tolist()):
         role = next((k for k, v in prompts.roles.items() if int(v[i]) == p), None)
         names.append(role if role is not None else f"pos{p}")
-    return max(set(names), key=names.count)
+    return max(dict.fromkeys(names), key=names.count)
 
 
 def source_positions(prompts: PromptSet, claims: Claims, read_pos, max_sources: int):

@@ -61,9 +61,9 @@ from ..core.metrics import as_metric
 from ..core.prompts import PromptSet
 from ..core.sites import Site
 from ..core.version import __version__
-from ..models.adapter import Adapter, Hooks, ModelError
+from ..models.adapter import Adapter, Hooks
 from .attribution_result import AtPResult
-from .grad_forward import GradForward, LayerActs
+from .grad_forward import GradForward, LayerActs, checked_grad_forward
 from .metric_rows import check_finite_metric
 
 __all__ = ["atp", "MODES"]
@@ -98,7 +98,7 @@ def atp(
     _validate(a, prompts, mode, ig_steps, batch_size, graddrop)
     readout = metric.readout(prompts)
     read_rows = metric.read_positions(prompts).to(_CPU)  # [batch, pos]
-    gf, reason = _grad_forward(a, prompts, readout) if fast else (None, "fast=False")
+    gf, reason = checked_grad_forward(a, prompts, readout) if fast else (None, "fast=False")
     if gf is None and (graddrop or ig_steps > 1):
         opt = "graddrop=True" if graddrop else f"ig_steps={ig_steps}"
         raise ValueError(f"{opt}: needs the hook-free differentiable forward, unavailable for "
@@ -158,41 +158,6 @@ def _validate(a: Adapter, prompts, mode, ig_steps, batch_size, graddrop) -> None
     prompts.validate_vocab(a.d_vocab)
     prompts.validate_length(getattr(a.cfg, "n_ctx", None))
     prompts.validate_tokenizer(getattr(a.model, "tokenizer", None), a.name)
-
-
-def _grad_forward(a: Adapter, prompts: PromptSet, readout):
-    if readout.kind not in ("columns", "logits"):
-        return None, f"the metric reads {readout.kind!r}, not logits at one position"
-    if not a.is_causal:
-        return None, "not a causal decoder"
-    if not a._fast_readout_ok(prompts.tokens, prompts.attention_mask):
-        return None, "the unembedding is not the plain final norm -> W_U"
-    store = a._probe_store()  # emptied when the weights change: built and checked once per
-    # set of weights, readout kind and padding (like the fast readout probe)
-    key = ("grad_forward", readout.kind, prompts.attention_mask is not None)
-    if key in store:
-        return store[key]
-    # the first prompt and, under padding, the most padded one (its own mask)
-    first = [0]
-    if prompts.attention_mask is not None:
-        first.append(int(prompts.attention_mask.sum(1).argmin()))
-    idx = torch.tensor(sorted(set(first)))
-    mask = None if prompts.attention_mask is None else prompts.attention_mask[idx]
-    reason = None
-    for native in (True, False):  # HF's fused norms if they reproduce the bridge, else its own
-        try:
-            gf = GradForward(a, native_norms=native)
-        except ModelError as e:
-            store[key] = None, str(e)
-            return store[key]
-        reason = gf.check(prompts.tokens[idx], mask, readout.take(idx))
-        if reason is None:
-            store[key] = gf, None
-            return store[key]
-        if native and not gf.native_norms:  # nothing was swapped: the same forward again
-            break
-    store[key] = None, reason
-    return store[key]
 
 
 def _metric(metric: Metric, values: Tensor, prompts: PromptSet, clean: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..core.metric import Readout
+from ..core.prompts import PromptSet
 from ..core.sites import Site
 from ..models import blocks
 from ..models.adapter import Adapter, BareLayer, ModelError
@@ -287,3 +288,54 @@ class GradForward:
         return blocks.check_forward(
             [(None, compute)],
             lambda _, diff: f"hook-free forward differs from the bridge (max |diff| {diff})")
+
+
+def checked_grad_forward(a: Adapter, prompts: PromptSet, readout
+                         ) -> tuple[GradForward | None, str | None]:
+    """(a GradForward that reproduces the bridge's readout, None) or (None, why not).
+
+    Checked once per set of weights, readout kind and padding: the check's outcome (which norms
+    passed, or why none did) is plain data shared by every Adapter of the model; the forward
+    itself (it holds the model) stays with the Adapter that built it, so another Adapter of the
+    same model rebuilds it without checking again."""
+    if readout.kind not in ("columns", "logits"):
+        return None, f"the metric reads {readout.kind!r}, not logits at one position"
+    if not a.is_causal:
+        return None, "not a causal decoder"
+    if not a._fast_readout_ok(prompts.tokens, prompts.attention_mask):
+        return None, "the unembedding is not the plain final norm -> W_U"
+    store = a._probe_store()  # emptied when the weights change
+    key = ("grad_forward", readout.kind, prompts.attention_mask is not None)
+    if key in store:
+        return store[key]
+    if key + ("checked",) in store:  # another Adapter of this model checked it
+        native, reason = store[key + ("checked",)]
+        store[key] = (GradForward(a, native_norms=native), None) if reason is None \
+            else (None, reason)
+        return store[key]
+    gf, reason = _check_grad_forward(a, prompts, readout)
+    store[key + ("checked",)] = (gf.native_norms if gf is not None else False, reason)
+    store[key] = gf, reason
+    return store[key]
+
+
+def _check_grad_forward(a: Adapter, prompts: PromptSet, readout
+                        ) -> tuple[GradForward | None, str | None]:
+    # the first prompt and, under padding, the most padded one (its own mask)
+    first = [0]
+    if prompts.attention_mask is not None:
+        first.append(int(prompts.attention_mask.sum(1).argmin()))
+    idx = torch.tensor(sorted(set(first)))
+    mask = None if prompts.attention_mask is None else prompts.attention_mask[idx]
+    reason = None
+    for native in (True, False):  # HF's fused norms if they reproduce the bridge, else its own
+        try:
+            gf = GradForward(a, native_norms=native)
+        except ModelError as e:
+            return None, str(e)
+        reason = gf.check(prompts.tokens[idx], mask, readout.take(idx))
+        if reason is None:
+            return gf, None
+        if native and not gf.native_norms:  # nothing was swapped: the same forward again
+            break
+    return None, reason
