@@ -57,7 +57,7 @@ def _audit(args) -> int:
     print(result.summary())
     print(
         f"wrote {out / 'heads.csv'}, {out / 'edges.csv'}, {out / 'tokens.csv'}, "
-        f"{out / 'audit.json'}, "
+        f"{out / 'audit.json'}, {out / 'verdicts.json'}, "
         f"{out / 'report.html'} in {time.time() - t0:.1f} s"
     )
     return 0
