@@ -1,8 +1,8 @@
 """The :class:`Audit` result: tidy tables, tensors with documented axes, and metadata.
 
-Saved as a folder: ``heads.csv``, ``edges.csv``, ``tokens.csv``, ``tensors.safetensors`` and
-``audit.json``
-(meta, column dtypes, row counts, tensor shapes, each file's size and sha256). ``audit.json`` is
+Saved as a folder: ``heads.csv``, ``edges.csv``, ``tokens.csv``, ``tensors.safetensors``,
+``verdicts.json`` (the verdict records, tied to ``heads.csv`` by its sha256; see ``records``) and
+``audit.json`` (meta, column dtypes, row counts, tensor shapes, each file's size and sha256): it is
 the completeness marker: a save removes it first and writes it last, each file going to a
 temporary name and renamed into place, so an interrupted save never leaves a folder that loads
 as complete. :meth:`Audit.load` checks everything ``audit.json`` records and raises
