@@ -90,8 +90,8 @@ def atp(
     prompts; ``metric`` must be differentiable in the logits it reads. ``batch_size``: prompts
     per forward/backward (default 32). ``fast=False`` forces the bridge path. ``run``: a
     RunConfig for both (a keyword wins)."""
-    batch_size, fast = run_options(run, dict(batch_size=batch_size, fast=fast),
-                                   dict(batch_size=32, fast=True)).values()
+    o = run_options(run, dict(batch_size=batch_size, fast=fast), dict(batch_size=32, fast=True))
+    batch_size, fast = o["batch_size"], o["fast"]
     t0 = time.perf_counter()
     a = model if isinstance(model, Adapter) else Adapter(model)
     metric = as_metric(metric)

@@ -24,12 +24,10 @@ from ..core.types import HeadId
 from . import identity, state, weights
 from . import readout as readout_
 from .errors import ModelError
-from .hooks import HookFn, after, wrap
+from .hooks import HookFn, Hooks, after, wrap
 from .weights import BareLayer, FinalNorm
 
 __all__ = ["Adapter", "ModelError", "FinalNorm", "BareLayer", "after", "HookFn"]
-
-Hooks = dict[tuple[Site, int | None], HookFn]
 
 
 class Adapter:
@@ -331,36 +329,21 @@ class Adapter:
     # ---- reading -----------------------------------------------------------------------
     def read(self, tokens: Tensor, attention_mask: Tensor | None, readout,
              hooks: Hooks | None = None) -> Tensor:
-        """Compute only what a metric's :class:`~lensattr.metrics.Readout` asks for.
-
-        ``hidden``: the final hidden states [batch, pos, d_model] (output of the last block;
-        the forward stops there). ``columns``: the final residual is captured before the final
-        norm and the forward stops there; the norm is applied at the read positions only and
-        just the requested unembedding columns are computed ([batch, k]). ``logits``: the full
-        vocabulary at the read positions ([batch, d_vocab]). ``all_logits``: the ordinary
-        forward. Falls back to the ordinary forward when this model's unembedding is not the
-        plain ``ln_final -> W_U`` (checked once against a full forward).
-        """
+        """Compute only what a metric's readout asks for (:func:`.readout.read`)."""
         return readout_.read(self, tokens, attention_mask, readout, hooks)
 
     def read_final(self, resid: Tensor, readout, hooks=None, first_pos: int = 0,
                    grad: bool = False) -> Tensor:
-        """The final norm and the unembedding columns (or rows) a ``columns`` / ``logits``
-        readout asks for, from the final residual ``resid`` [batch, pos, d_model] of positions
-        ``first_pos`` onwards. The caller's hooks on the norm itself (e.g. a frozen scale) run.
-        ``grad``: keep autograd on (gradient-based attribution)."""
+        """The final norm and the unembedding a readout asks for (:func:`.readout.read_final`)."""
         return readout_.read_final(self, resid, readout, hooks, first_pos, grad)
 
     def read_grad(self, tokens: Tensor, attention_mask: Tensor | None, readout,
                   hooks: Hooks | None = None) -> Tensor:
-        """:meth:`read` with autograd on, for gradient-based attribution: the same readout
-        (final hidden states, the read unembedding columns or rows, or all logits), connected
-        to the graph of every hooked activation."""
+        """The readout with autograd on (:func:`.readout.read_grad`)."""
         return readout_.read_grad(self, tokens, attention_mask, readout, hooks)
 
     def _capture(self, tokens, attention_mask, hooks, key) -> Tensor:
-        """Run until the hook at ``key`` fires (after any hook already there), return its
-        value and stop the forward pass."""
+        """Run until the hook at ``key`` fires, return its value (:func:`.readout.capture`)."""
         return readout_.capture(self, tokens, attention_mask, hooks, key)
 
     def _fast_readout_ok(self, tokens, attention_mask) -> bool:

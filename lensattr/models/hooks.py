@@ -7,9 +7,12 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-__all__ = ["HookFn", "after", "StopForward", "wrap"]
+from ..core.sites import Site
+
+__all__ = ["HookFn", "Hooks", "after", "StopForward", "wrap"]
 
 HookFn = Callable[[Tensor], Tensor | None]
+Hooks = dict[tuple[Site, int | None], HookFn]  # hook functions by (site, layer)
 
 
 def after(inner: HookFn | None, fn: Callable[[Tensor], None]) -> HookFn:

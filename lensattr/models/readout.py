@@ -12,14 +12,13 @@ from torch import Tensor
 
 from ..core.sites import Site
 from .errors import ModelError
-from .hooks import HookFn, StopForward, after
+from .hooks import Hooks, StopForward, after
 
 if TYPE_CHECKING:
     from .adapter import Adapter
 
 __all__ = ["read", "read_final", "read_grad", "capture", "fast_readout_ok"]
 
-Hooks = dict[tuple[Site, int | None], HookFn]
 
 
 def read(
