@@ -21,7 +21,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.prompts import PromptSet
 from ..models.adapter import Adapter
+from .inputs import token_inputs
 from .rollout import layer_matrices
 
 __all__ = ["Flow", "attention_flow", "flow", "BYTES_PER_EDGE", "FlowBudgetError"]
@@ -141,15 +143,18 @@ def _graph(ig, m: np.ndarray, n: int):
 
 def flow(
     model,
-    tokens: Tensor,
+    tokens: Tensor | PromptSet,
     attention_mask: Tensor | None = None,
     weights: str = "half",
     residual: float = 0.5,
     queries: Tensor | None = None,
     memory_budget_mb: float = DEFAULT_BUDGET_MB,
 ) -> Flow:
-    """Attention flow of ``model`` on ``tokens`` (one forward pass, then the solves)."""
+    """Attention flow of ``model`` on ``tokens`` (token ids ``[batch, pos]``, or a
+    :class:`~lensattr.core.prompts.PromptSet` with its mask): one forward pass, then the
+    solves."""
     adapter = model if isinstance(model, Adapter) else Adapter(model)
+    tokens, attention_mask = token_inputs(tokens, attention_mask)
     mixed = layer_matrices(adapter, tokens, attention_mask, weights, residual)
     return attention_flow(mixed, attention_mask, adapter.is_causal, queries, memory_budget_mb,
                           meta={"model": adapter.name, "method": "flow", "weights": weights,

@@ -39,8 +39,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.prompts import PromptSet
 from ..core.sites import Site
 from ..models.adapter import Adapter
+from .inputs import token_inputs
 
 __all__ = ["NormAttention", "norm_attention", "norm_attention_from", "residual_norms_from",
            "head_value_vectors"]
@@ -192,10 +194,13 @@ def residual_norms_from(
 
 
 def norm_attention(
-    model, tokens: Tensor, attention_mask: Tensor | None = None, value_bias: str = "include"
+    model, tokens: Tensor | PromptSet, attention_mask: Tensor | None = None,
+    value_bias: str = "include"
 ) -> NormAttention:
-    """Norm-based attention of ``model`` on ``tokens`` (one forward pass with hooks)."""
+    """Norm-based attention of ``model`` on ``tokens`` (token ids ``[batch, pos]``, or a
+    :class:`~lensattr.core.prompts.PromptSet` with its mask); one forward pass with hooks."""
     adapter = model if isinstance(model, Adapter) else Adapter(model)
+    tokens, attention_mask = token_inputs(tokens, attention_mask)
     sites = [Site.PATTERN, Site.V, Site.RESID_PRE] + ([Site.LN1_SCALE] if adapter.post_norm
                                                       else [])
     _, st = adapter.run_with_cache(tokens, attention_mask, sites=tuple(sites))

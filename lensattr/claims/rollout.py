@@ -18,8 +18,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.prompts import PromptSet
 from ..core.sites import Site
 from ..models.adapter import Adapter
+from .inputs import token_inputs
 
 __all__ = ["Rollout", "mix_residual", "attention_rollout", "layer_matrices", "head_averaged",
            "WEIGHTS"]
@@ -119,10 +121,12 @@ def layer_matrices(
     raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
 
 
-def rollout(model, tokens: Tensor, attention_mask: Tensor | None = None,
+def rollout(model, tokens: Tensor | PromptSet, attention_mask: Tensor | None = None,
             weights: str = "half", residual: float = 0.5) -> Rollout:
-    """Attention rollout of ``model`` on ``tokens`` (one forward pass)."""
+    """Attention rollout of ``model`` on ``tokens`` (token ids ``[batch, pos]``, or a
+    :class:`~lensattr.core.prompts.PromptSet` with its mask); one forward pass."""
     adapter = model if isinstance(model, Adapter) else Adapter(model)
+    tokens, attention_mask = token_inputs(tokens, attention_mask)
     mixed = layer_matrices(adapter, tokens, attention_mask, weights, residual)
     return attention_rollout(mixed, meta={
         "model": adapter.name, "method": "rollout", "weights": weights,
