@@ -41,6 +41,7 @@ def audit_meta(
         "task": task_name,
         "n_prompts": len(prompts),
         "prompts_hash": prompts.hash(),
+        "padding_side": prompts.padding_side,
         "metric": as_metric(metric).describe(),
         "primary_ablation": primary.value,
         "ablation_methods": [m.value for m in methods],

@@ -16,6 +16,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,10 @@ from ..compare.records import Verdict
 from ..core.types import HeadId
 from .files import AuditLoadError, check_files, fingerprint
 from .records import RECORDS, find_verdict, read_records, records_doc
+
+if TYPE_CHECKING:
+    from ..report.notebook import NotebookView
+    from .show import PromptPatterns
 
 __all__ = ["Audit", "AuditLoadError"]
 
@@ -60,6 +65,8 @@ class Audit:
     # per head: baseline -> Verdict record (the tables are views of these)
     records: dict[HeadId, dict[str, Verdict]] = field(default_factory=dict, repr=False,
                                                       compare=False)
+    # every prompt's patterns, in memory only (not saved), for show(head, prompt)
+    prompt_patterns: PromptPatterns | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.heads = _int_or_missing(self.heads, "heads")
@@ -229,6 +236,15 @@ class Audit:
         from ..report.grid import notebook_html
 
         return notebook_html(self.heads, self.meta, self.report_inputs()["run"])
+
+    def show(self, head=None, prompt: int | str = 0) -> NotebookView:
+        """A notebook view (``.html``, ``_repr_html_``, ``save(path)``; offline). No head: the
+        verdict grid. ``head`` ((layer, head) or "L0H1"): its attention on ``prompt`` (0 or
+        "mean" from the saved tensors; other indices on a fresh audit) drawn by circuitsvis,
+        the claimed sources (claimed_share >= 0.5) marked, and its evidence beside it."""
+        from .show import show_audit
+
+        return show_audit(self, head, prompt)
 
     def plot(self, kind: str = "grid", *, save: str | Path | None = None, **kwargs):
         """A matplotlib figure of this audit (needs ``pip install "lensattr[plot]"``).

@@ -26,6 +26,7 @@ from .judgement import head_results
 from .meta import run_meta
 from .plan import AuditPlan, make_plan
 from .result import Audit
+from .show import keep_patterns
 
 __all__ = ["audit", "Audit", "AuditConfig", "tables"]
 
@@ -129,8 +130,10 @@ def tables(plan: AuditPlan, g: Gathered, results: list[HeadResult], t0: float) -
     tensors = _tensors(results, claims, prompts, engine, plan.methods, adapter)
     meta = run_meta(plan, g, cc, atp_meta, floor, time.time() - t0)
     records = {r.head: dict(r.by_baseline) for r in results}  # baseline -> Verdict
+    kept = keep_patterns(claims.patterns, prompts, claims.read_pos,  # in memory, for show()
+                         getattr(adapter.model, "tokenizer", None))
     return Audit(heads=heads_df, edges=edges_df, tensors=tensors, meta=meta, tokens=cc.tokens,
-                 records=records)
+                 records=records, prompt_patterns=kept)
 
 
 def _tensors(results, claims, prompts, engine, methods, adapter) -> dict:

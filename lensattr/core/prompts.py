@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from . import text_prompts
+
 __all__ = ["PromptSet", "PromptError", "VocabFingerprint", "vocab_fingerprint"]
 
 # What PromptSet's constructor accepts; __post_init__ turns each into the tensor it stores.
@@ -246,6 +248,15 @@ class PromptSet:
         return self.attention_mask.bool()
 
     @property
+    def padding_side(self) -> str | None:
+        """"left" / "right" (every padded prompt on that side), None (no padding), or "mixed"."""
+        m = self.attention_mask
+        if m is None or bool(m.all()):
+            return None
+        left, right = bool((m[:, 1:] >= m[:, :-1]).all()), bool((m[:, 1:] <= m[:, :-1]).all())
+        return "left" if left else "right" if right else "mixed"
+
+    @property
     def aligned(self) -> bool:
         """True when every prompt has the same length and every role the same position."""
         same_roles = all(bool((v == v[0]).all()) for v in self.roles.values())
@@ -351,6 +362,37 @@ class PromptSet:
         if self.vocab is not None:
             h.update(b"vocab" + self.vocab.digest.encode())
         return h.hexdigest()[:16]
+
+    @classmethod
+    def from_text(cls, model, clean: str | Sequence[str], corrupted: Sequence[str] | None = None,
+                  *, answers=None, wrong=None, roles: Mapping | None = None,
+                  padding_side: str | None = None, prepend_bos: bool | None = None,
+                  name: str = "prompts") -> PromptSet:
+        """Prompts from strings, tokenised as a TransformerBridge's ``model.to_tokens(clean,
+        prepend_bos=..., padding_side=...)`` does (details: :mod:`lensattr.core.text_prompts`).
+
+        Args:
+            model: a TransformerBridge (``prepend_bos`` default: its cfg.default_prepend_bos)
+                or a Hugging Face tokenizer (default True). ``clean``: a string or a sequence.
+            corrupted: one string per clean prompt, of its token length (or None).
+            answers, wrong: a string (every prompt), a list (one per prompt) or token ids.
+            roles: name -> a substring (the token holding its last character), a list of them,
+                ``(substring_or_list, occurrence)``, or token positions (BOS included; negative:
+                from the last real token). ``BOS`` is added when prepended; ``END``: last token.
+            padding_side: "left" or "right" (default: the tokenizer's, else "right").
+
+        Returns:
+            A PromptSet: roles in padded coordinates, ``text`` with BOS, ``vocab`` recorded.
+        Raises:
+            PromptError: naming the argument (see text_prompts for every case).
+        """
+        try:
+            kw = text_prompts.prompt_kwargs(
+                model, clean, corrupted, answers=answers, wrong=wrong, roles=roles,
+                padding_side=padding_side, prepend_bos=prepend_bos, name=name)
+        except text_prompts.TextPromptError as e:
+            raise PromptError(str(e)) from None
+        return cls(**kw)
 
     @classmethod
     def from_lists(cls, tokens: Sequence[Sequence[int]], **kw) -> PromptSet:

@@ -17,6 +17,7 @@ an interrupted sweep rerun with the same file computes only the cells it lacks
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import cast
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from ..core.config import RunConfig, run_options
 from ..core.prompts import PromptSet
 from ..core.sites import Site
+from ..core.types import HeadId
 from ..models.adapter import Adapter, Hooks, ModelError
 from .patch_chunks import open_store
 from .patch_runs import Cell, PatchRuns
@@ -55,6 +57,7 @@ def activation_patching(
     *,
     site: str = "z",
     by: str = "all",
+    heads=None,
     direction: str = "denoising",
     fast: bool | None = None,
     batch_size: int | None = None,
@@ -71,6 +74,8 @@ def activation_patching(
         ``"pattern"``.
     by: ``"all"`` every position at once; ``"pos"`` one position (patterns: one destination
         row); ``"dest_src"`` one (destination, source) entry of a pattern.
+    heads: only these heads' cells (``(layer, head)`` query heads; for ``k``/``v`` the
+        key/value heads they read); the others are NaN. Default every head.
     direction: ``"denoising"`` patches clean activations into the corrupted run (TL's
         convention), ``"noising"`` corrupted activations into the clean run.
     metric: a :class:`~lensattr.metrics.Metric` (e.g. ``LogitDiff()``) or a callable
@@ -111,16 +116,28 @@ def activation_patching(
     sizes = {"layer": a.n_layers, "head": n_heads, "head_index": n_heads, "pos": p,
              "dest_pos": p, "src_pos": p}
     shape = [sizes[x] for x in axes]
-    cells = []
-    for ix in itertools.product(*(range(k) for k in shape)):
+    group = a.n_heads // n_heads
+    wanted = None if heads is None else {
+        (layer, h // group) for layer, h in _head_list(a, heads, "heads")}
+    cells, keep = [], []
+    for i, ix in enumerate(itertools.product(*(range(k) for k in shape))):
         d = dict(zip(axes, ix, strict=True))
-        cells.append(Cell(s, d["layer"], d["head"] if "head" in d else d["head_index"],
-                          dest=d.get("pos", d.get("dest_pos")), src=d.get("src_pos")))
+        head = d["head"] if "head" in d else d["head_index"]
+        if wanted is not None and (d["layer"], head) not in wanted:
+            continue
+        keep.append(i)
+        cells.append(Cell(s, d["layer"], head, dest=d.get("pos", d.get("dest_pos")),
+                          src=d.get("src_pos")))
     with tqdm(total=len(cells), desc=f"patching {site}", disable=not progress,
               leave=False) as bar:
         store = open_store(runs, checkpoint, "activation_patching", s.value)
         values, _ = runs.run(cells, progress=bar, store=store)
-    meta = runs.meta("activation_patching", site=s.value, by=by, seed=seed,
+    if wanted is not None:  # the cells not asked for are NaN
+        full = torch.full((math.prod(shape), len(prompts)), float("nan"), dtype=values.dtype)
+        full[torch.tensor(keep)] = values
+        values = full
+    extra = {} if wanted is None else {"heads": sorted(_head_list(a, heads, "heads"))}
+    meta = runs.meta("activation_patching", site=s.value, by=by, seed=seed, **extra,
                      **_run_meta(runs, checkpoint))
     return ActivationPatching(s.value, axes, values.reshape(*shape, len(prompts)), runs.base,
                               runs.source, meta)
@@ -157,6 +174,7 @@ def path_patching(
     sender,
     *,
     receivers: tuple[str, ...] = ("q", "k", "v", "logits"),
+    receiver_heads=None,
     direction: str = "denoising",
     fast: bool | None = None,
     batch_size: int | None = None,
@@ -176,9 +194,11 @@ def path_patching(
     ``get_act_patch_direct_path``. Receivers ``k``/``v`` are key/value heads under
     grouped-query attention. Returns a :class:`PathPatching` with the metric per receiver and
     prompt, and the change of each receiver's attention row at the read position.
-    ``batch_size``, ``memory_budget``, ``checkpoint`` and ``progress`` as in
-    :func:`activation_patching` (the checkpoint's run key includes the sender; the watched
-    attention rows are saved with the values).
+    ``receiver_heads``: only these receivers (``(layer, head)`` query heads, each in a layer
+    after the sender's; for ``k``/``v`` the key/value heads those query heads read), the others
+    are NaN; default every head after the sender. ``batch_size``, ``memory_budget``,
+    ``checkpoint`` and ``progress`` as in :func:`activation_patching` (the checkpoint's run key
+    includes the sender; the watched attention rows are saved with the values).
     """
     fast, batch_size, progress, checkpoint, memory_budget = _opts(
         run, fast=fast, batch_size=batch_size, progress=progress, checkpoint=checkpoint,
@@ -194,6 +214,7 @@ def path_patching(
     if not a.has_direct_path:
         raise ModelError(f"model {a.name!r}: path patching needs a pre-norm causal decoder "
                          "(each head's output added to the residual stream as z @ W_O)")
+    wanted = _receiver_heads(a, receiver_heads, sender)
     runs = PatchRuns(a, prompts, metric, direction, fast=fast, batch_size=batch_size,
                      memory_budget=memory_budget)
     n, p, L, H = len(prompts), prompts.n_pos, a.n_layers, a.n_heads
@@ -211,8 +232,11 @@ def path_patching(
         n_rec = a.n_kv_heads if comp in ("k", "v") else H
         group = H // a.n_kv_heads if comp in ("k", "v") else 1
         for layer in range(Ls + 1, L):
-            sources[(site, layer)] = _patched_input(a, runs, layer, site, delta)
-            for h in range(n_rec):
+            heads = [h for h in range(n_rec) if wanted is None
+                     or any((layer, q) in wanted for q in range(h * group, (h + 1) * group))]
+            if heads:
+                sources[(site, layer)] = _patched_input(a, runs, layer, site, delta)
+            for h in heads:
                 cells.append(Cell(site, layer, h, watch=h * group))
                 where.append((c, layer, h))
     store = open_store(runs, checkpoint, "path_patching", "receivers", sender)
@@ -226,10 +250,38 @@ def path_patching(
             logits = runs.run([Cell(Site.RESID_FINAL, L, 0)], sources, bar, store)[0][0]
     if vals is not None:  # every receiver cell watches a head: its rows came back
         _fill_receivers(runs, n, cells, where, vals, cast(Tensor, rows), values, change)
+    extra = {} if wanted is None else {"receiver_heads": sorted(wanted)}
     meta = runs.meta("path_patching", sender=tuple(sender), receivers=tuple(receivers),
-                     seed=seed, **_run_meta(runs, checkpoint))
+                     seed=seed, **extra, **_run_meta(runs, checkpoint))
     return PathPatching(tuple(sender), comps, values, logits, change, runs.base, runs.source,
                         meta)
+
+
+def _head_list(a: Adapter, heads, arg: str) -> set[tuple[int, int]]:
+    """``heads`` checked: a non-empty list of head ids (or one ``(layer, head)``)."""
+    if isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, int) for x in heads):
+        heads = [heads]  # one head given as (layer, head)
+    try:
+        out = {(int(h[0]), int(h[1])) for h in (a.check_head(h, arg) for h in heads)}
+    except TypeError:
+        raise ValueError(f"{arg}: expected a list of (layer, head) pairs, got {heads!r}"
+                         ) from None
+    if not out:
+        raise ValueError(f"{arg}: empty; pass None for every head")
+    return out
+
+
+def _receiver_heads(a: Adapter, heads, sender: HeadId) -> set[tuple[int, int]] | None:
+    """``receiver_heads`` checked: a non-empty list of head ids after the sender's layer."""
+    if heads is None:
+        return None
+    out = _head_list(a, heads, "receiver_heads")
+    early = sorted(h for h in out if h[0] <= sender.layer)
+    if early:
+        raise ValueError(f"receiver_heads: {early} are not after the sender's layer "
+                         f"{sender.layer}; a receiver reads the sender's output, so it must "
+                         "sit in a later layer")
+    return out
 
 
 def _fill_receivers(runs: PatchRuns, n: int, cells: list[Cell], where: list[tuple[int, int, int]],
