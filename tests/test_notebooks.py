@@ -137,7 +137,10 @@ def test_show_views_in_the_executed_notebook_html(executed, name, tmp_path):
 
         def record(route):
             seen["requests"].append(route.request.url)
-            route.continue_() if route.request.url == path.as_uri() else route.abort()
+            if route.request.url == path.as_uri():
+                route.continue_()
+            else:
+                route.abort()
 
         pg.route("**/*", record)
         pg.goto(path.as_uri())
