@@ -13,11 +13,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
+
+from .browser import CHROMIUM, NO_CHROMIUM, html_page, open_offline
 
 nbformat = pytest.importorskip("nbformat", reason="pip install 'lensattr[dev]' (nbformat)")
 nbclient = pytest.importorskip("nbclient", reason="pip install 'lensattr[dev]' (nbclient)")
@@ -101,7 +102,6 @@ def test_notebook_runs_without_errors(executed, name):
 
 
 # ---- the executed notebook's HTML in a browser ---------------------------------------------
-CHROMIUM = os.environ.get("LENSATTR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # head views each notebook shows, and the sources their attention maps must mark as claimed
 # (planted: by construction, see the task's mechanism; SmolLM2: END -> S2 0.61 for L23H3,
 # experiments/README.md)
@@ -116,9 +116,7 @@ def notebook_html(nb, path: Path) -> Path:
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter(template_name="basic").from_notebook_node(nb)
-    path.write_text("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>nb"
-                    f"</title></head><body>{body}</body></html>", encoding="utf-8")
-    return path
+    return html_page(body, path)
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
@@ -126,24 +124,11 @@ def test_show_views_in_the_executed_notebook_html(executed, name, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install 'lensattr[dev]'")
     pytest.importorskip("nbconvert", reason="pip install 'lensattr[dev]' (nbconvert)")
     if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM!r} (apt-get install -y chromium)")
+        pytest.skip(NO_CHROMIUM)
     path = notebook_html(executed(name), tmp_path / "notebook.html")
-    seen: dict[str, list] = {"console": [], "requests": []}
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        pg = browser.new_context(viewport={"width": 1400, "height": 900}, offline=True).new_page()
-        pg.on("console", lambda m: seen["console"].append((m.type, m.text)))
-        pg.on("pageerror", lambda err: seen["console"].append(("pageerror", str(err))))
-
-        def record(route):
-            seen["requests"].append(route.request.url)
-            if route.request.url == path.as_uri():
-                route.continue_()
-            else:
-                route.abort()
-
-        pg.route("**/*", record)
-        pg.goto(path.as_uri())
+        pg, seen = open_offline(browser, path)
         assert pg.locator("script[data-lensattr-bundle='circuitsvis']").count() == 1
         views = pg.locator("div.lensattr-view.lensattr-head")
         assert views.count() >= len(MARKED[name])

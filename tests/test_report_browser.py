@@ -4,8 +4,6 @@ where either is missing; ``.ci/run`` tries to install chromium."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,13 +11,13 @@ import pytest
 from lensattr.auditing.demo import synthetic_audit
 from lensattr.cli.main import main
 
+from .browser import CHROMIUM, NO_CHROMIUM, open_offline
+
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install 'lensattr[dev]')")
 
-CHROMIUM = os.environ.get("LENSATTR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM!r}: install Debian's package (apt-get install -y "
-                "chromium) or set LENSATTR_CHROMIUM", allow_module_level=True)
+    pytest.skip(NO_CHROMIUM, allow_module_level=True)
 
 SCRIPT = "<script>window.__pwned = 1</script>"
 IMG = '"><img src=x onerror="window.__pwned = 2">'
@@ -41,25 +39,9 @@ def report(tmp_path_factory) -> tuple[Path, object]:
 @pytest.fixture(scope="module")
 def page(report):
     path, _ = report
-    seen = {"console": [], "requests": [], "dialogs": []}
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        context = browser.new_context(viewport={"width": 1400, "height": 900},
-                                      offline=True)
-        pg = context.new_page()
-        pg.on("console", lambda m: seen["console"].append((m.type, m.text)))
-        pg.on("pageerror", lambda e: seen["console"].append(("pageerror", str(e))))
-        pg.on("dialog", lambda d: (seen["dialogs"].append(d.message), d.dismiss()))
-
-        def record(route):  # every request is recorded; none but the page itself is served
-            seen["requests"].append(route.request.url)
-            if route.request.url == path.as_uri():
-                route.continue_()
-            else:
-                route.abort()
-
-        pg.route("**/*", record)
-        pg.goto(path.as_uri())
+        pg, seen = open_offline(browser, path, dialogs=True)
         pg.wait_for_selector("html[data-lensattr-ready='1']", timeout=20_000)
         yield pg, seen
         browser.close()

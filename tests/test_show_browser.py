@@ -6,8 +6,6 @@ test_report_browser.py where either is missing."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,13 +13,13 @@ import pytest
 import lensattr
 from lensattr.report import notebook
 
+from .browser import CHROMIUM, NO_CHROMIUM, html_page, open_offline
+
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install 'lensattr[dev]')")
 
-CHROMIUM = os.environ.get("LENSATTR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM!r}: install Debian's package (apt-get install -y "
-                "chromium) or set LENSATTR_CHROMIUM", allow_module_level=True)
+    pytest.skip(NO_CHROMIUM, allow_module_level=True)
 
 HOSTILE = "<img src=x onerror=\"window.__pwned=1\">"
 
@@ -31,38 +29,12 @@ def audit():
     return lensattr.audit(lensattr.load_model("planted"), "planted-copy", progress=False)
 
 
-def _page(body: str, path: Path) -> Path:
-    path.write_text("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>nb"
-                    f"</title></head><body>{body}</body></html>", encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield b
         b.close()
-
-
-def _open(browser, path: Path):
-    """(page, seen): console messages and every request recorded; none but the page itself
-    is served."""
-    seen: dict[str, list] = {"console": [], "requests": []}
-    pg = browser.new_context(viewport={"width": 1400, "height": 900}, offline=True).new_page()
-    pg.on("console", lambda m: seen["console"].append((m.type, m.text)))
-    pg.on("pageerror", lambda err: seen["console"].append(("pageerror", str(err))))
-
-    def record(route):
-        seen["requests"].append(route.request.url)
-        if route.request.url == path.as_uri():
-            route.continue_()
-        else:
-            route.abort()
-
-    pg.route("**/*", record)
-    pg.goto(path.as_uri())
-    return pg, seen
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +47,9 @@ def notebook_page(audit, browser, tmp_path_factory):
     outputs = [audit.show()._repr_html_(), audit.show((0, 1))._repr_html_(),
                hostile.show((0, 0))._repr_html_()]
     assert "".join(outputs).count("data-lensattr-bundle") == 1
-    path = _page("".join(f"<div class='cell-output'>{o}</div>" for o in outputs),
+    path = html_page("".join(f"<div class='cell-output'>{o}</div>" for o in outputs),
                  tmp_path_factory.mktemp("nb") / "notebook.html")
-    pg, seen = _open(browser, path)
+    pg, seen = open_offline(browser, path)
     yield pg, seen, path
     pg.context.close()
 
@@ -120,8 +92,8 @@ def test_claimed_tokens_marked_and_hostile_text_inert(notebook_page):
 def test_without_the_bundle_a_view_says_how_to_get_it(audit, browser, tmp_path):
     notebook.resend_bundle()
     audit.show((0, 0))._repr_html_()  # an earlier output took the bundle (then was cleared)
-    path = _page(audit.show((0, 1))._repr_html_(), tmp_path / "late.html")
-    pg, seen = _open(browser, path)
+    path = html_page(audit.show((0, 1))._repr_html_(), tmp_path / "late.html")
+    pg, seen = open_offline(browser, path)
     try:
         pg.wait_for_selector(".lensattr-pattern[data-state='missing']",
                              timeout=notebook.WAIT_MS + 10_000)
