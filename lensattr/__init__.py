@@ -25,6 +25,7 @@ from .compare.atp_agreement import AtPAgreement, atp_agreement
 from .compare.records import Verdict
 from .compare.verdicts import Thresholds
 from .core.config import RunConfig
+from .core.distributed import RankFailure
 from .core.metric import Metric
 from .core.metrics import AnswerLogProb, KLToClean, LogitDiff, LogitsMetric
 from .core.prompts import PromptSet
@@ -85,4 +86,6 @@ __all__ = [
     "DLA",
     "source_dla",
     "SourceDLA",
+    # sharded runs (torchrun): a rank that stopped before the ranks swapped their results
+    "RankFailure",
 ]

@@ -19,6 +19,7 @@ from ..compare.judge import Effects
 from ..compare.locus import LocusEdges, locus_edges, needs_locus
 from ..compare.screening import Screen, screen_heads
 from ..compare.verdicts import Thresholds
+from ..core.distributed import world
 from ..core.metrics import read_rows
 from ..core.types import AblationMethod, HeadId
 from ..evidence import Engine, ablate
@@ -69,7 +70,8 @@ def gather(plan: AuditPlan, engine: Engine, cache=None) -> Gathered:
     claims = compute_claims(patterns, prompts, rows, causal=adapter.is_causal)
     direct = engine.final_scale is not None and adapter.has_direct_path
     progress = plan.run.progress if plan.run.progress is not None else True
-    bar = tqdm(desc="lensattr audit", unit="iv", disable=not progress, total=0)
+    bar = tqdm(desc="lensattr audit", unit="iv", disable=not progress or not world().lead,
+               total=0)
     engine.bar = bar
     try:
         values, head_delta = _solo(engine, plan)

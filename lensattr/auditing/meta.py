@@ -117,6 +117,8 @@ def run_meta(plan, g, cc, atp_meta: dict, floor: float, seconds: float) -> dict:
         "forward_work_unit": "one clean forward pass of one prompt (layers x positions run "
         "by the edits: from the first edited layer and query position on)",
         "threads": torch.get_num_threads(),
+        **engine.world.describe(),  # world_size 1 alone; rows and work are over every rank
+        "dtype": str(adapter.dtype).removeprefix("torch."),
     }
     tok = getattr(adapter.model, "tokenizer", None)
     if tok is not None:  # the example prompt as text, for the report

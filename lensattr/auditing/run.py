@@ -95,6 +95,12 @@ def audit(
             layer-level value up to and including the edge's layer), head columns
             (``agree_<source>``, ``<source>_top_source``) and rows of ``Audit.agreement``;
             rollout/flow also feed the token table (``Audit.tokens``).
+
+    Under an initialised ``torch.distributed`` process group (``torchrun``), the ranks share
+    the interventions and occlusion forwards (:mod:`lensattr.core.distributed`) and every rank
+    returns the whole, bit-identical Audit: save it on rank 0. With ``checkpoint``, rank r > 0
+    saves to ``<stem>.rank<r><suffix>`` beside it; any number of ranks resumes from them all.
+    A rank that stops is a :class:`~lensattr.core.distributed.RankFailure` naming it.
     """
     del n_boot
     t0 = time.time()
@@ -114,7 +120,7 @@ def tables(plan: AuditPlan, g: Gathered, results: list[HeadResult], t0: float) -
     meta of the :class:`Audit`, which also keeps every head's verdict records."""
     adapter, prompts, claims, engine = plan.adapter, plan.prompts, g.claims, g.engine
     batch_size = plan.run.options(batch_size=64)["batch_size"]
-    floor = noise_floor(engine.clean, g.eff.den)  # effects below it are float32 rounding
+    floor = noise_floor(engine.clean, g.eff.den, adapter.dtype)  # below it: rounding
     cc = claim_columns(adapter, engine, prompts, plan.metric, claims, results,
                        plan.claim_sources, g.sources, g.source_names, plan.seed, batch_size,
                        floor)

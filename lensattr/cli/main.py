@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..core.distributed import RankFailure, world
 from .common import CLIError, check_out
 
 __all__ = ["main", "check_out", "CLIError"]
@@ -16,7 +17,9 @@ __all__ = ["main", "check_out", "CLIError"]
 def _audit(args) -> int:
     from .. import tasks as task_registry
     from ..auditing.run import audit
+    from ..core.distributed import finish, init_from_env
     from ..models.loading import load_model
+    from .common import finish_ranks, parse_dtype, rank_device
 
     try:
         task = task_registry.get(args.task)
@@ -39,27 +42,29 @@ def _audit(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype)
     t0 = time.time()
-    model = load_model(model_name)
-    ckpt = out / "evidence.ckpt.safetensors"
-    result = audit(
-        model,
-        task,
-        n_prompts=args.n_prompts,
-        seed=args.seed,
-        progress=not args.quiet,
-        checkpoint=str(ckpt),
-        claims=args.claims,
-    )
-    result.save(out)
-    result.report(out / "report.html")
-    ckpt.unlink(missing_ok=True)
-    print(result.summary())
-    print(
-        f"wrote {out / 'heads.csv'}, {out / 'edges.csv'}, {out / 'tokens.csv'}, "
-        f"{out / 'audit.json'}, {out / 'verdicts.json'}, "
-        f"{out / 'report.html'} in {time.time() - t0:.1f} s"
-    )
+    device = rank_device(args.device)
+    w = init_from_env(device)  # under torchrun: join the ranks (gloo; NCCL on GPUs)
+    try:
+        model = load_model(model_name, device=device, dtype=dtype)
+        ckpt = out / "evidence.ckpt.safetensors"
+        result = audit(model, task, n_prompts=args.n_prompts, seed=args.seed,
+                       progress=not args.quiet, checkpoint=str(ckpt), claims=args.claims)
+        if w.lead:  # every rank holds the whole result; rank 0 writes it
+            result.save(out)
+            result.report(out / "report.html")
+        finish_ranks(ckpt)
+    finally:
+        finish()
+    if w.lead:
+        print(result.summary())
+        ranks = f" by {w.size} ranks" if w.sharded else ""
+        print(
+            f"wrote {out / 'heads.csv'}, {out / 'edges.csv'}, {out / 'tokens.csv'}, "
+            f"{out / 'audit.json'}, {out / 'verdicts.json'}, "
+            f"{out / 'report.html'} in {time.time() - t0:.1f} s{ranks}"
+        )
     return 0
 
 
@@ -161,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (None: torch's choice, usually one per core; on a "
                    "machine shared with other busy processes, 1 is often faster)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument("--device", default=None,
+                   help="torch device of the model (None: cpu; under torchrun with CUDA, each "
+                   "rank's own GPU)")
+    a.add_argument("--dtype", default=None,
+                   help="model weights' dtype: float32, bfloat16 or float16 (None: the model's "
+                   "own); metrics are accumulated in float32")
     a.add_argument("--claims", default=None,
                    help="claim sources to compare with the evidence, comma list of raw, norm, "
                         "rollout, flow (default: raw,norm,rollout, plus flow on models of at "
@@ -197,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Expected errors: bad input or environment, reported as one line with exit code 2. Anything
-# else is a bug and keeps its traceback.
-_EXPECTED = (CLIError, ValueError, OSError)
+# Expected errors: bad input or environment, or a rank of torchrun that stopped, reported as one
+# line with exit code 2. Anything else is a bug and keeps its traceback.
+_EXPECTED = (CLIError, ValueError, OSError, RankFailure)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,11 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        print(f"lensattr: interrupted; {_resume_hint(args)}", file=sys.stderr)
+        print(f"lensattr{_rank()}: interrupted; {_resume_hint(args)}", file=sys.stderr)
         return 130
-    except _EXPECTED as err:
-        print(f"lensattr: error: {_one_line(err)}", file=sys.stderr)
+    except _EXPECTED as err:  # a RankFailure says which rank reports it
+        where = "" if isinstance(err, RankFailure) else _rank()
+        print(f"lensattr{where}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _rank() -> str:
+    """`` (rank R of N)`` under torchrun, where each rank prints its own errors; else empty."""
+    import os
+
+    w = world()
+    size = w.size if w.sharded else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = w.rank if w.sharded else int(os.environ.get("RANK", "0") or 0)
+    return f" (rank {rank} of {size})" if size > 1 else ""
 
 
 def _resume_hint(args) -> str:

@@ -47,6 +47,10 @@ def add_patch_parser(sub, fmt) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="lensattr-patch", help="output folder")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None,
+                   help="torch device (None: cpu; under torchrun with CUDA, each rank's GPU)")
+    p.add_argument("--dtype", default=None,
+                   help="weights' dtype: float32, bfloat16 or float16 (None: the model's own)")
     p.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
                    help="working memory per forward pass; chunks are sized to fit")
     p.add_argument("--top", type=int, default=10, help="cells shown in the summary")
@@ -95,10 +99,8 @@ def _flags(args):
 
 def run_patch(args) -> int:
     from .. import tasks as task_registry
-    from ..evidence.patching import activation_patching, path_patching
-    from ..models.adapter import Adapter
-    from ..models.loading import load_model
-    from .common import CLIError, check_out
+    from ..core.distributed import finish, init_from_env
+    from .common import CLIError, check_out, finish_ranks, parse_dtype, rank_device
 
     site, by, sender, receivers = _flags(args)
     try:
@@ -115,8 +117,35 @@ def run_patch(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype)
     t0 = time.time()
-    model = load_model(args.model or task.model)
+    device = rank_device(args.device)
+    w = init_from_env(device)  # under torchrun: join the ranks (gloo; NCCL on GPUs)
+    try:
+        result = _sweep(args, task, out, site, by, sender, receivers, device, dtype)
+        if w.lead:  # every rank holds the whole result; rank 0 writes it
+            frame = result.to_frame()
+            frame.to_csv(out / "patching.csv", index=False)
+            meta = {**result.meta, "task": task.name}
+            (out / "patching.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        finish_ranks(out / CHECKPOINT)
+    finally:
+        finish()
+    if w.lead:
+        print(summary(frame, meta, args.top))
+        print(f"wrote {out / 'patching.csv'}, {out / 'patching.json'} in "
+              f"{time.time() - t0:.1f} s" + (f" by {w.size} ranks" if w.sharded else ""))
+    return 0
+
+
+def _sweep(args, task, out: Path, site, by, sender, receivers, device, dtype):
+    """Load the model and run the sweep the flags ask for."""
+    from ..evidence.patching import activation_patching, path_patching
+    from ..models.adapter import Adapter
+    from ..models.loading import load_model
+    from .common import CLIError
+
+    model = load_model(args.model or task.model, device=device, dtype=dtype)
     prompts = task.prompts(n_prompts=args.n_prompts, seed=args.seed, model=model)
     if prompts.corrupted is None:
         raise CLIError(f"--task: task {task.name!r} has no corrupted prompts; patching needs them")
@@ -126,9 +155,8 @@ def run_patch(args) -> int:
             sender = a.check_head(sender, "--sender")
         except ValueError as err:  # "--sender: layer 99 out of range; ..."
             raise CLIError(str(err)) from None
-    ckpt = out / CHECKPOINT
     kw = dict(direction=args.direction, progress=not args.quiet, seed=args.seed,
-              checkpoint=ckpt, memory_budget=args.memory_budget)
+              checkpoint=out / CHECKPOINT, memory_budget=args.memory_budget)
     result: ActivationPatching | PathPatching
     try:
         if sender is None:
@@ -139,14 +167,7 @@ def run_patch(args) -> int:
         if str(err).startswith("memory_budget:"):
             raise CLIError("--memory-budget" + str(err)[len("memory_budget"):]) from None
         raise
-    frame = result.to_frame()
-    frame.to_csv(out / "patching.csv", index=False)
-    meta = {**result.meta, "task": task.name}
-    (out / "patching.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    ckpt.unlink(missing_ok=True)
-    print(summary(frame, meta, args.top))
-    print(f"wrote {out / 'patching.csv'}, {out / 'patching.json'} in {time.time() - t0:.1f} s")
-    return 0
+    return result
 
 
 def summary(frame, meta: dict, top: int) -> str:

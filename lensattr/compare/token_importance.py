@@ -32,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..claims.sources import at_rows, layer_claims
+from ..core.distributed import shared
 from ..core.metric import check_metric_output
 from ..core.metrics import as_metric
 from ..core.prompts import PromptSet
@@ -136,20 +137,26 @@ def occlusion(model, prompts: PromptSet, metric, replace: str = "zero", batch_si
         same = prompts.valid & (prompts.corrupted == prompts.tokens)
         out[same] = 0.0
         todo = todo & ~same
-    for chunk in todo.nonzero().split(batch_size):
-        bi, pi = chunk[:, 0], chunk[:, 1]
+    chunks = todo.nonzero().split(batch_size)
+
+    def run(c: int) -> Tensor:  # one chunk's metric changes [rows] (CPU)
+        bi, pi = chunks[c][:, 0], chunks[c][:, 1]
         sub = prompts.take(bi)
 
-        def hook(x, _bi=bi, _pi=pi):  # [rows, pos, d_model]
+        def hook(x):  # [rows, pos, d_model]
             x = x.clone()
             rows = torch.arange(x.shape[0], device=x.device)
-            p = _pi.to(x.device)
-            x[rows, p] = 0.0 if emb is None else emb[_bi.to(emb.device), p].to(x)
+            p = pi.to(x.device)
+            x[rows, p] = 0.0 if emb is None else emb[bi.to(emb.device), p].to(x)
             return x
 
         vals = adapter.read(sub.tokens, sub.attention_mask, readout.take(bi),
                             {(SITE, None): hook})
-        out[bi, pi] = _compute(metric, vals, sub, clean_vals[bi.to(clean_vals.device)]) - clean[bi]
+        return _compute(metric, vals, sub, clean_vals[bi.to(clean_vals.device)]) - clean[bi]
+
+    # chunks are shared by the ranks of a process group, if any (one rank: all run here)
+    for c, change in enumerate(shared(len(chunks), run, f"occlusion ({replace})")):
+        out[chunks[c][:, 0], chunks[c][:, 1]] = change
     return out
 
 

@@ -94,6 +94,7 @@ def atp(
     batch_size, fast = o["batch_size"], o["fast"]
     t0 = time.perf_counter()
     a = model if isinstance(model, Adapter) else Adapter(model)
+    a.one_device("attribution patching")
     metric = as_metric(metric)
     _validate(a, prompts, mode, ig_steps, batch_size, graddrop)
     readout = metric.readout(prompts)

@@ -220,6 +220,6 @@ class BareForward:
             ((p0, case(p0)) for p0 in sorted({0, first_pos})),
             lambda p0, diff: (f"the hook-free forward from position {p0} differs from the "
                               f"bridge's clean readout (max |diff| {diff}); using the bridge "
-                              "path"))
+                              "path"), self.a.dtype)
         self.ok = self.reason is None
         return self.ok

@@ -8,11 +8,17 @@ intervention digest fingerprints what the intervention does (:func:`.interventio
 A label never keys anything, so a result can only be handed back for the same intervention of
 the same run. Entries of other runs are kept, in memory and in the file: a checkpoint of
 another run just gives no hits, and the first such load says which component differs.
+
+Ranks (:mod:`lensattr.core.distributed`): rank 0 (and a process alone) writes the file itself,
+rank ``r > 0`` writes ``<stem>.rank<r><suffix>`` beside it (:func:`rank_file`), each holding
+what that rank computed. Every store reads all of them (:func:`checkpoint_files`), whatever
+world size wrote them, so a rerun with any number of ranks reuses every saved result.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -21,9 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..core.distributed import world
 from .interventions import digest
 
-__all__ = ["EvidenceStore", "RUN_COMPONENTS", "PATCH_COMPONENTS"]
+__all__ = ["EvidenceStore", "RUN_COMPONENTS", "PATCH_COMPONENTS", "rank_file", "checkpoint_files"]
 
 FORMAT = "lensattr-evidence/2"
 # the components of a run key, as named in warnings
@@ -45,11 +52,32 @@ PATCH_COMPONENTS = {
 _LABELS = {**RUN_COMPONENTS, **PATCH_COMPONENTS}
 
 
+def rank_file(path: str | Path, rank: int) -> Path:
+    """The file rank ``rank`` writes for checkpoint ``path``: ``path`` itself for rank 0, else
+    ``<stem>.rank<rank><suffix>`` beside it."""
+    path = Path(path)
+    if rank == 0:
+        return path
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """Every existing file of checkpoint ``path``: itself and the files of its ranks > 0."""
+    path = Path(path)
+    own = re.compile(re.escape(path.stem) + r"\.rank[1-9]\d*" + re.escape(path.suffix) + r"\Z")
+    ranks = sorted(p for p in path.parent.glob(f"{path.stem}.rank*{path.suffix}")
+                   if own.match(p.name)) if path.parent.is_dir() else []
+    return [p for p in [path, *ranks] if p.is_file()]
+
+
 class EvidenceStore:
     """Results of one run (``parts``: component -> fingerprint), optionally backed by a
-    safetensors file that also holds, untouched, the results of other runs."""
+    safetensors file that also holds, untouched, the results of other runs. ``rank``: the
+    rank whose file this store writes (:func:`rank_file`; default this process's rank in the
+    process group, 0 alone); the files of every rank are read."""
 
-    def __init__(self, parts: dict[str, str], path: str | Path | None = None):
+    def __init__(self, parts: dict[str, str], path: str | Path | None = None,
+                 rank: int | None = None):
         missing = set(RUN_COMPONENTS) - set(parts)
         if missing:
             raise ValueError(f"run key: missing components {sorted(missing)}")
@@ -58,18 +86,28 @@ class EvidenceStore:
             raise ValueError(f"run key: unknown components {sorted(unknown)}")
         self.parts = dict(parts)
         self.run_key = digest(self.parts)[:16]
-        self.path = Path(path) if path is not None else None
-        self.entries: dict[str, Tensor] = {}
+        rank = world().rank if rank is None else rank  # this process's rank by default
+        self.base = Path(path) if path is not None else None
+        self.path = rank_file(path, rank) if path is not None else None
+        self.entries: dict[str, Tensor] = {}  # this rank's file: written by save()
+        self.known: dict[str, Tensor] = {}  # read from other ranks' files or sent by them
         self.runs: dict[str, dict] = {}  # run key -> its parts, for every run in the file
         self.reason: str | None = None  # why a checkpoint on disk gave no hits, if it did not
-        if self.path is not None and self.path.exists():
-            self._load(self.path)
+        self._meta: dict = {}  # metadata of the file the reason is worked out from
+        self._n_other = 0  # entries in other ranks' files (of any run)
+        if self.base is not None:
+            for f in checkpoint_files(self.base):
+                if f == self.path:
+                    self._load(f)
+                else:
+                    self._load_other(f)
+            self._check_hits()
 
     # ---- entries -----------------------------------------------------------------------
     def get(self, key: str, with_delta: bool) -> tuple[Tensor, Tensor | None] | None:
         """Saved values (and head deltas when ``with_delta``) of intervention ``key``."""
-        v = self.entries.get(f"v/{self.run_key}/{key}")
-        d = self.entries.get(f"d/{self.run_key}/{key}")
+        v, d = (self.entries.get(f"{t}/{self.run_key}/{key}", self.known.get(
+            f"{t}/{self.run_key}/{key}")) for t in "vd")
         if v is None or (with_delta and d is None):
             return None
         return v, (d if with_delta else None)
@@ -79,9 +117,16 @@ class EvidenceStore:
         if delta is not None:
             self.entries[f"d/{self.run_key}/{key}"] = delta.detach().cpu().contiguous()
 
+    def remember(self, key: str, values: Tensor, delta: Tensor | None = None) -> None:
+        """A result another rank computed (and saved in its own file): kept in memory only."""
+        self.known[f"v/{self.run_key}/{key}"] = values
+        if delta is not None:
+            self.known[f"d/{self.run_key}/{key}"] = delta
+
     def __len__(self) -> int:
-        """Entries of this run."""
-        return sum(1 for k in self.entries if k.startswith(f"v/{self.run_key}/"))
+        """Entries of this run (this rank's and the others')."""
+        pre = f"v/{self.run_key}/"
+        return len({k for k in [*self.entries, *self.known] if k.startswith(pre)})
 
     # ---- file --------------------------------------------------------------------------
     def save(self) -> None:
@@ -96,8 +141,8 @@ class EvidenceStore:
         tmp.replace(self.path)
         self.runs = runs
 
-    def _load(self, path: Path) -> None:
-        """Read the file at ``path`` (this store's ``path``)."""
+    def _read(self, path: Path) -> tuple[dict, dict] | None:
+        """(entries, metadata) of the file at ``path``; an unreadable file is set aside."""
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
@@ -106,33 +151,57 @@ class EvidenceStore:
             aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
             path.replace(aside)
             self.reason = f"unreadable ({type(err).__name__}: {err}); moved to {aside}"
-            warnings.warn(f"checkpoint {self.path}: {self.reason}; starting afresh",
-                          stacklevel=4)
+            warnings.warn(f"checkpoint {path}: {self.reason}; starting afresh", stacklevel=5)
+            return None
+        return entries, meta
+
+    def _load(self, path: Path) -> None:
+        """Read this rank's own file: its entries are written back by :meth:`save`."""
+        got = self._read(path)
+        if got is None:
             return
-        self.entries = entries
+        self.entries, meta = got
+        self._meta = meta
         if meta.get("format") == FORMAT:
             self.runs = json.loads(meta.get("runs", "{}"))
-        if len(self) == 0 and entries:
-            self.reason = self._why_not(meta)
-            warnings.warn(f"checkpoint {self.path}: no saved result is reused: {self.reason}. "
+
+    def _load_other(self, path: Path) -> None:
+        """Read another rank's file: this run's entries are reused, nothing is written back."""
+        got = self._read(path)
+        if got is None:
+            return
+        entries, meta = got
+        pre = (f"v/{self.run_key}/", f"d/{self.run_key}/")
+        self.known.update({k: v for k, v in entries.items() if k.startswith(pre)})
+        self._n_other += len(entries)
+        if not self._meta:
+            self._meta = meta
+
+    def _check_hits(self) -> None:
+        """Warn when the files hold entries but none of this run, saying why."""
+        if len(self) == 0 and (self.entries or self._n_other):
+            self.reason = self._why_not(self._meta)
+            warnings.warn(f"checkpoint {self.base}: no saved result is reused: {self.reason}. "
                           "Its entries stay in the file; new results are saved beside them.",
                           stacklevel=4)
 
     def _why_not(self, meta: dict) -> str:
         if meta.get("format") != FORMAT:
+            n = len(self.entries) + self._n_other
             return (f"it was written by an older lensattr that keyed results by label, which "
-                    f"cannot tell interventions apart ({len(self.entries)} entries)")
-        if not self.runs:
+                    f"cannot tell interventions apart ({n} entries)")
+        runs = self.runs or json.loads(meta.get("runs", "{}"))
+        if not runs:
             return "it records no run"
 
         def differs(parts):
             return [c for c in _LABELS if parts.get(c) != self.parts.get(c)]
 
-        closest = min(self.runs.values(), key=lambda parts: len(differs(parts)))
+        closest = min(runs.values(), key=lambda parts: len(differs(parts)))
         bad = differs(closest)
         detail = "; ".join(
             f"{_LABELS[c]}: saved {closest.get(c)}, now {self.parts.get(c)}" for c in bad
         )
-        n = len(self.runs)
+        n = len(runs)
         return (f"it holds results of {n} other run{'s' if n > 1 else ''}; the closest differs "
                 f"in {', '.join(_LABELS[c] for c in bad)} ({detail})")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 # MetricError, check_metric_output, BARE_SITES, METHOD_CODE, HookBuilders, pattern_hook: still
 # importable from here, as before the chunk planning and forward moved out (issue 18)
 from ..core.config import RunConfig, run_options
+from ..core.distributed import assign, exchange, world
 from ..core.metric import Metric, MetricError, check_metric_output  # noqa: F401
 from ..core.metrics import as_metric
 from ..core.prompts import PromptSet
@@ -79,6 +80,7 @@ class Engine(ChunkForward):
         batch_size, progress, checkpoint = o["batch_size"], o["progress"], o["checkpoint"]
         fast, memory_budget = o["fast"], o["memory_budget"]
         self.adapter = model if isinstance(model, Adapter) else Adapter(model)
+        self.adapter.one_device("the intervention engine")
         self.prompts = prompts
         self.metric: Metric = as_metric(metric)
         prompts.validate_vocab(self.adapter.d_vocab)
@@ -120,7 +122,9 @@ class Engine(ChunkForward):
             "metric": digest(metric_identity(self.metric)),
             "engine": digest(self._engine_params()),
         }
-        self._store = EvidenceStore(self.run_parts, checkpoint)
+        self.world = world()  # the ranks the interventions are shared by (one when alone)
+        self._store = EvidenceStore(self.run_parts, checkpoint, rank=self.world.rank)
+        self._planned: dict[str, bool] = {}  # digest -> tracked: planned by an earlier run()
         self.run_key = self._store.run_key
         self._bare: BareForward | None = None
         self.fast_reason = "fast=False" if not fast else None
@@ -249,7 +253,14 @@ class Engine(ChunkForward):
     ) -> EngineResult:
         """Per-prompt metric values of each intervention. Results are keyed by digest: one
         already computed in this run (in memory or in the checkpoint) is reused, and two
-        interventions that do the same thing under other labels are computed once."""
+        interventions that do the same thing under other labels are computed once.
+
+        The chunks (interventions sharing one forward) are planned from what earlier calls of
+        this engine planned, never from what a checkpoint holds, so a resumed run or another
+        number of ranks computes every intervention in the same company: bit for bit the same
+        numbers. Saved results are not computed again. Under a process group of
+        several ranks (:mod:`lensattr.core.distributed`) each rank runs its share of the
+        chunks, balanced by forward work, and the ranks then swap their results."""
         self._check_weights()
         self._editable = self.adapter.pattern_editable
         for iv in interventions:
@@ -258,37 +269,91 @@ class Engine(ChunkForward):
         if len(set(labels)) != len(labels):
             raise ValueError("interventions: labels must be unique")
         keys = [iv.digest() for iv in interventions]
-        n = len(self.prompts)
-        a = self.adapter
-        todo: dict[str, int] = {}  # digest -> the first intervention that has it
+        first: dict[str, int] = {}  # digest -> the first intervention that has it
         for k, key in enumerate(keys):
-            if self._store.get(key, track_heads) is None:
-                todo.setdefault(key, k)
-        order = sorted(todo.values(), key=lambda k: self._reach(interventions[k]))
-        own = self.bar is None
+            if key not in self._planned or (track_heads and not self._planned[key]):
+                first.setdefault(key, k)
+        order = sorted(first.values(), key=lambda k: self._reach(interventions[k]))
+        chunks = self._chunks(interventions, order)
+        owners = assign([self._chunk_work(interventions, ks) for ks in chunks], self.world.size)
+        mine = [ks for ks, r in zip(chunks, owners, strict=True) if r == self.world.rank]
         bar = self.bar if self.bar is not None else tqdm(
-            total=len(order), desc=desc, disable=not self.progress or not order, leave=False
-        )
-        if not own:
-            bar.update(len(interventions) - len(order))  # reused from memory or checkpoint
-        for ks in self._chunks(interventions, order):
-            v, d = self._run_chunk([interventions[k] for k in ks], track_heads)
-            for j, k in enumerate(ks):
-                self._store.put(keys[k], v[j], d[j] if track_heads and d is not None else None)
-            self._store.save()
-            bar.update(len(ks))
-        if own:
+            total=len(order), desc=desc, leave=False,
+            disable=not self.progress or not order or not self.world.lead)
+        if self.bar is not None:
+            bar.update(len(interventions) - len(order))  # planned by an earlier call
+        work, rows = self.work, dict(self.n_rows)
+        computed = self._run_mine(interventions, keys, mine, track_heads, bar)
+        if self.world.sharded:
+            done = {"computed": computed, "work": self.work - work,
+                    "rows": {p: self.n_rows[p] - rows[p] for p in rows}}
+            computed = self._swap(keys, mine, track_heads, done, bar)
+        if self.bar is None:
             bar.close()
-        values = torch.full((len(interventions), n), float("nan"), device=_CPU)
-        delta = (torch.zeros(len(interventions), n, a.n_layers, a.n_heads, device=_CPU)
-                 if track_heads else None)
+        for key in first:
+            self._planned[key] = track_heads or self._planned.get(key, False)
+        return self._collect(interventions, keys, track_heads, len(interventions) - computed)
+
+    def _run_mine(self, ivs: list[Intervention], keys: list[str], mine: list[list[int]],
+                  track: bool, bar) -> int:
+        """Run this rank's chunks, without the interventions whose results are saved; save after
+        each. Returns how many interventions were computed."""
+        computed = 0
+        for chunk in mine:
+            # saved by an earlier run: a whole chunk after an interruption (chunks are saved
+            # whole), a part only when the interventions or batch size changed since
+            ks = [k for k in chunk if self._store.get(keys[k], track) is None]
+            if ks:
+                v, d = self._run_chunk([ivs[k] for k in ks], track)
+                for j, k in enumerate(ks):
+                    self._store.put(keys[k], v[j], d[j] if track and d is not None else None)
+                self._store.save()
+            computed += len(ks)
+            bar.update(len(chunk))
+        return computed
+
+    def _swap(self, keys: list[str], mine: list[list[int]], track: bool, done: dict,
+              bar) -> int:
+        """Send this rank's results to every other rank and take theirs. ``done``: what this
+        rank computed in this call (interventions, forward work, rows); the engine's counts
+        become the sums over the ranks. Returns the interventions computed by all ranks."""
+        ours = {keys[k]: self._store.get(keys[k], track) for ks in mine for k in ks}
+        where = ("every rank's checkpoint file holds what it computed: rerun the same command "
+                 "(with any number of ranks) to resume" if self._store.path is not None else
+                 "no checkpoint was given, so nothing was saved: pass a checkpoint to resume")
+        got = exchange({"results": ours, **done},
+                       f"the results of {len(keys)} interventions", where)
+        for r, other in enumerate(got):
+            if r == self.world.rank:
+                continue
+            for key, (v, d) in other["results"].items():
+                self._store.remember(key, v, d)
+            bar.update(len(other["results"]))
+            self.work += other["work"]
+            for path, rows in other["rows"].items():
+                self.n_rows[path] += rows
+        return sum(other["computed"] for other in got)
+
+    def _collect(self, ivs: list[Intervention], keys: list[str], track: bool, reused: int
+                 ) -> EngineResult:
+        n, a = len(self.prompts), self.adapter
+        values = torch.full((len(ivs), n), float("nan"), device=_CPU)
+        delta = (torch.zeros(len(ivs), n, a.n_layers, a.n_heads, device=_CPU)
+                 if track else None)
         for k, key in enumerate(keys):  # every key is in the store by now
-            v, d = cast(tuple[Tensor, Tensor | None], self._store.get(key, track_heads))
+            v, d = cast(tuple[Tensor, Tensor | None], self._store.get(key, track))
             values[k] = v
             if delta is not None:  # tracking heads: the store gave the deltas too
                 delta[k] = cast(Tensor, d)
-        reused = sum(1 for k, key in enumerate(keys) if todo.get(key) != k)
-        return EngineResult(labels, values, delta, keys, reused)
+        return EngineResult([iv.label for iv in ivs], values, delta, keys, reused)
+
+    def _chunk_work(self, ivs: list[Intervention], ks: list[int]) -> float:
+        """Forward work of one chunk (as counted in ``work``), for balancing the ranks."""
+        rows = len(ks) * len(self.prompts)
+        if self._bare is None:
+            return float(rows)
+        reach = [self._reach(ivs[k]) for k in ks]
+        return rows * self._bare.work(min(r[0] for r in reach), min(r[1] for r in reach))
 
     def _check_weights(self) -> None:
         now = self.adapter.current_weights_hash()

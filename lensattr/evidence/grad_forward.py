@@ -287,7 +287,8 @@ class GradForward:
 
         return blocks.check_forward(
             [(None, compute)],
-            lambda _, diff: f"hook-free forward differs from the bridge (max |diff| {diff})")
+            lambda _, diff: f"hook-free forward differs from the bridge (max |diff| {diff})",
+            self.a.dtype)
 
 
 def checked_grad_forward(a: Adapter, prompts: PromptSet, readout

@@ -26,6 +26,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from ..core.distributed import assign, exchange, world
 from ..core.metric import MetricError, check_metric_output
 from ..core.metrics import as_metric
 from ..core.prompts import PromptSet
@@ -37,7 +38,7 @@ from .bare import BareForward
 from .checkpoint import EvidenceStore
 from .interventions import digest
 from .metric_rows import check_finite_metric
-from .patch_chunks import check_budget, plan_chunks
+from .patch_chunks import check_budget, plan_chunks, row_positions
 from .patch_edits import edit, watch_row
 from .run_identity import metric_identity, prompts_digest
 
@@ -69,6 +70,7 @@ class PatchRuns:
     def __init__(self, model, prompts: PromptSet, metric, direction: str = "denoising", *,
                  fast: bool = True, batch_size: int = 256, memory_budget: int | None = None):
         self.adapter = a = model if isinstance(model, Adapter) else Adapter(model)
+        a.one_device("patching")
         if not isinstance(prompts, PromptSet):
             raise ValueError("prompts: expected a lensattr.PromptSet, got "
                              f"{type(prompts).__name__}")
@@ -184,32 +186,62 @@ class PatchRuns:
         values = torch.full((len(cells), n), float("nan"))
         rows = torch.full((len(cells), n, self.prompts.n_pos), float("nan"))
         keys = [digest(c) for c in cells] if store is not None else []
-        todo = []
-        for k, c in enumerate(cells):
-            hit = store.get(keys[k], c.watch is not None) if store is not None else None
-            if hit is None:
-                todo.append(k)
-                continue
-            values[k] = hit[0]
-            if hit[1] is not None:
-                rows[k] = hit[1]
-        self.n_reused += len(cells) - len(todo)
-        if progress is not None:
-            progress.update(len(cells) - len(todo))
-        for chunk, part in plan_chunks(self, cells, todo):  # the budget is checked first
-            v, w = self._forward([cells[k] for k in chunk], sources, part)
-            values[chunk, part] = v
-            if w is not None:
-                rows[chunk, part] = w
-            done = chunk if part.stop == n else []
-            if store is not None and done:
-                for k in done:
+        units = _units(plan_chunks(self, cells, list(range(len(cells)))))  # budget checked
+        w = world()
+        owners = assign([self._unit_cost(cells, u) for u in units], w.size)
+        mine = [u for u, r in zip(units, owners, strict=True) if r == w.rank]
+        counts = (self.n_forwards, self.n_skipped, self.n_reused)
+        for unit in mine:
+            # cells saved by an earlier run are read back (after an interruption, whole units;
+            # a part of one only when the cells or batch size changed since)
+            saved = {k: store.get(keys[k], cells[k].watch is not None) for k in unit[0][0]
+                     } if store is not None else {}
+            for k, hit in saved.items():
+                if hit is not None:
+                    values[k] = hit[0]
+                    if hit[1] is not None:
+                        rows[k] = hit[1]
+            todo = [k for k in unit[0][0] if saved.get(k) is None]
+            self.n_reused += len(unit[0][0]) - len(todo)
+            for _, part in (unit if todo else []):
+                v, wr = self._forward([cells[k] for k in todo], sources, part)
+                values[todo, part] = v
+                if wr is not None:
+                    rows[todo, part] = wr
+            if store is not None and todo:
+                for k in todo:
                     store.put(keys[k], values[k], rows[k] if cells[k].watch is not None else None)
                 store.save()
             if progress is not None:
-                progress.update(len(done))
+                progress.update(len(unit[0][0]))
+        if w.sharded:
+            self._swap(mine, values, rows, counts, progress, store is not None)
         watched = any(c.watch is not None for c in cells)
         return values, rows if watched else None
+
+    def _unit_cost(self, cells: list[Cell], unit: list[tuple[list[int], slice]]) -> float:
+        """Positions run by one unit (a chunk, or the prompt parts of one cell): its cost."""
+        return float(sum(len(ks) * len(range(*part.indices(self.n)))
+                         * row_positions(self, cells[ks[0]]) for ks, part in unit))
+
+    def _swap(self, mine, values: Tensor, rows: Tensor, counts: tuple[int, int, int],
+              progress, saved: bool) -> None:
+        """Send this rank's cells to the others and take theirs; the counts of forwards,
+        skipped rows and reused cells become the sums over the ranks."""
+        ks = [k for unit in mine for k in unit[0][0]]
+        done = (self.n_forwards - counts[0], self.n_skipped - counts[1],
+                self.n_reused - counts[2])
+        hint = ("every rank's checkpoint file holds the cells it finished: rerun to resume"
+                if saved else "no checkpoint was given: pass one to resume")
+        got = exchange((ks, values[ks], rows[ks], done), f"{len(values)} patching cells", hint)
+        for r, (theirs, v, wr, (f, sk, re)) in enumerate(got):
+            if r == world().rank:
+                continue
+            values[theirs], rows[theirs] = v, wr
+            self.n_forwards, self.n_skipped = self.n_forwards + f, self.n_skipped + sk
+            self.n_reused += re
+            if progress is not None:
+                progress.update(len(theirs))
 
     def _forward(self, cells: list[Cell], sources: dict, part: slice = slice(None)):
         """Values [cell, prompt] (and watched rows) of ``cells`` on the prompts in ``part``."""
@@ -311,3 +343,15 @@ class PatchRuns:
         mid = self.base_acts[(Site.RESID_MID, layer)].to(dev)[idx.to(dev), p0:][sel] + D[sel]
         x[sel] = blocks.add_mlp(w, mid[None])[0]  # [k, d_model]
         return x
+
+
+def _units(plan: list[tuple[list[int], slice]]) -> list[list[tuple[list[int], slice]]]:
+    """The planned forwards grouped into units one rank runs whole: a chunk of cells, or every
+    prompt part of one cell (the cell is saved when its last part is done)."""
+    out: list[list[tuple[list[int], slice]]] = []
+    for chunk, part in plan:
+        if out and out[-1][0][0] == chunk and part.start != 0:
+            out[-1].append((chunk, part))
+        else:
+            out.append([(chunk, part)])
+    return out

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..core.config import RunConfig, run_options
+from ..core.distributed import world
 from ..core.prompts import PromptSet
 from ..core.sites import Site
 from ..core.types import HeadId
@@ -90,6 +91,8 @@ def activation_patching(
         rerun with the same file (same model weights, prompts, metric, direction, site, path)
         reads them back and runs only the missing cells. Results of other runs in the file are
         kept; a file holding none of this run warns which component differs.
+    Under an initialised ``torch.distributed`` process group (``torchrun``) the ranks share the
+    cells and every rank returns the whole result (see :func:`lensattr.audit`).
     Returns an :class:`ActivationPatching` (``values[*cells, batch]``, effects, ``to_frame``,
     ``to_transformer_lens``).
     """
@@ -128,7 +131,8 @@ def activation_patching(
         keep.append(i)
         cells.append(Cell(s, d["layer"], head, dest=d.get("pos", d.get("dest_pos")),
                           src=d.get("src_pos")))
-    with tqdm(total=len(cells), desc=f"patching {site}", disable=not progress,
+    with tqdm(total=len(cells), desc=f"patching {site}",
+              disable=not progress or not world().lead,
               leave=False) as bar:
         store = open_store(runs, checkpoint, "activation_patching", s.value)
         values, _ = runs.run(cells, progress=bar, store=store)
@@ -241,7 +245,7 @@ def path_patching(
                 where.append((c, layer, h))
     store = open_store(runs, checkpoint, "path_patching", "receivers", sender)
     bar = tqdm(total=len(cells) + ("logits" in receivers), desc=f"path patching {sender}",
-               disable=not progress, leave=False)
+               disable=not progress or not world().lead, leave=False)
     with bar:
         vals, rows = runs.run(cells, sources, bar, store) if cells else (None, None)
         logits = torch.full((n,), float("nan"))

@@ -137,6 +137,18 @@ class Adapter:
         """The device of the model's weights: where the engine makes its tensors."""
         return next(self.model.parameters()).device
 
+    def one_device(self, what: str) -> None:
+        """Refuse a model whose weights are spread over several devices (``device_map``):
+        ``what`` (the engine, patching, AtP) keeps its tensors on one device."""
+        devices = sorted({str(p.device) for p in self.model.parameters()})
+        if len(devices) > 1:
+            raise ModelError(
+                f"model {self.name!r}: its weights are spread over {', '.join(devices)} "
+                f"(device_map / n_devices); {what} needs the model on one device. Load it "
+                "with device= (one GPU, or the CPU), or give every GPU a whole copy with "
+                "torchrun: `torchrun --nproc-per-node N -m lensattr audit ...` puts rank r on "
+                "cuda:r and shares the work")
+
     @property
     def dtype(self) -> torch.dtype:
         """The floating-point dtype of the model's weights."""

@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.precision import FLOAT32_TOL, half_rounding
 from .adapter import Adapter, BareLayer
 
 __all__ = ["TOL", "kv_map", "apply_rotary", "rotate", "project_qkv", "per_query_head",
            "allowed", "attention_pattern", "mix", "project_out", "head_out", "add_mlp",
            "residual", "block", "check_forward"]
 
-TOL = 1e-4  # a hook-free forward is used only where it reproduces the bridge this closely
+TOL = FLOAT32_TOL  # a hook-free forward is used only where it reproduces the bridge this closely
 
 
 def kv_map(adapter: Adapter, device: torch.device | str | None = None) -> Tensor:
@@ -143,18 +144,27 @@ def block(w: BareLayer, x: Tensor, attend: Callable[[Tensor], Tensor],
 
 
 def check_forward(cases: Iterable[tuple[Any, Callable[[], tuple[Tensor, Tensor]]]],
-                  differs: Callable[[Any, float | None], str]) -> str | None:
+                  differs: Callable[[Any, float | None], str],
+                  dtype: torch.dtype | None = None) -> str | None:
     """The check of a hook-free forward against the bridge: None when every case's
-    ``compute()`` gives (got, want) of one shape equal within :data:`TOL` (as float32), else
-    the reason: ``differs(key, max |diff|)`` (None for a shape mismatch), or the exception a
-    case raised (an architecture the functional blocks do not cover)."""
+    ``compute()`` gives (got, want) of one shape equal within :data:`TOL` (as float32; for a
+    model in half precision, ``dtype``, within :func:`~lensattr.core.precision.half_rounding`
+    of the values' scale, ``max |want| + 1``), else the reason: ``differs(key, max |diff|)``
+    (None for a shape mismatch), or the exception a case raised (an architecture the
+    functional blocks do not cover)."""
+    half = half_rounding(dtype)
     try:
         for key, compute in cases:
             got, want = compute()
             got, want = got.float(), want.float()
-            if got.shape != want.shape or not torch.allclose(got, want, atol=TOL, rtol=TOL):
-                diff = (got - want).abs().max().item() if got.shape == want.shape else None
-                return differs(key, diff)
+            if got.shape != want.shape:
+                return differs(key, None)
+            if half is None:
+                ok = torch.allclose(got, want, atol=TOL, rtol=TOL)
+            else:
+                ok = bool((got - want).abs().max() <= half * (want.abs().max() + 1))
+            if not ok:
+                return differs(key, (got - want).abs().max().item())
     except Exception as e:  # an architecture the bare blocks do not cover
         return f"hook-free forward failed ({type(e).__name__}: {e})"
     return None

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from .errors import ModelError
+from .placement import Placement, place
 from .registry import ModelInfo, register_model, registered
 from .state import remember
 
@@ -25,8 +26,14 @@ def _ensure_zoo() -> None:
     from . import zoo  # noqa: F401  (registers the bundled models)
 
 
-def boot_bridge(hf_model, tokenizer, name: str, device: str | None = None):
-    """Boot a ``TransformerBridge`` around an in-memory HF model and tokenizer (offline)."""
+def boot_bridge(hf_model, tokenizer, name: str, device: str | None = None,
+                placement: Placement | None = None):
+    """Boot a ``TransformerBridge`` around an in-memory HF model and tokenizer (offline).
+    ``placement``: cast and dispatch it first (see :mod:`.placement`); ``device`` is then
+    ignored."""
+    if placement is not None:
+        device = place(hf_model, placement)
+    placed = device is None and bool(getattr(hf_model, "hf_device_map", None))
     from transformer_lens import TransformerBridge
 
     init = getattr(tokenizer, "init_kwargs", None)
@@ -38,7 +45,8 @@ def boot_bridge(hf_model, tokenizer, name: str, device: str | None = None):
     arch = (getattr(hf_model.config, "architectures", None) or [None])[0]
     boot_name = _ARCH_BOOT_NAME.get(arch or type(hf_model).__name__, name)
     bridge = TransformerBridge.boot_transformers(
-        boot_name, hf_model=hf_model, tokenizer=tokenizer, device=device or "cpu"
+        boot_name, hf_model=hf_model, tokenizer=tokenizer,
+        device=None if placed else (device or "cpu"),
     )
     remember(bridge, name=name)  # beside the bridge, not on it (see .state)
     return bridge
@@ -55,9 +63,20 @@ def load_model(
     tokenizer=None,
     name: str | None = None,
     device: str | None = None,
+    dtype=None,
+    device_map=None,
+    n_devices: int | None = None,
+    max_memory: dict | None = None,
     **boot_kwargs,
 ):
     """Load a model as a ``TransformerBridge``.
+
+    ``dtype`` (``torch.bfloat16``, ``"float16"``, ...; default the model's own, float32 for
+    bundled models) casts the weights; lensattr's metrics are accumulated in float32 whatever
+    the weights. ``device`` puts the whole model on one device; ``device_map`` (``"auto"``,
+    ``"balanced"`` or an accelerate dict), ``n_devices`` (split over the first N GPUs) and
+    ``max_memory`` (per-device budget) spread its layers instead, as TransformerLens's
+    ``boot_transformers`` does (see :mod:`lensattr.models.placement`).
 
     ``name_or_path`` is, in this order:
 
@@ -76,8 +95,9 @@ def load_model(
     ``.gguf`` or ``.safetensors``, or its first component is an existing local folder
     (``models/mine`` where ``models/`` exists) -- is an error at once, without trying the hub.
     """
+    where = Placement(device, dtype, device_map, n_devices, max_memory)
     if not isinstance(name_or_path, str):
-        return _load_in_memory(name_or_path, tokenizer, name, device)
+        return _load_in_memory(name_or_path, tokenizer, name, where)
     if not name_or_path:
         raise ModelError("name_or_path: expected a model name or folder, got an empty string")
     _ensure_zoo()
@@ -85,7 +105,7 @@ def load_model(
         _no_tokenizer(tokenizer, f"bundled model {name_or_path!r}")
         info = registered()[name_or_path]
         hf_model, tok = info.builder()
-        bridge = boot_bridge(hf_model, tok, name_or_path, device=device)
+        bridge = boot_bridge(hf_model, tok, name_or_path, placement=where)
         remember(bridge, logits_meaningful=info.logits_meaningful)
         return bridge
     path = Path(name_or_path).expanduser()
@@ -95,10 +115,10 @@ def load_model(
         from .gguf import load_gguf
 
         hf_model, tok = load_gguf(gguf)
-        return boot_bridge(hf_model, tok, gguf.stem, device=device)
+        return boot_bridge(hf_model, tok, gguf.stem, placement=where)
     if path.exists():
         _no_tokenizer(tokenizer, f"folder {name_or_path!r} (its own tokenizer is loaded)")
-        return _load_folder(path, device)
+        return _load_folder(path, where)
     if not is_hub_id(name_or_path):
         hint = ""
         if path.suffix.lower() == ".gguf":
@@ -109,7 +129,7 @@ def load_model(
         )
     if tokenizer is not None:
         boot_kwargs["tokenizer"] = tokenizer
-    return _load_hub(name_or_path, device, boot_kwargs)
+    return _load_hub(name_or_path, where, boot_kwargs)
 
 
 # file suffixes that mark a path, never a hub repository
@@ -137,7 +157,7 @@ def _no_tokenizer(tokenizer, what: str) -> None:
                          f"{what}")
 
 
-def _load_in_memory(hf_model, tokenizer, name: str | None, device):
+def _load_in_memory(hf_model, tokenizer, name: str | None, where: Placement):
     """Boot an in-memory HF model with its tokenizer."""
     kind = type(hf_model).__name__
     if hasattr(hf_model, "cfg") and hasattr(hf_model, "run_with_hooks"):  # already a bridge
@@ -167,7 +187,7 @@ def _load_in_memory(hf_model, tokenizer, name: str | None, device):
         )
     cfg_name = str(getattr(hf_model.config, "_name_or_path", "") or "")
     label = name or (Path(cfg_name).name if cfg_name else "") or kind
-    return boot_bridge(hf_model, tokenizer, label, device=device)
+    return boot_bridge(hf_model, tokenizer, label, placement=where)
 
 
 def _gguf_file(path: Path) -> Path | None:
@@ -184,7 +204,7 @@ def _gguf_file(path: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _load_folder(path: Path, device):
+def _load_folder(path: Path, where: Placement):
     if not path.is_dir():
         raise ModelError(f"name_or_path: {str(path)!r} is a file; expected a model folder or "
                          "a .gguf file")
@@ -203,19 +223,22 @@ def _load_folder(path: Path, device):
 
     tok = AutoTokenizer.from_pretrained(str(path))
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
+                                                        **where.pretrained_kwargs())
     except ValueError:
         from transformers import AutoModel
 
-        hf_model = AutoModel.from_pretrained(str(path), use_safetensors=True)
-    return boot_bridge(hf_model, tok, path.name, device=device)
+        hf_model = AutoModel.from_pretrained(str(path), use_safetensors=True,
+                                             **where.pretrained_kwargs())
+    # with a device map, from_pretrained placed the layers (its hf_device_map)
+    return boot_bridge(hf_model, tok, path.name, device=where.device)
 
 
-def _load_hub(name: str, device, boot_kwargs):
+def _load_hub(name: str, where: Placement, boot_kwargs):
     from transformer_lens import TransformerBridge
 
     try:
-        bridge = TransformerBridge.boot_transformers(name, device=device or "cpu", **boot_kwargs)
+        bridge = TransformerBridge.boot_transformers(name, **where.boot_kwargs(), **boot_kwargs)
     except Exception as err:  # hub unreachable, unknown name, unsupported architecture
         known = ", ".join(sorted(registered()))
         raise ModelError(

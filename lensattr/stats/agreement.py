@@ -21,6 +21,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.precision import half_rounding
+
 __all__ = ["rank_agreement", "spearman", "kendall", "EFFECT_NOISE", "noise_floor",
            "floor_effects"]
 
@@ -29,13 +31,16 @@ __all__ = ["rank_agreement", "spearman", "kendall", "EFFECT_NOISE", "noise_floor
 EFFECT_NOISE = 2e-5
 
 
-def noise_floor(m0: Tensor, den: Tensor) -> float:
+def noise_floor(m0: Tensor, den: Tensor, dtype: torch.dtype | None = None) -> float:
     """The smallest normalised effect (e = (m_int - m0) / mean(den)) that is not rounding:
-    ``EFFECT_NOISE * (max |m0| + 1) / |mean(den)|``. Effects below it are ranked as 0, so rank
+    ``noise * (max |m0| + 1) / |mean(den)|``, ``noise`` being ``EFFECT_NOISE`` in float32 and,
+    for a model in half precision (``dtype``), the larger
+    :func:`~lensattr.core.precision.half_rounding`. Effects below it are ranked as 0, so rank
     statistics do not order rounding noise (inf when the reference does not move the metric)."""
+    noise = max(EFFECT_NOISE, half_rounding(dtype) or 0.0)
     d = float(den.double().mean().abs())
     scale = float(m0.double().abs().max()) + 1.0 if m0.numel() else 1.0
-    return EFFECT_NOISE * scale / d if d > 0 else float("inf")
+    return noise * scale / d if d > 0 else float("inf")
 
 
 def floor_effects(x: Tensor, floor: float) -> Tensor:
