@@ -86,3 +86,16 @@ def test_model_spread_over_devices_is_refused():
         Engine(model, prompts, task.metric(), progress=False)
     with pytest.raises(ModelError, match="patching needs the model on one device"):
         lensattr.activation_patching(model, prompts, task.metric())
+
+
+def test_bfloat16_rounding_never_gives_another_confident_label():
+    """On attn2's duplicate-token task bf16's rounding widens L0H0's interval past the
+    equivalence test (float32: inert): the label it loses becomes undetermined, never another
+    confident one."""
+    ref = _audit("attn2", "duplicate-token", None)
+    half = _audit("attn2", "duplicate-token", "bfloat16")
+    moved = ref.heads["verdict"] != half.heads["verdict"]
+    assert set(half.heads.loc[moved, "verdict"]) <= {"undetermined"}
+    width = half.heads["effect_selected_hi"] - half.heads["effect_selected_lo"]
+    ref_width = ref.heads["effect_selected_hi"] - ref.heads["effect_selected_lo"]
+    assert (width[moved] > ref_width[moved]).all()  # rounding noise, more uncertainty
