@@ -99,3 +99,15 @@ def test_bfloat16_rounding_never_gives_another_confident_label():
     width = half.heads["effect_selected_hi"] - half.heads["effect_selected_lo"]
     ref_width = ref.heads["effect_selected_hi"] - ref.heads["effect_selected_lo"]
     assert (width[moved] > ref_width[moved]).all()  # rounding noise, more uncertainty
+
+
+def test_cli_dtype_flag(tmp_path, capsys):
+    from lensattr.cli.main import main
+
+    assert main(["audit", "--quiet", "--dtype", "int8", "--out", str(tmp_path / "x")]) == 2
+    assert "--dtype: expected one of float32, bfloat16, float16, got 'int8'" in (
+        capsys.readouterr().err)
+    out = tmp_path / "bf16"
+    assert main(["audit", "--quiet", "--dtype", "bfloat16", "--out", str(out)]) == 0
+    meta = lensattr.Audit.load(out).meta["engine"]
+    assert meta["dtype"] == "bfloat16" and meta["path"] == "hook-free"
