@@ -217,7 +217,7 @@ def main() -> None:
     feeders = {}
     for target in nm_heads[:3]:
         li, hi = target
-        moved = res.head_delta[:, :, li, hi].mean(1) / clean_norm[li, hi]  # [intervention]
+        moved = res.head_delta[:, li, hi] / clean_norm[li, hi]  # [intervention]
         for r, f in zip(rows, moved.tolist(), strict=True):
             r[f"moves_{target}"] = f
         ranked = sorted((r for r in rows if HeadId(r["layer"], r["index"]) != target),

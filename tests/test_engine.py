@@ -71,6 +71,38 @@ def test_batched_equals_one_at_a_time(random_gpt2, random_prompts):
     assert (rb.head_delta - ro.head_delta).abs().max() <= 1e-5
 
 
+def test_head_delta_equals_plain_hook_reference(engine, random_gpt2, random_prompts):
+    """head_delta[k, l, h] = mean over prompts of |z_h W_O^h (edited) - (clean)| at the read
+    position, every head of every layer, computed here with plain TL hooks."""
+    h = HeadId(0, 1)
+    res = engine.run([ablate(h), Intervention("nothing")], track_heads=True)
+    assert res.head_delta.shape == (2, random_gpt2.cfg.n_layers, random_gpt2.cfg.n_heads)
+    end, rows = random_prompts.roles["END"], torch.arange(len(random_prompts))
+
+    def outputs(edit: bool) -> torch.Tensor:  # [batch, layer, head, d_model] at END
+        got = {}
+
+        def zero(z, hook):
+            z = z.clone()
+            z[:, :, h.head] = 0.0
+            return z
+
+        def grab(z, hook):
+            got[hook.layer()] = z[rows, end]
+
+        hooks = [(hook_name(Site.Z, h.layer), zero)] if edit else []
+        hooks += [(hook_name(Site.Z, li), grab) for li in range(random_gpt2.cfg.n_layers)]
+        random_gpt2.run_with_hooks(random_prompts.tokens, fwd_hooks=hooks)
+        W_O = random_gpt2.W_O  # [layer, head, d_head, d_model]
+        return torch.stack([torch.einsum("bhd,hdm->bhm", got[li], W_O[li])
+                            for li in sorted(got)], 1).detach()
+
+    ref = (outputs(True) - outputs(False)).norm(dim=-1).mean(0)  # [layer, head]
+    torch.testing.assert_close(res.head_delta[0], ref, atol=1e-5, rtol=0)
+    assert ref[h.layer, h.head] > 0 and ref[1].abs().sum() > 0  # the reference can fail
+    torch.testing.assert_close(res.head_delta[1], torch.zeros_like(ref), atol=1e-6, rtol=0)
+
+
 def test_zero_ablation_equals_tl_hook(engine, random_gpt2, random_prompts):
     h = HeadId(1, 2)
     res = engine.run([ablate(h)])

@@ -146,7 +146,7 @@ def test_same_layer_heads_can_be_partners():
     out[:, 0, 0, 0] = 1.0
     out[:, 0, 1, 0] = 0.8  # same direction as head 0
     out[:, 0, 2, 3] = 1.0  # orthogonal
-    delta = torch.zeros(3, 5, 1, 3)  # no head's output changes when another is ablated
+    delta = torch.zeros(3, 1, 3)  # no head's output changes when another is ablated
     cands = candidate_partners(delta, out, heads)
     assert cands[heads[0]] == [heads[1]] and cands[heads[1]] == [heads[0]]
     assert cands[heads[2]] == []

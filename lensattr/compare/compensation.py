@@ -40,20 +40,21 @@ MAX_CANDIDATES = 3  # per criterion
 
 
 def candidate_partners(
-    head_delta: Float[Tensor, "ablated batch layer head_index"],
+    head_delta: Float[Tensor, "ablated layer head_index"],
     out_clean: Float[Tensor, "batch layer head_index d_model"],
     heads: list[HeadId],
     min_change: float = CANDIDATE_MIN,
     min_cosine: float = SIMILAR_MIN,
     k: int = MAX_CANDIDATES,
 ) -> dict[HeadId, list[HeadId]]:
-    """``head_delta`` from the solo ablations, in the order of ``heads``; ``out_clean`` each
-    head's clean output at the read position. Returns up to ``k`` candidates per criterion."""
+    """``head_delta`` from the solo ablations (averaged over prompts), in the order of
+    ``heads``; ``out_clean`` each head's clean output at the read position. Returns up to
+    ``k`` candidates per criterion."""
     n_heads = out_clean.shape[2]
     norm = out_clean.norm(dim=-1).mean(0)  # [layer, head]
     scale = norm.max().clamp(min=1e-9)
     flat = [h.layer * n_heads + h.head for h in heads]
-    change = (head_delta.mean(1).flatten(1) / scale)[:, flat]  # [ablated, affected]
+    change = (head_delta.flatten(1) / scale)[:, flat]  # [ablated, affected]
     responds = torch.maximum(change, change.T)
     o = out_clean.flatten(1, 2)[:, flat]  # [batch, head, d_model]
     o = o / o.norm(dim=-1, keepdim=True).clamp(min=1e-9)

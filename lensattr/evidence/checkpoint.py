@@ -1,10 +1,12 @@
 """Evidence results keyed by what produced them, in memory and in a checkpoint file.
 
 Every entry is named ``v/<run key>/<intervention digest>`` (per-prompt metric values) or
-``d/<run key>/<intervention digest>`` (per-head output changes). The run key fingerprints the
-model's config and weights, the prompts, the metric and the engine's parameters (for a patching
-sweep also its method, direction, site, forward path and sender: ``PATCH_COMPONENTS``); the
-intervention digest fingerprints what the intervention does (:func:`.interventions.digest`).
+``m/<run key>/<intervention digest>`` (per-head output changes averaged over the prompts,
+``[layer, head]``; the per-prompt ``d/`` entries that earlier versions wrote are not read, so
+those are tracked again). The run key fingerprints the model's config and weights, the
+prompts, the metric and the engine's parameters (for a patching sweep also its method,
+direction, site, forward path and sender: ``PATCH_COMPONENTS``); the intervention digest
+fingerprints what the intervention does (:func:`.interventions.digest`).
 A label never keys anything, so a result can only be handed back for the same intervention of
 the same run. Entries of other runs are kept, in memory and in the file: a checkpoint of
 another run just gives no hits, and the first such load says which component differs.
@@ -107,7 +109,7 @@ class EvidenceStore:
     def get(self, key: str, with_delta: bool) -> tuple[Tensor, Tensor | None] | None:
         """Saved values (and head deltas when ``with_delta``) of intervention ``key``."""
         v, d = (self.entries.get(f"{t}/{self.run_key}/{key}", self.known.get(
-            f"{t}/{self.run_key}/{key}")) for t in "vd")
+            f"{t}/{self.run_key}/{key}")) for t in "vm")
         if v is None or (with_delta and d is None):
             return None
         return v, (d if with_delta else None)
@@ -115,13 +117,13 @@ class EvidenceStore:
     def put(self, key: str, values: Tensor, delta: Tensor | None = None) -> None:
         self.entries[f"v/{self.run_key}/{key}"] = values.detach().cpu().contiguous()
         if delta is not None:
-            self.entries[f"d/{self.run_key}/{key}"] = delta.detach().cpu().contiguous()
+            self.entries[f"m/{self.run_key}/{key}"] = delta.detach().cpu().contiguous()
 
     def remember(self, key: str, values: Tensor, delta: Tensor | None = None) -> None:
         """A result another rank computed (and saved in its own file): kept in memory only."""
         self.known[f"v/{self.run_key}/{key}"] = values
         if delta is not None:
-            self.known[f"d/{self.run_key}/{key}"] = delta
+            self.known[f"m/{self.run_key}/{key}"] = delta
 
     def __len__(self) -> int:
         """Entries of this run (this rank's and the others')."""
@@ -171,7 +173,7 @@ class EvidenceStore:
         if got is None:
             return
         entries, meta = got
-        pre = (f"v/{self.run_key}/", f"d/{self.run_key}/")
+        pre = (f"v/{self.run_key}/", f"m/{self.run_key}/")
         self.known.update({k: v for k, v in entries.items() if k.startswith(pre)})
         self._n_other += len(entries)
         if not self._meta:

@@ -96,7 +96,8 @@ class ChunkForward(ChunkPlan, HookBuilders):
 
     def _run_chunk(self, ivs: list[Intervention], track: bool) -> tuple[Tensor, Tensor | None]:
         """One forward pass for ``ivs``: metric values [intervention, batch] and, when
-        ``track``, head deltas [intervention, batch, layer, head] (see the module docstring)."""
+        ``track``, head deltas [intervention, layer, head], averaged over the prompts (see the
+        module docstring)."""
         a, n, dev = self.adapter, len(self.prompts), self.device
         idx = torch.arange(n, device=_CPU).repeat(len(ivs))  # row r -> prompt r % n
         R = idx.shape[0]
@@ -126,7 +127,8 @@ class ChunkForward(ChunkPlan, HookBuilders):
             self.n_rows["bridge"] += R
             self.work += R
         out = self._metric(vals, prompts, self.clean_values[idx], invalid)
-        d = None if deltas is None else deltas.reshape(len(ivs), n, a.n_layers, a.n_heads).cpu()
+        d = (None if deltas is None else
+             deltas.reshape(len(ivs), n, a.n_layers, a.n_heads).mean(1).cpu())
         return out.reshape(len(ivs), n), d
 
     def _layer_hooks(self, ivs: list[Intervention], layer: int, idx: Tensor, invalid: Tensor,

@@ -338,7 +338,7 @@ class Engine(ChunkForward):
                  ) -> EngineResult:
         n, a = len(self.prompts), self.adapter
         values = torch.full((len(ivs), n), float("nan"), device=_CPU)
-        delta = (torch.zeros(len(ivs), n, a.n_layers, a.n_heads, device=_CPU)
+        delta = (torch.zeros(len(ivs), a.n_layers, a.n_heads, device=_CPU)
                  if track else None)
         for k, key in enumerate(keys):  # every key is in the store by now
             v, d = cast(tuple[Tensor, Tensor | None], self._store.get(key, track))

@@ -16,8 +16,9 @@ class EngineResult:
 
     values: ``[intervention, batch]`` metric on each prompt (NaN where an intervention was not
         computable, e.g. renormalised knockout with no mass left).
-    head_delta: ``[intervention, batch, layer, head_index]`` norm of the change of every head's
-        output (z @ W_O) at the metric's read position, or None when not tracked.
+    head_delta: ``[intervention, layer, head_index]`` norm of the change of every head's
+        output (z @ W_O) at the metric's read position, averaged over the prompts, or None when
+        not tracked. Averaged in the forward, so tracking costs heads x heads, not x prompts.
     digests: each intervention's :meth:`~.Intervention.digest` (what keyed its result).
     n_reused: how many results came from the cache or checkpoint instead of a forward pass.
     All tensors are on the CPU.
@@ -25,7 +26,7 @@ class EngineResult:
 
     labels: list[str]
     values: Float[Tensor, "intervention batch"]
-    head_delta: Float[Tensor, "intervention batch layer head_index"] | None = None
+    head_delta: Float[Tensor, "intervention layer head_index"] | None = None
     digests: list[str] = field(default_factory=list)
     n_reused: int = 0
 
