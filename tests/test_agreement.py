@@ -67,3 +67,20 @@ def test_noise_floor_zeroes_rounding_and_keeps_real_effects():
     claim = torch.arange(20.0)
     assert not torch.isnan(spearman(claim, noise.abs()))
     assert torch.isnan(spearman(claim, floor_effects(noise.abs(), f)))
+
+
+def test_bootstrap_means_without_the_replicate_tensor():
+    """The bootstrap means of the "mean" agreement are ``x[idx].nanmean(1)`` (NaN where a
+    replicate drew no finite value of an item), computed from draw counts, so no
+    [n_boot, prompts, items] tensor is made."""
+    from lensattr.stats.agreement import _boot_means
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 7, generator=g, dtype=torch.float64)
+    x[3, 2] = float("nan")
+    x[:, 5] = float("nan")
+    x[::2, 6] = float("nan")
+    idx = torch.randint(0, 40, (300, 40), generator=g)
+    ref, got = x[idx].nanmean(1), _boot_means(x, idx)
+    assert torch.equal(ref.isnan(), got.isnan()) and got[:, 5].isnan().all()
+    torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), atol=1e-12, rtol=0)

@@ -315,3 +315,31 @@ def test_logit_metric_refused_without_trained_head():
     model._lensattr_logits_meaningful = False
     with pytest.raises(ModelError, match="no trained output head"):
         Engine(model, prompts(), LogitDiff(), progress=False)
+
+
+def test_cache_equals_run_with_cache_without_the_unembedding(family_model):
+    """``Adapter.cache`` captures the same activations as ``run_with_cache`` (bit for bit) and
+    stops after the last block: the final norm never runs (no [batch, pos, d_vocab] logits),
+    unless a site asks for it; hooks the caller passes still run."""
+    family, model = family_model
+    a = Adapter(model)
+    p = prompts(pad=True)
+    sites = (Site.PATTERN, Site.Z, Site.V, Site.BLOCK_OUT)
+    _, ref = a.run_with_cache(p.tokens, p.attention_mask, sites=sites)
+    fired = []
+    hooks = {(Site.Z, 0): lambda z: fired.append("z0") or z * 2.0}
+    _, ref2 = a.run_with_cache(p.tokens, p.attention_mask, sites=sites, hooks=hooks)
+    got = a.cache(p.tokens, p.attention_mask, sites=sites)
+    got2 = a.cache(p.tokens, p.attention_mask, sites=sites, hooks=hooks)
+    assert set(got) == set(ref) and len(got) == 4 * a.n_layers
+    for k in ref:
+        assert torch.equal(got[k], ref[k]) and torch.equal(got2[k], ref2[k]), k
+    assert not torch.equal(got2[(Site.Z, 0)], got[(Site.Z, 0)]) and fired.count("z0") == 2
+    if family == "bert":
+        return  # no final norm hook on the BERT bridge
+    seen = []
+    spy = {(Site.LN_FINAL_OUT, None): lambda x: seen.append(x.shape) or x}
+    a.cache(p.tokens, p.attention_mask, sites=(Site.PATTERN,), hooks=spy)
+    assert seen == []  # stopped before the final norm
+    st = a.cache(p.tokens, p.attention_mask, sites=(Site.LN_FINAL_SCALE,), hooks=spy)
+    assert len(seen) == 1 and (Site.LN_FINAL_SCALE, None) in st  # a site beyond: runs on

@@ -111,3 +111,25 @@ def test_type_scores_match_transformer_lens_head_detector(random_gpt2):
         tl = detect_head(random_gpt2, seq, tl_name)
         torch.testing.assert_close(ours[ours_name] * defined[ours_name] / T, tl.float(),
                                    atol=1e-5, rtol=0)
+
+
+def test_claimed_sets_in_prompt_chunks_equal_all_at_once(monkeypatch):
+    """claimed_sets works prompt by prompt; computed a few prompts at a time (bounded
+    temporaries) it gives the same sets as in one go, padding and sinks included."""
+    import importlib
+
+    cs = importlib.import_module("lensattr.claims.claimed_sets")  # the module, not the function
+
+    g = torch.Generator().manual_seed(0)
+    b, L, H, p = 7, 2, 3, 6
+    P = torch.rand(b, L, H, p, p, generator=g) ** 4
+    allowed = torch.ones(p, p).tril().bool().expand(b, p, p).clone()
+    allowed[2, :, 4:] = False  # a prompt with padding
+    P = P * allowed[:, None, None]
+    P = P / P.sum(-1, keepdim=True).clamp(min=1e-9)
+    sink = torch.zeros(b, p, dtype=torch.bool)
+    sink[:, 0] = True
+    whole = claimed_sets(P, sink, allowed)
+    monkeypatch.setattr(cs, "_CHUNK", 2 * P[0].numel())  # two prompts a step
+    chunked = cs.claimed_sets(P, sink, allowed)
+    assert torch.equal(whole, chunked) and whole.any() and not whole[..., 0].any()

@@ -152,3 +152,22 @@ def test_minilm_sinks_fade_under_norm_based_attention():
     n_raw = (mass(raw) > 0.5).sum().item()
     n_norm = (mass(na.normalised().nan_to_num()) > 0.5).sum().item()
     assert n_raw >= 30 and n_norm <= 3, (n_raw, n_norm)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "bert"])
+def test_norm_attention_a_prompt_at_a_time_equals_all_at_once(family, monkeypatch):
+    """The value vectors are made a few prompts at a time (bounded memory); one prompt per step
+    gives what all prompts at once give, the post-norm (BERT) scales sliced with them."""
+    import lensattr.claims.norms as norms
+
+    model = build(family)
+    tokens = torch.randint(1, 50, (5, 6), generator=torch.Generator().manual_seed(4))
+    tokens[:, 0] = 0
+    whole = norm_attention(model, tokens, value_bias="separate")
+    monkeypatch.setattr(norms, "_CHUNK", 1)  # one prompt per step
+    step = norm_attention(model, tokens, value_bias="separate")
+    for name in ("per_head", "per_layer", "residual"):
+        a, b = getattr(whole, name), getattr(step, name)
+        assert a.shape == b.shape and a.shape[0] == 5
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6, equal_nan=True)
+    assert torch.isfinite(whole.residual).any()

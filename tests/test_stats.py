@@ -239,3 +239,14 @@ def test_one_sided_and_ratio_tests():
     rate = float((ratio_p(num, den, 0.1, alternative="greater") < 0.05).double().mean())
     assert rate <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / sims)
     assert float((ratio_p(num, den, 0.05) < 0.05).double().mean()) > 0.5  # and it has power
+
+
+def test_signflip_monte_carlo_does_not_depend_on_chunking():
+    """The Monte Carlo sign patterns are drawn in chunks bounded by rows and prompts (memory);
+    a row's p-value is the same whether it is tested alone or with 2000 others (other chunk
+    sizes)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2001, 300, generator=g, dtype=torch.float64) * 0.05 + 0.01
+    alone = signflip_p(x[:1], seed=5, n_perm=5000)
+    together = signflip_p(x, seed=5, n_perm=5000)
+    assert torch.equal(alone, together[:1])

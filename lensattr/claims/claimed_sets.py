@@ -15,6 +15,8 @@ from torch import Tensor
 
 __all__ = ["claimed_sets"]
 
+_CHUNK = 1 << 22  # pattern elements per step (the sort makes ~8 temporaries of that size)
+
 
 def claimed_sets(
     patterns: Float[Tensor, "batch layer head_index query_pos key_pos"],
@@ -23,6 +25,14 @@ def claimed_sets(
     coverage: float = 0.5,
     min_mass: float = 1e-6,
 ) -> Bool[Tensor, "batch layer head_index query_pos key_pos"]:
+    """Per prompt and independent of the others: computed ``_CHUNK`` elements of patterns at a
+    time, so the sort's temporaries stay bounded (the result is a bool copy of the shape)."""
+    b = patterns.shape[0]
+    step = max(1, _CHUNK // max(1, patterns[0].numel()))
+    if b > step:
+        return torch.cat([claimed_sets(patterns[i:i + step], sink[i:i + step],
+                                       allowed[i:i + step], coverage, min_mass)
+                          for i in range(0, b, step)])
     P = patterns.float().clamp(min=0) * allowed[:, None, None].float()
     sink_b = sink[:, None, None, None, :].expand_as(P)  # sink: [batch, key_pos] bool
     ranked = P.masked_fill(sink_b, 0.0)  # non-sink mass only

@@ -48,6 +48,7 @@ __all__ = ["NormAttention", "norm_attention", "norm_attention_from", "residual_n
            "head_value_vectors"]
 
 VALUE_BIAS = ("include", "separate")
+_CHUNK = 1 << 22  # float64 elements of value vectors per step (32 MB)
 
 
 @dataclass
@@ -138,22 +139,22 @@ def norm_attention_from(
         raise ValueError(f"value_bias: expected one of {VALUE_BIAS}, got {value_bias!r}")
     heads, layers, resid, bias = [], [], [], []
     for i, (a, v, wo) in enumerate(zip(patterns, values, W_O, strict=True)):
-        a, v, wo = a.double(), v.double(), wo.double()
+        wo = wo.double()
         bv = None if b_V is None else b_V[i].double()
         sep = value_bias == "separate" and bv is not None
-        f = head_value_vectors(v, wo, bv if sep else None)  # [b, h, s, d]
-        per_head, layer_sq = _layer_norms(a, f)
-        heads.append(per_head)
-        layers.append(layer_sq.clamp(min=0).sqrt())
         bias.append(torch.einsum("hd,hdm->hm", bv, wo).norm(dim=-1) if sep
                     else torch.full((wo.shape[0],), torch.nan, dtype=torch.float64))
-        if resid_pre is None:
-            resid.append(torch.full_like(layers[-1], torch.nan))
-            continue
-        x = resid_pre[i].double()  # [b, q, d]
-        if sep:  # the residual-aware vectors always carry b_V: they decompose the real sum
-            f = head_value_vectors(v, wo)
-        resid.append(residual_norms_from(a, f, x, None if ln is None else ln[i]))
+        # each prompt on its own: a few prompts at a time, so the value vectors f
+        # [prompts, head, pos, d_model] (float64) stay within _CHUNK elements
+        b, n_pos = a.shape[0], a.shape[-1]
+        step = max(1, _CHUNK // max(1, wo.shape[0] * n_pos * wo.shape[-1]))
+        parts = [_layer_part(a[j:j + step], v[j:j + step], wo, bv, sep,
+                             None if resid_pre is None else resid_pre[i][j:j + step],
+                             None if ln is None else (ln[i][0], ln[i][1][j:j + step]))
+                 for j in range(0, b, step)]
+        heads.append(torch.cat([p[0] for p in parts]))
+        layers.append(torch.cat([p[1] for p in parts]))
+        resid.append(torch.cat([p[2] for p in parts]))
     return NormAttention(
         per_head=torch.stack(heads, 1).float(),
         per_layer=torch.stack(layers, 1).float(),
@@ -161,6 +162,19 @@ def norm_attention_from(
         bias_norm=torch.stack(bias).float(),
         value_bias=value_bias,
     )
+
+
+def _layer_part(a, v, wo, bv, sep: bool, x, ln) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer's (per-head norms, per-layer norms, residual-aware norms) for some prompts."""
+    a, v = a.double(), v.double()
+    f = head_value_vectors(v, wo, bv if sep else None)  # [b, h, s, d]
+    per_head, layer_sq = _layer_norms(a, f)
+    layer = layer_sq.clamp(min=0).sqrt()
+    if x is None:
+        return per_head, layer, torch.full_like(layer, torch.nan)
+    if sep:  # the residual-aware vectors always carry b_V: they decompose the real sum
+        f = head_value_vectors(v, wo)
+    return per_head, layer, residual_norms_from(a, f, x.double(), ln)
 
 
 def residual_norms_from(
@@ -203,7 +217,7 @@ def norm_attention(
     tokens, attention_mask = token_inputs(tokens, attention_mask)
     sites = [Site.PATTERN, Site.V, Site.RESID_PRE] + ([Site.LN1_SCALE] if adapter.post_norm
                                                       else [])
-    _, st = adapter.run_with_cache(tokens, attention_mask, sites=tuple(sites))
+    st = adapter.cache(tokens, attention_mask, sites=tuple(sites))
     L = range(adapter.n_layers)
 
     def cpu(x: Tensor) -> Tensor:

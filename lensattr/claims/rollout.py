@@ -108,7 +108,7 @@ def layer_matrices(
     row-normalised Kobayashi 2021 norms (residual weight measured, ``residual`` unused)."""
     adapter = model if isinstance(model, Adapter) else Adapter(model)
     if weights == "half":
-        _, st = adapter.run_with_cache(tokens, attention_mask, sites=(Site.PATTERN,))
+        st = adapter.cache(tokens, attention_mask, sites=(Site.PATTERN,))
         attn = torch.stack([st[(Site.PATTERN, li)].detach().cpu().double().mean(1)
                             for li in range(adapter.n_layers)], 1)  # [b, L, q, k]
         return mix_residual(attn, residual, attention_mask)

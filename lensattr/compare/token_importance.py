@@ -129,7 +129,7 @@ def occlusion(model, prompts: PromptSet, metric, replace: str = "zero", batch_si
         if (cm is None) != (mask is None) or (cm is not None and mask is not None
                                                and not torch.equal(cm, mask)):
             raise ValueError('replace: "corrupted" needs corrupted prompts with the same padding')
-        _, st = adapter.run_with_cache(prompts.corrupted, cm, sites=(SITE,))
+        st = adapter.cache(prompts.corrupted, cm, sites=(SITE,))
         emb = st[(SITE, None)]  # [batch, pos, d_model]
     out = torch.full(prompts.tokens.shape, math.nan)
     todo = prompts.valid
@@ -194,8 +194,8 @@ def token_importance(
     metric = as_metric(metric)
     sources = resolve_claims(claims, adapter.n_layers)
     if patterns is None:
-        _, st = adapter.run_with_cache(prompts.tokens, prompts.attention_mask,
-                                       sites=(Site.PATTERN,))
+        st = adapter.cache(prompts.tokens, prompts.attention_mask,
+                           sites=(Site.PATTERN,))
         patterns = torch.stack([st[(Site.PATTERN, li)].float().cpu()
                                 for li in range(adapter.n_layers)], 1)
     rows = metric_rows(metric, prompts) if read_rows is None else read_rows

@@ -81,7 +81,7 @@ def source_terms_along(
 
 
 def _cache(adapter: Adapter, prompts: PromptSet, layer: int):
-    _, store = adapter.run_with_cache(
+    store = adapter.cache(
         prompts.tokens, prompts.attention_mask, sites=(Site.PATTERN, Site.V, Site.Z)
     )
     return store[(Site.PATTERN, layer)], store[(Site.V, layer)], store[(Site.Z, layer)]

@@ -62,7 +62,7 @@ def _frozen_source(s: Setup, frozen: str) -> tuple[list[Tensor], str]:
         raise ValueError("frozen: 'corrupted' needs a task with corrupted prompts")
     if frozen in ("auto", "corrupted") and s.prompts.corrupted is not None:
         c = s.prompts.corrupted_view()
-        _, st = s.adapter.run_with_cache(c.tokens, c.attention_mask, sites=(Site.PATTERN,))
+        st = s.adapter.cache(c.tokens, c.attention_mask, sites=(Site.PATTERN,))
         return [st[(Site.PATTERN, li)].float().cpu() for li in range(s.adapter.n_layers)], \
             "corrupted prompt"
     shift = torch.roll(torch.arange(len(s.prompts)), -1)

@@ -319,6 +319,18 @@ class Adapter:
         logits = self.forward(tokens, attention_mask, self.capture_hooks(sites, store, hooks))
         return logits, store
 
+    def cache(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        sites: tuple[Site, ...] = (Site.PATTERN, Site.Z),
+        hooks: Hooks | None = None,
+    ) -> dict[tuple[Site, int | None], Tensor]:
+        """The activations at ``sites`` (every layer for layer sites), detached, without the
+        logits: the forward stops after the last block unless a site lies beyond it (the final
+        norm), so no ``[batch, pos, d_vocab]`` tensor is made (:func:`.readout.cache`)."""
+        return readout_.cache(self, tokens, attention_mask, sites, hooks)
+
     def capture_hooks(
         self,
         sites: tuple[Site, ...],

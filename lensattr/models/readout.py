@@ -17,7 +17,7 @@ from .hooks import Hooks, StopForward, after
 if TYPE_CHECKING:
     from .adapter import Adapter
 
-__all__ = ["read", "read_final", "read_grad", "capture", "fast_readout_ok"]
+__all__ = ["read", "read_final", "read_grad", "capture", "cache", "fast_readout_ok"]
 
 
 
@@ -144,6 +144,31 @@ def capture(a: Adapter, tokens: Tensor, attention_mask: Tensor | None, hooks: Ho
     except StopForward:
         pass
     return store["x"]
+
+
+_BEYOND_BLOCKS = (Site.RESID_FINAL, Site.LN_FINAL_SCALE, Site.LN_FINAL_OUT)
+
+
+def cache(a: Adapter, tokens: Tensor, attention_mask: Tensor | None, sites, hooks: Hooks | None
+          ) -> dict:
+    """``sites`` captured (``Adapter.capture_hooks``), the forward stopped after the last
+    block's output when no site needs the final norm or the unembedding."""
+    store: dict = {}
+    all_hooks = a.capture_hooks(tuple(sites), store, hooks)
+    if any(s in _BEYOND_BLOCKS for s in sites):
+        a.forward(tokens, attention_mask, all_hooks)
+        return store
+
+    def stop(_x):
+        raise StopForward
+
+    key = (Site.BLOCK_OUT, a.n_layers - 1)
+    all_hooks[key] = after(all_hooks.get(key), stop)
+    try:
+        a.forward(tokens, attention_mask, all_hooks)
+    except StopForward:
+        pass
+    return store
 
 
 def fast_readout_ok(a: Adapter, tokens: Tensor, attention_mask: Tensor | None) -> bool:

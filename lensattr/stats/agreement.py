@@ -48,7 +48,7 @@ def floor_effects(x: Tensor, floor: float) -> Tensor:
     return torch.where(x.abs() < floor, torch.zeros_like(x), x)
 
 HOW = ("mean", "per_prompt")
-_MAX_ELEMS = 2**25  # pairwise matrices per chunk of bootstrap replicates
+_MAX_ELEMS = 2**20  # pairwise matrices per chunk of bootstrap replicates (8 MB of doubles)
 
 
 def _ranks(x: Tensor) -> Tensor:
@@ -84,6 +84,16 @@ def _chunked(fn, x: Tensor, y: Tensor) -> Tensor:
     return torch.cat([fn(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)])
 
 
+def _boot_means(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[idx].nanmean(1)`` [n_boot, items] without the [n_boot, batch, items] tensor: each
+    replicate's draw counts per prompt times the values (NaN where a replicate drew no finite
+    value of an item)."""
+    counts = torch.zeros(idx.shape[0], x.shape[0], dtype=torch.float64)
+    counts.scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float64))
+    finite = ~torch.isnan(x)
+    return (counts @ torch.where(finite, x, 0.0)) / (counts @ finite.double())
+
+
 def _ci(boot: Tensor, level: float) -> tuple[float, float]:
     boot = boot[~torch.isnan(boot)]
     if boot.numel() == 0:
@@ -99,7 +109,7 @@ def _group(c: Tensor, e: Tensor, how: str, idx: Tensor, level: float) -> dict:
         keep = ~(torch.isnan(c).all(0) | torch.isnan(e).all(0))
         c, e = c[:, keep], e[:, keep]
         point = (spearman(c.nanmean(0), e.nanmean(0)), kendall(c.nanmean(0), e.nanmean(0)))
-        cb, eb = c[idx].nanmean(1), e[idx].nanmean(1)  # [n_boot, items]
+        cb, eb = _boot_means(c, idx), _boot_means(e, idx)  # [n_boot, items]
         ok = ~(torch.isnan(cb).any(-1) | torch.isnan(eb).any(-1))
         boot = [torch.where(ok, _chunked(f, cb.nan_to_num(), eb.nan_to_num()), torch.nan)
                 for f in (spearman, kendall)]

@@ -128,7 +128,9 @@ def _signflip_block(x: Tensor, alternative: str, n_perm: int | None, exact_max_n
     # ties within rounding of the scale of x count as hits (conservative; a row of exact
     # zeros gives p = 1)
     tol = 1e-10 * x.abs().mean(-1, keepdim=True)
-    chunk = max(256, (1 << 22) // max(r, 1))  # patterns per matmul: <= ~32 MB of null means
+    # patterns per matmul: <= ~32 MB of null means [r, chunk] and of signs [chunk, n] (the
+    # draws are the same stream however they are chunked, so the p-values do not depend on it)
+    chunk = max(256, (1 << 22) // max(r, n, 1))
     if n <= exact_max_n:
         hits = torch.zeros(r, dtype=torch.float64)
         bits = torch.arange(n)
