@@ -69,6 +69,14 @@ def test_batched_equals_one_at_a_time(random_gpt2, random_prompts):
     rb, ro = big.run(ivs, track_heads=True), one.run(ivs, track_heads=True)
     assert (rb.values - ro.values).abs().max() <= 1e-5
     assert (rb.head_delta - ro.head_delta).abs().max() <= 1e-5
+    # the reference runs go batch_size prompts a forward too: the same references
+    torch.testing.assert_close(one.clean, big.clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one.corrupted, big.corrupted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one.final_scale, big.final_scale, atol=1e-6, rtol=1e-6)
+    for name in ("z", "patterns", "v", "z_corr", "patterns_corr", "v_corr"):
+        for x, y in zip(getattr(one, name), getattr(big, name), strict=True):
+            assert x.shape == y.shape and x.shape[0] == 6, name
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
 
 
 def test_head_delta_equals_plain_hook_reference(engine, random_gpt2, random_prompts):

@@ -178,12 +178,20 @@ class Engine(ChunkForward):
     def _reference(self, tokens):
         """Readout, hook_z, patterns and values of a run without interventions; on the clean
         tokens also the final norm's scale (for direct paths)."""
-        a, store = self.adapter, {}
+        a = self.adapter
         clean = tokens is self.prompts.tokens
         sites = (Site.Z, Site.PATTERN, Site.V) + ((Site.LN_FINAL_SCALE,) if clean else ())
-        hooks = a.capture_hooks(sites, store)
         mask = self.prompts.attention_mask if clean else self.prompts.corrupted_attention_mask
-        values = a.read(tokens, mask, self.readout, hooks)
+        # batch_size prompts a forward: the forward's own activations stay bounded; what is
+        # kept (z, patterns, v) is concatenated along the prompts
+        vals, stores = [], []
+        for i in range(0, tokens.shape[0], self.batch_size):
+            rows = torch.arange(i, min(i + self.batch_size, tokens.shape[0]))
+            stores.append({})
+            vals.append(a.read(tokens[rows], None if mask is None else mask[rows],
+                               self.readout.take(rows), a.capture_hooks(sites, stores[-1])))
+        values = torch.cat(vals)
+        store = {k: torch.cat([st[k] for st in stores]) for k in stores[0]}
         layers = range(a.n_layers)
         v = [store[(Site.V, layer)] for layer in layers]  # [batch, pos, kv_head, d_head]
         if clean:
