@@ -186,7 +186,7 @@ class Engine(ChunkForward):
         # kept (z, patterns, v) is concatenated along the prompts
         vals, stores = [], []
         for i in range(0, tokens.shape[0], self.batch_size):
-            rows = torch.arange(i, min(i + self.batch_size, tokens.shape[0]))
+            rows = torch.arange(i, min(i + self.batch_size, tokens.shape[0]), device=_CPU)
             stores.append({})
             vals.append(a.read(tokens[rows], None if mask is None else mask[rows],
                                self.readout.take(rows), a.capture_hooks(sites, stores[-1])))
