@@ -84,3 +84,5 @@ def test_bootstrap_means_without_the_replicate_tensor():
     ref, got = x[idx].nanmean(1), _boot_means(x, idx)
     assert torch.equal(ref.isnan(), got.isnan()) and got[:, 5].isnan().all()
     torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), atol=1e-12, rtol=0)
+    x[7, 1] = float("inf")  # an infinite value counts only where it is drawn
+    assert torch.equal(_boot_means(x, idx).isinf(), x[idx].nanmean(1).isinf())

@@ -88,6 +88,8 @@ def _boot_means(x: Tensor, idx: Tensor) -> Tensor:
     """``x[idx].nanmean(1)`` [n_boot, items] without the [n_boot, batch, items] tensor: each
     replicate's draw counts per prompt times the values (NaN where a replicate drew no finite
     value of an item)."""
+    if torch.isinf(x).any():  # 0 draws x inf would be NaN: the direct way (rare)
+        return x[idx].nanmean(1)
     counts = torch.zeros(idx.shape[0], x.shape[0], dtype=torch.float64)
     counts.scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float64))
     finite = ~torch.isnan(x)
