@@ -87,6 +87,8 @@ def audit_time(model, prompts, metric, heads=None, **kw):
 def forward_limit(model, prompts, metric, work: float, runs: int) -> tuple[float, float]:
     """(seconds of one clean hook-free prompt-forward, the forward-work limit in seconds)."""
     e = Engine(model, prompts, metric, progress=False)
+    if e._bare is None:
+        raise SystemExit(f"no forward-work limit: the hook-free forward is off ({e.fast_reason})")
     idx = torch.arange(len(prompts))
     e._bare.run(idx, 0, 0, {}, e.readout)  # warm-up
     once = []
