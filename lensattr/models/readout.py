@@ -157,17 +157,8 @@ def cache(a: Adapter, tokens: Tensor, attention_mask: Tensor | None, sites, hook
     all_hooks = a.capture_hooks(tuple(sites), store, hooks)
     if any(s in _BEYOND_BLOCKS for s in sites):
         a.forward(tokens, attention_mask, all_hooks)
-        return store
-
-    def stop(_x):
-        raise StopForward
-
-    key = (Site.BLOCK_OUT, a.n_layers - 1)
-    all_hooks[key] = after(all_hooks.get(key), stop)
-    try:
-        a.forward(tokens, attention_mask, all_hooks)
-    except StopForward:
-        pass
+    else:  # run until the last block's output, after the capture hooks there
+        capture(a, tokens, attention_mask, all_hooks, (Site.BLOCK_OUT, a.n_layers - 1))
     return store
 
 
