@@ -38,30 +38,14 @@ import warnings
 
 import torch
 
+# importing it times Engine.run (the interventions) into ENGINE_SECONDS, synchronised
+from bench_audit_smollm2 import ENGINE_SECONDS
+from bench_audit_smollm2 import sync as _sync
+
 import lensattr
 from lensattr.core.types import HeadId
 from lensattr.evidence import Engine
 from lensattr.models.placement import as_dtype
-
-ENGINE_SECONDS = [0.0]
-_run = Engine.run
-
-
-def _timed_run(self, *a, **k):  # the time spent computing interventions
-    t = time.perf_counter()
-    try:
-        return _run(self, *a, **k)
-    finally:
-        _sync()
-        ENGINE_SECONDS[0] += time.perf_counter() - t
-
-
-Engine.run = _timed_run
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _gib(n: float) -> float:
